@@ -1,0 +1,1 @@
+"""Worker side of odpo: plain actor classes (generator, scorer, learner), losses, model loading."""

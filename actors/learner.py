@@ -1,0 +1,180 @@
+"""Learner rank: a DeepSpeed engine holding the policy, plus a frozen reference model, training DPO.
+
+One instance per rank; the ranks of a group form one torch.distributed group (gloo on CPU, NCCL on
+GPUs). Every rank is called with its slice of each global batch and runs exactly the same number of
+micro-steps (ZeRO's collectives run in lockstep); short slices are padded with zero-weight pairs, so a
+partial last batch trains exactly its real pairs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import torch
+
+from actors.losses import build_sequences, cosine_lr, dpo_loss, sequence_logprobs
+from actors.models import DTYPES, load_causal_lm, prepare_worker
+from actors.types import Pair, TrainStepStats, WeightBundle
+from orchestrator.config import LearnerConfig
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, policy_path: str, dtype: str, rank: int, world_size: int,
+                 pad_id: int, trust_remote_code: bool = False):
+        prepare_worker(cfg.cpus_per_rank)
+        self.cfg = cfg
+        self.policy_path = policy_path
+        self.dtype = dtype
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_id = pad_id
+        self.trust_remote_code = trust_remote_code
+        self.gas = cfg.global_batch_size // (world_size * cfg.micro_batch_size)
+        self.engine = None
+        self.step_in_round = 0
+        self.total_steps = 1
+        self.use_cuda = torch.cuda.is_available() and cfg.gpus_per_rank > 0
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Address and a free port for the group's torch.distributed store (asked of rank 0)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the reference model and the DeepSpeed engine. Returns #params."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=self.cfg.dist_timeout_s), rank=self.rank,
+                                   world_size=self.world_size, verbose=False)
+        device = torch.device("cuda", 0) if self.use_cuda else torch.device("cpu")
+        # The reference is loaded before HfDeepSpeedConfig exists, so it is never ZeRO-3-partitioned.
+        self.reference = load_causal_lm(self.policy_path, self.dtype, self.trust_remote_code).to(device).eval()
+        self.reference.requires_grad_(False)
+
+        ds_config = self.deepspeed_config()
+        if self.cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
+        model = load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
+                                      weight_decay=self.cfg.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.device = self.engine.device
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+
+    def deepspeed_config(self) -> dict:
+        c = self.cfg
+        return {
+            "train_batch_size": c.global_batch_size,
+            "train_micro_batch_size_per_gpu": c.micro_batch_size,
+            "gradient_accumulation_steps": self.gas,
+            "gradient_clipping": c.gradient_clipping,
+            "zero_optimization": {"stage": c.zero_stage},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "fp16": {"enabled": self.dtype == "float16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    # -- a round ----------------------------------------------------------------------------------
+
+    def start_round(self, round_index: int, total_steps: int) -> None:
+        """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured."""
+        self.step_in_round = 0
+        self.total_steps = max(1, total_steps)
+        if self.cfg.reset_optimizer_each_round:
+            _innermost_optimizer(self.optimizer).state.clear()
+        if self.cfg.reference == "previous" and round_index > 0:
+            self.reference.load_state_dict(self._full_state_dict(to_cpu=False))
+
+    def train_step(self, pairs: list[Pair], pad: Pair, batch_pairs: int) -> dict:
+        """One optimizer step over this rank's `pairs` of a global batch of `batch_pairs` pairs.
+
+        Returns sums (loss, correct, rewards, count) so the driver can combine ranks exactly.
+        """
+        start = time.perf_counter()
+        m = self.cfg.micro_batch_size
+        slots = self.gas * m
+        if len(pairs) > slots:
+            raise ValueError(f"rank {self.rank} got {len(pairs)} pairs, more than {self.gas} x {m} micro-batches hold")
+        padded = pairs + [pad] * (slots - len(pairs))
+        weights = torch.tensor([1.0] * len(pairs) + [0.0] * (slots - len(pairs)))
+        warmup = int(self.cfg.warmup_ratio * self.total_steps)
+        lr = cosine_lr(self.step_in_round, self.total_steps, warmup, self.cfg.lr, self.cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # engine.backward divides by gas, the gradient all-reduce averages over ranks: scale back so the
+        # step's gradient is the mean over the batch's real pairs.
+        scale = self.world_size * self.gas / batch_pairs
+        sums = dict(loss=0.0, correct=0.0, chosen_reward=0.0, rejected_reward=0.0, pairs=len(pairs))
+        for k in range(self.gas):
+            micro, w = padded[k * m: (k + 1) * m], weights[k * m: (k + 1) * m].to(self.device)
+            losses, chosen_r, rejected_r = self._pair_losses(micro)
+            self.engine.backward((losses * w).sum() * scale)
+            self.engine.step()
+            sums["loss"] += float((losses.detach() * w).sum())
+            sums["correct"] += float(((chosen_r > rejected_r).float() * w).sum())
+            sums["chosen_reward"] += float((chosen_r * w).sum())
+            sums["rejected_reward"] += float((rejected_r * w).sum())
+        self.step_in_round += 1
+        norm = self.engine.get_global_grad_norm()
+        sums.update(lr=lr, grad_norm=float(norm) if norm is not None else float("nan"),
+                    seconds=time.perf_counter() - start)
+        return sums
+
+    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prompts = [p.prompt_ids for p in pairs] * 2
+        responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+        ids, attn, resp = (t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
+        logps = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
+        with torch.no_grad():
+            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
+        n = len(pairs)
+        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing)
+
+    # -- weights out --------------------------------------------------------------------------------
+
+    def _full_state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+        """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        enabled = self.cfg.zero_stage == 3
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
+            out = {}
+            for k, v in module.state_dict().items():
+                t = v.detach().to(DTYPES[self.dtype])
+                out[k] = t.to("cpu", copy=True) if to_cpu else t.clone()
+        return out
+
+    def export_weights(self, version: int) -> WeightBundle | None:
+        """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
+        tensors = self._full_state_dict()
+        return WeightBundle(version=version, tensors=tensors) if self.rank == 0 else None
+
+
+def _innermost_optimizer(opt):
+    """The torch optimizer under DeepSpeed's ZeRO / mixed-precision wrappers."""
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    while hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt

@@ -1,0 +1,86 @@
+"""Pure functions: sequence log-probs with response-only masks, DPO/IPO/BT losses, the LR schedule.
+
+Every function here has a hand-computed test in tests/test_losses.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def build_sequences(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt + response` rows, their attention mask, and a mask over response tokens.
+
+    Prompts keep their last tokens if prompt + 1 response token would not fit; responses are cut at the
+    end to fit `max_length`. The response mask is 1 exactly at response positions, so prompt and padding
+    never count in a log-prob.
+    """
+    rows, masks = [], []
+    for p, r in zip(prompts, responses):
+        p = p[-(max_length - 1):] if len(p) >= max_length else p
+        r = r[: max_length - len(p)]
+        rows.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attn[i, : len(row)] = 1
+        resp[i, : len(row)] = torch.tensor(m)
+    return ids, attn, resp
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of log p(token | prefix). logits[:, t] predicts input_ids[:, t+1]."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    mask = response_mask[:, 1:].to(logits.dtype)
+    token_lp = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_lp * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and the implicit rewards beta * (log pi - log ref) of chosen and rejected.
+
+    sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = (pc - rc) - (pr - rr).
+    ipo:     (h - 1 / (2 beta))^2.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; allowed: sigmoid, ipo")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigma(r_chosen - r_rejected): the reward-model objective."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float = 0.0) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup to `peak`, then cosine to `min_ratio * peak`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,107 @@
+"""What crosses an actor boundary: typed dataclasses, never dicts of lists.
+
+Every rollout and pair carries the weight version of the policy that produced it; the driver checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Prompt:
+    uid: int
+    """Index of the prompt in the (shuffled) dataset: unique within a run."""
+    messages: Messages
+    """Chat messages ending with a user turn."""
+
+
+@dataclass
+class PromptChunk:
+    round: int
+    chunk_id: int
+    prompts: list[Prompt]
+    seed: int
+    """Sampling seed for this chunk: results do not depend on which actor runs it."""
+
+
+@dataclass
+class Response:
+    text: str
+    token_ids: list[int]
+    """Generated ids, ending with EOS when the model stopped by itself."""
+    temperature: float
+    finished: bool
+    """True when EOS was produced, False when cut at max_new_tokens."""
+
+
+@dataclass
+class Rollout:
+    prompt: Prompt
+    prompt_text: str
+    """The prompt after the policy's chat template (with the generation prompt)."""
+    prompt_ids: list[int]
+    responses: list[Response]
+    weight_version: int
+
+
+@dataclass
+class RolloutChunk:
+    round: int
+    chunk_id: int
+    rollouts: list[Rollout]
+    weight_version: int
+    actor: str
+    seconds: float
+    new_tokens: int
+
+
+@dataclass
+class ScoredChunk:
+    rollouts: RolloutChunk
+    scores: list[list[float]]
+    """scores[i][j]: reward of rollouts.rollouts[i].responses[j]."""
+    actor: str
+    seconds: float
+
+
+@dataclass
+class Pair:
+    uid: int
+    round: int
+    weight_version: int
+    prompt_messages: Messages
+    prompt_text: str
+    prompt_ids: list[int]
+    chosen: str
+    rejected: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_score: float
+    rejected_score: float
+
+
+@dataclass
+class TrainStepStats:
+    loss: float
+    accuracy: float
+    chosen_reward: float
+    rejected_reward: float
+    pairs: int
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+@dataclass
+class WeightBundle:
+    version: int
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    """Full (gathered) state dict on CPU, in the policy's dtype."""
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())

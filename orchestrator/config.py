@@ -1,0 +1,433 @@
+"""The run's configuration: typed sections, each field documented where it is declared.
+
+`load_config(path, overrides)` merges a YAML file and `key=value` overrides onto the schema and
+validates the result once, before Ray starts. Every error names the dotted key and what is allowed.
+Each actor receives only its own section (`GeneratorConfig`, `ScorerConfig`, `LearnerConfig`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm")
+PAIR_STRATEGIES = ("max_min", "max_random", "random", "max_min_p")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message starts with the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at `{key}`: {message}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "odpo"
+    """Run name; outputs go to `<output_dir>/<name>/`. An existing directory is refused unless `overwrite`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    overwrite: bool = False
+    """Replace an existing run directory of the same name instead of stopping."""
+    rounds: int = 3
+    """Number of online iterations (generate -> score -> pair -> train -> sync)."""
+    seed: int = 42
+    """Seed of every random stream (prompt order, sampling, pair choice, model init)."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster to join: null starts a local cluster in this process; `auto` joins a running one."""
+    num_cpus: int | None = None
+    """Logical CPUs of the local cluster (null: enough for every pool, at least the machine's cores)."""
+    include_dashboard: bool = True
+    """Start the Ray dashboard with the local cluster (ignored when joining a cluster)."""
+    placement_timeout_s: float = 120.0
+    """Seconds to wait for a pool's placement group before stopping with what was asked and what exists."""
+
+
+@dataclass
+class PolicyConfig:
+    path: str = MISSING
+    """Policy checkpoint: a local Hugging Face directory, a hub id, or `builtin:tiny-llama` (built in code)."""
+    tokenizer: str | None = None
+    """Tokenizer location if not the policy's (a directory, hub id, or `builtin:byt5`)."""
+    dtype: str = "float32"
+    """Parameter dtype for generation and training: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Allow custom model code shipped with a checkpoint. Off unless you trust the checkpoint."""
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    """Prompt dataset: a .json/.jsonl/.parquet file, a directory saved with `Dataset.save_to_disk`, or a hub id."""
+    split: str = "train"
+    """Split to read when the source has several."""
+    prompt_field: str = "prompt"
+    """Column holding each prompt: a string, or a chat message list (the recipe uses `context_messages`)."""
+    prompts_per_round: int = 64
+    """Fresh prompts consumed each round (the paper: 20000). Rounds never reuse a prompt."""
+    shuffle: bool = True
+    """Shuffle the dataset once, seeded with `run.seed`, before splitting it into rounds."""
+    max_prompt_length: int = 1000
+    """Prompt tokens kept after the chat template (longer prompts keep their last tokens)."""
+
+
+@dataclass
+class GeneratorConfig:
+    backend: str = "hf"
+    """Generation engine: `hf` (transformers generate). The vLLM backend is added by its own issue."""
+    num_actors: int = 1
+    """Generator actors in the pool; scale rollout here without touching the learner."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per generator actor (also its torch thread count, rounded up)."""
+    gpus_per_actor: float = 0.0
+    """GPUs reserved per generator actor."""
+    n: int = 4
+    """Responses sampled per prompt (the paper: 8). At least 2, to form a pair."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """Sampling temperatures; the n samples are split evenly among them (the paper: [1.0, 0.7])."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables it."""
+    max_new_tokens: int = 64
+    """Most tokens generated per response."""
+    batch_size: int = 64
+    """Sequences per `generate` call inside an actor (a chunk is split into batches of this size)."""
+    chunk_size: int = 8
+    """Prompts per work item sent to a generator; scoring starts as soon as the first chunk is done."""
+    max_inflight_per_actor: int = 2
+    """Chunks queued at one generator at once (backpressure; 2 keeps it busy while results travel)."""
+
+
+@dataclass
+class ScorerConfig:
+    type: str = "function"
+    """`function` (a Python reward function) or `reward_model` (a Bradley-Terry sequence classifier)."""
+    function: str | None = None
+    """Reward function as `module:function`, called as fn(messages, response) -> float."""
+    model_path: str | None = None
+    """Reward model: a local directory, a hub id, or `builtin:tiny-llama-rm` (random, for tests)."""
+    tokenizer: str | None = None
+    """Reward model tokenizer if not the model's own."""
+    dtype: str = "float32"
+    """Reward model dtype."""
+    max_length: int = 4096
+    """Tokens of prompt + response fed to the reward model; longer inputs keep their last tokens."""
+    batch_size: int = 32
+    """Sequences per reward-model forward pass."""
+    num_actors: int = 1
+    """Scorer actors in the pool."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per scorer actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs reserved per scorer actor."""
+    max_inflight_per_actor: int = 2
+    """Chunks queued at one scorer at once."""
+    trust_remote_code: bool = False
+    """Allow custom model code shipped with the reward model."""
+
+
+@dataclass
+class PairsConfig:
+    strategy: str = "max_min"
+    """How a pair is chosen from n scored responses: max_min, max_random, random or max_min_p."""
+    length_penalty: float = 0.0
+    """For max_min_p: score = reward - length_penalty * len(response in characters) (the paper's concise run: 0.001)."""
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    """DeepSpeed data-parallel ranks, each a Ray actor; together one torch.distributed group."""
+    cpus_per_rank: float = 1.0
+    """CPUs reserved per learner rank."""
+    gpus_per_rank: float = 0.0
+    """GPUs reserved per learner rank (1 on GPU clusters)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (the recipe: 2)."""
+    global_batch_size: int = 16
+    """Preference pairs per optimizer step across all ranks (the recipe: 128)."""
+    micro_batch_size: int = 4
+    """Pairs per rank per forward/backward; gradient accumulation makes up the global batch."""
+    lr: float = 5e-7
+    """Peak learning rate (the recipe: 5e-7)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of a round's optimizer steps spent warming up linearly before the cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay floor as a fraction of `lr`."""
+    epochs: int = 2
+    """Passes over each round's pairs (the recipe: 2). The first pass streams; later ones replay."""
+    reset_optimizer_each_round: bool = True
+    """Fresh AdamW state and schedule each round, as the recipe's one-process-per-round training does."""
+    loss: str = "sigmoid"
+    """DPO loss: `sigmoid` (DPO) or `ipo`."""
+    beta: float = 0.1
+    """DPO beta (the paper's eta)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
+    reference: str = "fixed"
+    """Reference model: `fixed` (the initial policy, the paper) or `previous` (last round's policy)."""
+    max_length: int = 2048
+    """Tokens of prompt + response per training sequence; responses are cut to fit."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (the recipe: on)."""
+    dist_timeout_s: float = 1800.0
+    """Timeout of collective operations between learner ranks."""
+
+
+@dataclass
+class MetricsConfig:
+    wandb: bool = True
+    """Log every round's metrics to Weights & Biases (also always written to metrics.jsonl)."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (default, files under the run directory), online or disabled."""
+    wandb_project: str = "odpo"
+    """wandb project name."""
+    progress_interval_s: float = 10.0
+    """Seconds between progress lines when the driver's output is not a terminal."""
+
+
+@dataclass
+class OdpoConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> OdpoConfig:
+    """Schema <- YAML file <- `key=value` overrides, then `validate`. Raises ConfigError."""
+    schema = OmegaConf.structured(OdpoConfig)
+    layers = [schema]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError("CONFIG", f"no such config file: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError("CONFIG", f"{path} is not valid YAML: {e}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError("CONFIG", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+        layers.append(_to_omegaconf(raw or {}, schema))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key=value (for example learner.lr=1e-6)")
+        key, value = item.split("=", 1)
+        _check_key_exists(schema, key.strip())
+        layers.append(_to_omegaconf(OmegaConf.to_container(OmegaConf.from_dotlist([f"{key.strip()}={value}"])), schema))
+    merged = schema
+    for layer in layers[1:]:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _translate(e) from None
+    try:
+        cfg: OdpoConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _translate(e) from None
+    validate(cfg)
+    return cfg
+
+
+def _to_omegaconf(raw: dict, schema: Any) -> Any:
+    _check_unknown(raw, OdpoConfig, "")
+    try:
+        return OmegaConf.create(raw)
+    except OmegaConfBaseException as e:
+        raise _translate(e) from None
+
+
+def _schema_fields(cls: type) -> dict[str, type | None]:
+    """Field name -> its section class (a nested dataclass), or None for a leaf value."""
+    instance = cls()
+    return {f.name: type(getattr(instance, f.name)) if is_dataclass(getattr(instance, f.name)) else None
+            for f in fields(cls)}
+
+
+def _check_unknown(raw: Any, cls: type, prefix: str) -> None:
+    known = _schema_fields(cls)
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(dotted, f"unknown key; allowed here: {', '.join(known)}")
+        if known[key] is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, f"is a section; give a mapping of its keys, not {value!r}")
+            _check_unknown(value, known[key], dotted + ".")  # type: ignore[arg-type]
+
+
+def _check_key_exists(schema: Any, dotted: str) -> None:
+    cls: type | None = OdpoConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        known = _schema_fields(cls) if cls is not None else {}
+        if part not in known:
+            prefix = ".".join(parts[:i])
+            allowed = ", ".join(known) if known else "(not a section)"
+            raise ConfigError(dotted, f"unknown key `{part}`" + (f" in `{prefix}`" if prefix else "")
+                              + f"; allowed: {allowed}")
+        cls = known[part]
+
+
+def _translate(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).split("\n")[0]
+    if "Missing mandatory value" in msg:
+        msg = "is required and was not given"
+    return ConfigError(key, msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: impossible values stop here, before any actor starts.
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_location(key: str, value: str | None, builtins: tuple[str, ...]) -> None:
+    """A model location is `builtin:NAME`, an existing local path, or a hub id (org/name)."""
+    if value is None:
+        raise ConfigError(key, "is required")
+    if value.startswith(BUILTIN_PREFIX):
+        name = value[len(BUILTIN_PREFIX) :]
+        if name not in builtins:
+            raise ConfigError(key, f"unknown builtin `{name}`; allowed: {', '.join(builtins)}")
+        return
+    if os.path.exists(os.path.expanduser(value)):
+        return
+    looks_local = value.startswith(("/", "./", "../", "~")) or os.sep + os.sep in value
+    if looks_local or not _HUB_ID.match(value):
+        raise ConfigError(key, f"path does not exist: {value} (give a local directory, a hub id org/name, or a builtin)")
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def validate(cfg: OdpoConfig) -> None:
+    r, g, s, p, lr, d = cfg.run, cfg.generator, cfg.scorer, cfg.pairs, cfg.learner, cfg.data
+    _require(bool(re.fullmatch(r"[\w.-]+", r.name)), "run.name", "letters, digits, '_', '-', '.' only")
+    _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
+
+    check_model_location("policy.path", cfg.policy.path, BUILTIN_MODELS)
+    if cfg.policy.tokenizer is not None:
+        check_model_location("policy.tokenizer", cfg.policy.tokenizer, ("byt5",))
+    _require(cfg.policy.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {cfg.policy.dtype!r}")
+
+    if not os.path.exists(d.path):
+        _require(bool(_HUB_ID.match(d.path)) and not d.path.startswith((".", "/")),
+                 "data.path", f"path does not exist: {d.path}")
+    _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
+    _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+
+    _require(g.backend in ("hf",), "generator.backend", f"allowed: hf (got {g.backend!r})")
+    _require(g.num_actors >= 1, "generator.num_actors", "must be >= 1")
+    _require(g.n >= 2, "generator.n", f"must be >= 2 to form a preference pair, got {g.n}")
+    _require(len(g.temperatures) >= 1, "generator.temperatures", "give at least one temperature")
+    _require(all(t > 0 for t in g.temperatures), "generator.temperatures", "each must be > 0")
+    _require(g.n % len(g.temperatures) == 0, "generator.temperatures",
+             f"n={g.n} responses cannot be split evenly among {len(g.temperatures)} temperatures")
+    _require(0 < g.top_p <= 1, "generator.top_p", f"must be in (0, 1], got {g.top_p}")
+    _require(g.top_k == -1 or g.top_k >= 1, "generator.top_k", "-1 (off) or >= 1")
+    _require(g.max_new_tokens >= 1, "generator.max_new_tokens", "must be >= 1")
+    _require(g.batch_size >= 1, "generator.batch_size", "must be >= 1")
+    _require(g.chunk_size >= 1, "generator.chunk_size", "must be >= 1")
+    _require(g.max_inflight_per_actor >= 1, "generator.max_inflight_per_actor", "must be >= 1")
+    _require(g.cpus_per_actor >= 0 and g.gpus_per_actor >= 0, "generator.cpus_per_actor", "resources must be >= 0")
+
+    _require(s.type in ("function", "reward_model"), "scorer.type", f"function or reward_model, got {s.type!r}")
+    if s.type == "function":
+        _require(bool(s.function) and re.fullmatch(r"[\w.]+:[\w]+", s.function or "") is not None,
+                 "scorer.function", f"give `module:function`, got {s.function!r}")
+    else:
+        check_model_location("scorer.model_path", s.model_path, BUILTIN_MODELS)
+    _require(s.dtype in DTYPES, "scorer.dtype", f"one of {DTYPES}")
+    _require(s.num_actors >= 1, "scorer.num_actors", "must be >= 1")
+    _require(s.batch_size >= 1 and s.max_length >= 2, "scorer.batch_size", "batch_size >= 1 and max_length >= 2")
+    _require(s.max_inflight_per_actor >= 1, "scorer.max_inflight_per_actor", "must be >= 1")
+
+    _require(p.strategy in PAIR_STRATEGIES, "pairs.strategy", f"one of {PAIR_STRATEGIES}, got {p.strategy!r}")
+    _require(p.length_penalty >= 0, "pairs.length_penalty", "must be >= 0")
+    _require(p.length_penalty == 0 or p.strategy == "max_min_p", "pairs.length_penalty",
+             "only used by strategy max_min_p; set pairs.strategy=max_min_p or leave it 0")
+
+    _require(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+    _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"0, 1, 2 or 3, got {lr.zero_stage}")
+    _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    per_step = lr.num_ranks * lr.micro_batch_size
+    _require(lr.global_batch_size >= per_step and lr.global_batch_size % per_step == 0, "learner.global_batch_size",
+             f"must be a multiple of num_ranks x micro_batch_size = {lr.num_ranks} x {lr.micro_batch_size} = {per_step}, "
+             f"got {lr.global_batch_size}")
+    _require(lr.lr > 0, "learner.lr", "must be > 0")
+    _require(0 <= lr.warmup_ratio < 1, "learner.warmup_ratio", "must be in [0, 1)")
+    _require(0 <= lr.min_lr_ratio <= 1, "learner.min_lr_ratio", "must be in [0, 1]")
+    _require(lr.epochs >= 1, "learner.epochs", "must be >= 1")
+    _require(lr.loss in ("sigmoid", "ipo"), "learner.loss", f"sigmoid or ipo, got {lr.loss!r}")
+    _require(lr.beta > 0, "learner.beta", "must be > 0")
+    _require(0 <= lr.label_smoothing < 0.5, "learner.label_smoothing", "must be in [0, 0.5)")
+    _require(lr.label_smoothing == 0 or lr.loss == "sigmoid", "learner.label_smoothing", "only for loss=sigmoid")
+    _require(lr.reference in ("fixed", "previous"), "learner.reference", f"fixed or previous, got {lr.reference!r}")
+    _require(lr.max_length > d.max_prompt_length or lr.max_length >= 2, "learner.max_length", "must leave room for a response")
+    _require(len(lr.adam_betas) == 2 and all(0 <= b < 1 for b in lr.adam_betas), "learner.adam_betas", "two values in [0, 1)")
+    _require(lr.gradient_clipping >= 0, "learner.gradient_clipping", "must be >= 0")
+    _require(cfg.metrics.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode",
+             "offline, online or disabled")
+
+
+def to_yaml(cfg: OdpoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def field_docs(cls: type = OdpoConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf field, read from the docstrings in this file."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(inspect.getmodule(cls))  # type: ignore[arg-type]
+    docs: dict[tuple[str, str], str] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[(node.name, a.target.id)] = str(b.value.value)  # type: ignore[union-attr]
+    rows: list[tuple[str, str, str, str]] = []
+    instance = cls()
+    for f in fields(cls):
+        value = getattr(instance, f.name)
+        if is_dataclass(value):
+            rows.extend(field_docs(type(value), f"{prefix}{f.name}."))
+        else:
+            default = "(required)" if value == MISSING else repr(value)
+            rows.append((f"{prefix}{f.name}", str(f.type), default, docs.get((cls.__name__, f.name), "")))
+    return rows

@@ -1,0 +1,77 @@
+"""Prompt source: a Hugging Face dataset split into fresh per-round slices, checked before Ray starts."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from actors.types import Messages, Prompt
+from orchestrator.config import ConfigError, DataConfig
+
+ROLES = ("system", "user", "assistant")
+
+
+def load_dataset_any(path: str, split: str):
+    """A .json/.jsonl/.parquet file, a `save_to_disk` directory, or a hub id, as a `datasets.Dataset`."""
+    import datasets
+
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        ext = path.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ConfigError("data.path", f"unsupported file type .{ext}; use .json, .jsonl, .parquet or a saved dataset dir")
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    else:
+        ds = datasets.load_dataset(path, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError("data.split", f"{path} has splits {list(ds)}, not {split!r}")
+        ds = ds[split]
+    return ds
+
+
+def to_messages(value: object, row: int, field_name: str) -> Messages:
+    """A prompt as chat messages: a plain string becomes one user turn; lists are checked."""
+    where = f"data row {row}, field {field_name!r}"
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: empty prompt")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: expected a string or a non-empty list of chat messages, got {type(value).__name__}")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {i} has role {m['role']!r}; allowed: {', '.join(ROLES)}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message must be a user turn (an assistant turn last would leak the "
+                         f"answer into the prompt), got {messages[-1]['role']!r}")
+    return messages
+
+
+class PromptSource:
+    """The dataset shuffled once with the run seed; round k takes the k-th slice of `prompts_per_round`."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rounds: int):
+        ds = load_dataset_any(cfg.path, cfg.split)
+        if cfg.prompt_field not in ds.column_names:
+            raise ConfigError("data.prompt_field", f"{cfg.path} has no column {cfg.prompt_field!r}; columns: {ds.column_names}")
+        needed = cfg.prompts_per_round * rounds
+        if len(ds) < needed:
+            raise ConfigError("data.prompts_per_round", f"{rounds} rounds x {cfg.prompts_per_round} fresh prompts need "
+                              f"{needed}, but {cfg.path} has {len(ds)} rows")
+        order = np.random.default_rng(seed).permutation(len(ds)) if cfg.shuffle else np.arange(len(ds))
+        self.order = order[:needed].tolist()
+        values = ds.select(self.order)[cfg.prompt_field]
+        self.prompts = [Prompt(uid=int(uid), messages=to_messages(v, int(uid), cfg.prompt_field))
+                        for uid, v in zip(self.order, values)]
+        self.per_round = cfg.prompts_per_round
+
+    def round_prompts(self, round_index: int) -> list[Prompt]:
+        return self.prompts[round_index * self.per_round: (round_index + 1) * self.per_round]

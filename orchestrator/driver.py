@@ -1,0 +1,192 @@
+"""The driver: `run(cfg)` is the algorithm, one round at a time, readable top to bottom.
+
+    for each round:
+        stream prompts -> generators -> scorers -> pairs -> learner (first epoch)
+        replay the round's pairs for the remaining epochs
+        export the policy once, load it into every generator (weight version + 1)
+        write the checkpoint, the pairs and the metrics
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import ray
+
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.models import is_builtin, load_tokenizer, materialize_builtin
+from actors.scorer import Scorer
+from orchestrator.config import OdpoConfig
+from orchestrator.data import PromptSource
+from orchestrator.outputs import RunDir
+from orchestrator.pools import ActorPool, LearnerGroup
+from orchestrator.progress import RoundProgress
+from orchestrator.streaming import RoundStream, replay_epochs, stream_round
+
+# Passed to every worker so actors find the same caches and stay offline like the driver.
+WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
+
+
+def run(cfg: OdpoConfig) -> str:
+    """Run every round of online iterative DPO; returns the run directory."""
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)  # bad data stops us before Ray starts
+    out = RunDir(cfg)
+    policy_path, tokenizer_path, reward_path = resolve_models(cfg, out)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
+    out.save_policy_files(policy_path, tokenizer)
+    started_ray = start_ray(cfg)
+    pools: list[ActorPool] = []
+    try:
+        generators, scorers, learners = build_pools(cfg, policy_path, tokenizer_path, reward_path,
+                                                    tokenizer.pad_token_id, pools)
+        print(f"odpo: learner group of {cfg.learner.num_ranks} rank(s) ready ({learners.setup():,} parameters); "
+              f"{len(generators)} generator(s), {len(scorers)} scorer(s)", file=sys.stderr)
+        version, history = 0, []
+        for r in range(cfg.run.rounds):
+            round_start = time.perf_counter()
+            prompts = source.round_prompts(r)
+            progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
+            learners.start_round(r, planned_steps(len(prompts), cfg))
+
+            stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
+            progress.set_stage("epochs")
+            replay_start = time.perf_counter()
+            replay = replay_epochs(stream.pairs, cfg, r, learners, progress)
+            replay_s = time.perf_counter() - replay_start
+
+            progress.set_stage("sync")
+            sync_start = time.perf_counter()
+            export_refs = learners.async_export_refs(version + 1)
+            version = sync_weights(generators, export_refs, version + 1)
+            sync_s = time.perf_counter() - sync_start
+
+            ckpt_start = time.perf_counter()
+            out.write_checkpoint(r, ray.get(export_refs[0]))
+            out.write_pairs(r, stream.pairs)
+            ckpt_s = time.perf_counter() - ckpt_start
+
+            metrics = round_metrics(r, version, stream, replay, replay_s, sync_s, ckpt_s,
+                                    time.perf_counter() - round_start)
+            out.log_metrics(metrics)
+            history.append(metrics)
+            progress.close()
+        print(format_table(history))
+        print(f"odpo: run directory {out.path}")
+        return out.path
+    finally:
+        out.close()
+        for pool in pools:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
+    """Builtin models are built once, here, into the run directory; everything loads from a path."""
+    policy = cfg.policy.path
+    if is_builtin(policy):
+        policy = materialize_builtin(policy, out.sub("base_models", "policy"), cfg.run.seed)
+    reward = cfg.scorer.model_path if cfg.scorer.type == "reward_model" else None
+    if reward is not None and is_builtin(reward):
+        reward = materialize_builtin(reward, out.sub("base_models", "reward"), cfg.run.seed + 1)
+    return policy, cfg.policy.tokenizer or policy, reward
+
+
+def start_ray(cfg: OdpoConfig) -> bool:
+    """Join or start a cluster; False when Ray was already initialised by the caller."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
+                           + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor
+                           + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+        ray.init(num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+                 include_dashboard=cfg.ray.include_dashboard, runtime_env={"env_vars": env})
+    return True
+
+
+def build_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, reward_path: str | None, pad_id: int,
+                pools: list[ActorPool]) -> tuple[ActorPool, ActorPool, LearnerGroup]:
+    """Three pools, each in its own placement group; each actor gets only its own config section."""
+    g, s, lc, p = cfg.generator, cfg.scorer, cfg.learner, cfg.policy
+    timeout = cfg.ray.placement_timeout_s
+    pools.append(ActorPool("learner", Learner, lc.num_ranks, lc.cpus_per_rank, lc.gpus_per_rank,
+                           lambda r: (lc, policy_path, p.dtype, r, lc.num_ranks, pad_id, p.trust_remote_code),
+                           timeout))
+    pools.append(ActorPool("generator", Generator, g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
+                           lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
+                                      p.trust_remote_code, f"generator-{r}"), timeout))
+    pools.append(ActorPool("scorer", Scorer, s.num_actors, s.cpus_per_actor, s.gpus_per_actor,
+                           lambda r: (s, reward_path, f"scorer-{r}"), timeout))
+    return pools[1], pools[2], LearnerGroup(pools[0])
+
+
+def planned_steps(num_prompts: int, cfg: OdpoConfig) -> int:
+    """Optimizer steps the round's schedule spans: every prompt a pair (drops make the round shorter)."""
+    return math.ceil(num_prompts / cfg.learner.global_batch_size) * cfg.learner.epochs
+
+
+def sync_weights(generators: ActorPool, export_refs: list[ray.ObjectRef], version: int) -> int:
+    """Every generator loads the one exported bundle (passed by reference) and reports its version."""
+    reported = ray.get([a.load_weights.remote(export_refs[0]) for a in generators.actors])
+    ray.get(export_refs[1:])
+    if any(v != version for v in reported):
+        raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")
+    return version
+
+
+def round_metrics(r: int, version: int, stream: RoundStream, replay: list, replay_s: float, sync_s: float,
+                  ckpt_s: float, round_s: float) -> dict:
+    steps = stream.steps + replay
+    trained = sum(s.pairs for s in steps)
+
+    def pair_mean(attr: str) -> float:
+        return sum(getattr(s, attr) * s.pairs for s in steps) / trained if trained else float("nan")
+
+    rewards = np.asarray(stream.rewards, dtype=np.float64)
+    return {
+        "round": r, "weight_version": version,
+        "prompts/count": len(stream.pairs) + sum(stream.drops.values()),
+        "pairs/count": len(stream.pairs), **{f"drop/{k}": v for k, v in stream.drops.items()},
+        "reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
+        "reward/min": float(rewards.min()), "reward/std": float(rewards.std()),
+        "gen/tokens": stream.new_tokens,
+        "gen/tokens_per_s": stream.new_tokens / stream.generate_span_s if stream.generate_span_s else float("nan"),
+        "gen/response_chars_mean": float(np.mean(stream.response_chars)),
+        "train/loss": pair_mean("loss"), "train/accuracy": pair_mean("accuracy"),
+        "train/chosen_reward": pair_mean("chosen_reward"), "train/rejected_reward": pair_mean("rejected_reward"),
+        "train/margin": pair_mean("chosen_reward") - pair_mean("rejected_reward"),
+        "train/steps": len(steps), "train/pairs_seen": trained,
+        "train/lr_last": steps[-1].lr if steps else float("nan"),
+        "train/grad_norm_last": steps[-1].grad_norm if steps else float("nan"),
+        "timing/round": round_s, "timing/stream": stream.wall_s,
+        "timing/generate": stream.busy["generate"], "timing/score": stream.busy["score"],
+        "timing/train": stream.busy["train"] + sum(s.seconds for s in replay), "timing/replay": replay_s,
+        "timing/sync": sync_s, "timing/checkpoint": ckpt_s, "sync/seconds": sync_s,
+    }
+
+
+TABLE_COLUMNS = (("round", "round", "{:d}"), ("reward/mean", "reward mean", "{:.4f}"),
+                 ("reward/max", "reward max", "{:.4f}"), ("pairs/count", "pairs", "{:d}"),
+                 ("train/loss", "loss", "{:.4f}"), ("train/accuracy", "accuracy", "{:.3f}"),
+                 ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("timing/round", "seconds", "{:.1f}"))
+
+
+def format_table(history: list[dict]) -> str:
+    header = [title for _, title, _ in TABLE_COLUMNS]
+    rows = [[fmt.format(m[key]) if m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key]))
+             else "-" for key, _, fmt in TABLE_COLUMNS] for m in history]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
