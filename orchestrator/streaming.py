@@ -39,6 +39,11 @@ class RoundStream:
     busy: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0})
     generate_span_s: float = 0.0
     wall_s: float = 0.0
+    first_scored_s: float = float("nan")
+    """Seconds from round start until the first chunk was scored (streaming: well before generation ends)."""
+    first_train_s: float = float("nan")
+    """Seconds from round start until the first global batch went to the learner."""
+    chunks_by_actor: dict[str, int] = field(default_factory=dict)
 
 
 class _Dispatcher:
@@ -91,6 +96,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     last_gen_done = start
 
     def submit_train(batch: list[Pair]) -> None:
+        if not out.steps and not training:
+            out.first_train_s = time.perf_counter() - start
         training.append(learners.async_train_step_refs(batch))
 
     while True:
@@ -120,6 +127,9 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             sc: ScoredChunk = ray.get(ref)
             _check_version(sc, version)
             scored[sc.rollouts.chunk_id] = sc
+            if not out.chunks_by_actor:
+                out.first_scored_s = time.perf_counter() - start
+            out.chunks_by_actor[sc.rollouts.actor] = out.chunks_by_actor.get(sc.rollouts.actor, 0) + 1
             progress.add(scored=len(sc.rollouts.rollouts))
             while next_release in scored:  # release in chunk order: batches are reproducible
                 buffer.extend(_collect(scored.pop(next_release), out, cfg, round_index))

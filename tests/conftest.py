@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models built in code (nothing downloaded) and one local Ray cluster per session.
+
+Where tests run: unit tests use neither Ray nor models; actor tests build tiny random models; tests using
+the `ray_cluster` fixture start a real local Ray cluster (`ray.init`); `gpu` tests skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu-marked; run on a GPU machine, see docs/gpu.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> str:
+    from actors.models import materialize_builtin
+
+    return materialize_builtin("builtin:tiny-llama", str(tmp_path_factory.mktemp("tiny-policy")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory) -> str:
+    from actors.models import materialize_builtin
+
+    return materialize_builtin("builtin:tiny-llama-rm", str(tmp_path_factory.mktemp("tiny-rm")), seed=1)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster shared by the tests that need one (4 logical CPUs on 2 cores)."""
+    import ray
+
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def chat_messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Tell me about item {i}."}]

@@ -1,0 +1,234 @@
+"""Actor classes constructed directly (no Ray) on tiny random models built in code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import chat_messages
+
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.models import load_tokenizer, materialize_builtin
+from actors.rewards import lowercase_ratio
+from actors.scorer import Scorer
+from actors.types import Pair, Prompt, PromptChunk, WeightBundle
+from orchestrator.config import GeneratorConfig, LearnerConfig, ScorerConfig
+
+
+def nan_reward(messages, response):  # used by name: scorer.function=test_actors:nan_reward
+    return float("nan")
+
+
+def make_chunk(n_prompts: int = 3, seed: int = 7) -> PromptChunk:
+    return PromptChunk(round=0, chunk_id=0, seed=seed,
+                       prompts=[Prompt(uid=i, messages=chat_messages(i)) for i in range(n_prompts)])
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_policy_dir) -> Generator:
+    cfg = GeneratorConfig(n=4, temperatures=[1.0, 0.5], max_new_tokens=12, batch_size=5)
+    return Generator(cfg, tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=64)
+
+
+# -- generator ------------------------------------------------------------------------------------
+
+
+def test_generator_samples_n_per_prompt_split_by_temperature(generator):
+    out = generator.generate(make_chunk())
+    tok = generator.tokenizer
+    assert [ro.prompt.uid for ro in out.rollouts] == [0, 1, 2]
+    for ro in out.rollouts:
+        assert len(ro.responses) == 4
+        assert sorted(r.temperature for r in ro.responses) == [0.5, 0.5, 1.0, 1.0]
+        assert ro.prompt_text.startswith("<system>Be kind.\n<user>") and ro.prompt_text.endswith("<assistant>")
+        assert ro.prompt_ids == tok(ro.prompt_text, add_special_tokens=False)["input_ids"]
+        assert ro.weight_version == 0
+        for r in ro.responses:
+            assert 1 <= len(r.token_ids) <= 12
+            assert r.finished == (r.token_ids[-1] == tok.eos_token_id)
+            assert tok.eos_token_id not in r.token_ids[:-1]
+            assert r.text == tok.decode(r.token_ids, skip_special_tokens=True)
+    assert out.new_tokens == sum(len(r.token_ids) for ro in out.rollouts for r in ro.responses)
+
+
+def test_generator_is_seeded_per_chunk(generator):
+    a, b, c = (generator.generate(make_chunk(seed=s)) for s in (11, 11, 12))
+    ids = [[r.token_ids for ro in x.rollouts for r in ro.responses] for x in (a, b, c)]
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2]
+
+
+def test_generator_keeps_last_prompt_tokens(tiny_policy_dir):
+    gen = Generator(GeneratorConfig(n=2, max_new_tokens=4), tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=10)
+    ro = gen.generate(make_chunk(1)).rollouts[0]
+    full = gen.tokenizer(ro.prompt_text, add_special_tokens=False)["input_ids"]
+    assert ro.prompt_ids == full[-10:]
+
+
+def test_generator_load_weights_replaces_weights_and_version(tiny_policy_dir, tmp_path):
+    gen = Generator(GeneratorConfig(n=2, max_new_tokens=8), tiny_policy_dir, tiny_policy_dir, "float32", 64)
+    other = materialize_builtin("builtin:tiny-llama", str(tmp_path / "other"), seed=123)
+    from transformers import AutoModelForCausalLM
+
+    new = AutoModelForCausalLM.from_pretrained(other).state_dict()
+    before = gen.generate(make_chunk(seed=3))
+    assert gen.load_weights(WeightBundle(version=3, tensors=new)) == 3
+    assert gen.weight_version() == 3
+    current = gen.named_weights()
+    assert all(torch.equal(current[k], new[k]) for k in new)
+    after = gen.generate(make_chunk(seed=3))
+    assert after.weight_version == 3 and all(ro.weight_version == 3 for ro in after.rollouts)
+    assert [r.token_ids for ro in before.rollouts for r in ro.responses] != \
+        [r.token_ids for ro in after.rollouts for r in ro.responses]
+    with pytest.raises(ValueError, match="older"):
+        gen.load_weights(WeightBundle(version=2, tensors=new))
+    broken = dict(new)
+    broken.pop("lm_head.weight")
+    with pytest.raises(ValueError, match="does not match"):
+        gen.load_weights(WeightBundle(version=4, tensors=broken))
+
+
+# -- scorer ---------------------------------------------------------------------------------------
+
+
+def test_function_scorer_scores_every_response(generator):
+    chunk = generator.generate(make_chunk())
+    scored = Scorer(ScorerConfig(type="function", function="actors.rewards:lowercase_ratio")).score(chunk)
+    assert len(scored.scores) == 3
+    for ro, row in zip(chunk.rollouts, scored.scores):
+        assert row == [lowercase_ratio(ro.prompt.messages, r.text) for r in ro.responses]
+
+
+def test_function_scorer_rejects_non_finite_reward_naming_the_prompt(generator):
+    chunk = generator.generate(make_chunk(1))
+    with pytest.raises(ValueError, match="non-finite reward nan for prompt uid 0"):
+        Scorer(ScorerConfig(type="function", function="test_actors:nan_reward")).score(chunk)
+
+
+def test_function_scorer_bad_import_path():
+    with pytest.raises(ImportError, match="no callable 'nope'"):
+        Scorer(ScorerConfig(type="function", function="actors.rewards:nope"))
+    with pytest.raises(ImportError, match="cannot import module"):
+        Scorer(ScorerConfig(type="function", function="no_such_module_x:f"))
+
+
+def test_reward_model_scorer_gives_raw_logit_of_chat_template(tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = Scorer(ScorerConfig(type="reward_model", model_path=tiny_rm_dir, batch_size=3, max_length=512))
+    items = [(chat_messages(i), "a reply" * (i + 1)) for i in range(5)]  # unequal lengths: padding in a batch
+    scores = scorer.score_texts(items)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    tok = load_tokenizer(tiny_rm_dir)
+    for (messages, response), got in zip(items, scores):
+        text = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        assert text.endswith(f"<assistant>{response}\n")
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0, 0].item()  # one sequence, no padding, no sigmoid
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(s, 6) for s in scores)) > 1
+
+    short = Scorer(ScorerConfig(type="reward_model", model_path=tiny_rm_dir, max_length=8))
+    text = tok.apply_chat_template(items[4][0] + [{"role": "assistant", "content": items[4][1]}], tokenize=False)
+    last8 = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][-8:]])
+    with torch.no_grad():
+        expected = model(input_ids=last8).logits[0, 0].item()
+    assert short.score_texts([items[4]])[0] == pytest.approx(expected, abs=1e-4)
+
+
+# -- learner (one rank, in this process) ----------------------------------------------------------
+
+
+def fixed_pairs(n: int = 4) -> list[Pair]:
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(n):
+        def ids(k):
+            return torch.randint(3, 250, (k,), generator=g).tolist()
+        pairs.append(Pair(uid=i, round=0, weight_version=0, prompt_messages=[], prompt_text="", prompt_ids=ids(5 + i),
+                          chosen="", rejected="", chosen_ids=ids(3 + i) + [1], rejected_ids=ids(2 + (5 * i) % 7),
+                          chosen_score=1.0, rejected_score=0.0))
+    return pairs
+
+
+def response_logprob(model, prompt: list[int], response: list[int]) -> float:
+    """Written out token by token, independently of actors.losses."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+    return sum(F.log_softmax(logits[len(prompt) - 1 + j], -1)[tok].item() for j, tok in enumerate(response))
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_policy_dir) -> Learner:
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=2, lr=1e-2, beta=0.1, zero_stage=0, warmup_ratio=0.0)
+    lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=100)
+    return lrn
+
+
+def test_learner_loss_equals_from_scratch_dpo(learner, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    pairs = fixed_pairs()
+    first = learner.train_step(pairs, pairs[0], 4)
+    assert first["loss"] / 4 == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before any step
+    moved = learner.export_weights(version=1).tensors
+    second = learner.train_step(pairs, pairs[0], 4)
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    policy.load_state_dict(moved)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    losses, correct = [], 0
+    for p in pairs:
+        h = ((response_logprob(policy, p.prompt_ids, p.chosen_ids) - response_logprob(reference, p.prompt_ids, p.chosen_ids))
+             - (response_logprob(policy, p.prompt_ids, p.rejected_ids) - response_logprob(reference, p.prompt_ids, p.rejected_ids)))
+        losses.append(-math.log(1 / (1 + math.exp(-0.1 * h))))
+        correct += h > 0
+    assert second["loss"] / 4 == pytest.approx(sum(losses) / 4, abs=1e-5)
+    assert second["correct"] == correct
+    assert second["pairs"] == 4
+
+
+def test_learner_steps_move_parameters_and_lower_loss(learner):
+    pairs = fixed_pairs()
+    before = learner.export_weights(version=1).tensors
+    losses = [learner.train_step(pairs, pairs[0], 4)["loss"] / 4 for _ in range(6)]
+    after = learner.export_weights(version=2).tensors
+    assert losses[-1] < losses[0] - 0.05
+    assert all(b > a for a, b in zip(losses[1:], losses))  # monotone on a fixed batch at this lr
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_learner_partial_batch_and_overflow(learner):
+    pairs = fixed_pairs(5)
+    stats = learner.train_step(pairs[:3], pairs[0], 3)  # a partial last batch: 3 real pairs, 1 padding slot
+    assert stats["pairs"] == 3
+    with pytest.raises(ValueError, match="more than"):
+        learner.train_step(pairs, pairs[0], 5)
+
+
+def test_learner_optimizer_reset_and_schedule(learner):
+    learner.start_round(1, total_steps=4)
+    lrs = [learner.train_step(fixed_pairs(), fixed_pairs()[0], 4)["lr"] for _ in range(4)]
+    assert lrs[0] == pytest.approx(1e-2)
+    assert lrs[2] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_previous_reference_follows_the_policy(tiny_policy_dir):
+    """reference=previous: at a new round the reference is the current policy, so the first loss is log 2."""
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=4, lr=1e-2, zero_stage=0, reference="previous")
+    lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    pairs = fixed_pairs()
+    lrn.start_round(0, total_steps=10)
+    for _ in range(3):
+        lrn.train_step(pairs, pairs[0], 4)
+    assert lrn.train_step(pairs, pairs[0], 4)["loss"] / 4 < math.log(2) - 0.01
+    lrn.start_round(1, total_steps=10)
+    assert lrn.train_step(pairs, pairs[0], 4)["loss"] / 4 == pytest.approx(math.log(2), abs=1e-6)

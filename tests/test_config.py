@@ -1,0 +1,326 @@
+"""orchestrator/config.py and orchestrator/cli.py: shipped configs load, overrides apply, every error names
+its dotted key, every field is documented, and docs/configuration.md matches the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli
+from orchestrator.config import ConfigError, OdpoConfig, field_docs, load_config, validate
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
+TINY = "configs/tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def at_repo_root(monkeypatch):
+    """configs/tiny.yaml names configs/data/tiny_prompts.jsonl relative to the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+def config_error(path, overrides=()) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return info.value
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+VALID_YAML = f"""\
+run:
+  name: t
+policy:
+  path: builtin:tiny-llama
+data:
+  path: {REPO / "configs" / "data" / "tiny_prompts.jsonl"}
+scorer:
+  function: actors.rewards:lowercase_ratio
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped configs
+
+
+def test_configs_are_found():
+    assert str(REPO / TINY) in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, OdpoConfig)
+    validate(cfg)  # idempotent: a loaded config validates again
+    assert cfg.generator.n % len(cfg.generator.temperatures) == 0
+    assert cfg.learner.global_batch_size % (cfg.learner.num_ranks * cfg.learner.micro_batch_size) == 0
+
+
+def test_tiny_config_values():
+    cfg = load_config(TINY)
+    assert cfg.run.name == "tiny"
+    assert cfg.policy.path == "builtin:tiny-llama"
+    assert cfg.generator.n == 8
+    assert cfg.generator.temperatures == [1.0, 0.7]
+    assert cfg.learner.lr == pytest.approx(2.0e-3)
+    # a field the YAML does not set keeps the schema default
+    assert cfg.learner.label_smoothing == 0.0
+
+
+def test_valid_tmp_yaml_loads(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, VALID_YAML))
+    assert cfg.run.name == "t"
+    assert cfg.run.rounds == 3  # default
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def test_overrides_take_effect():
+    cfg = load_config(TINY, ["learner.lr=1e-6", "generator.temperatures=[1.0,0.7]", "run.rounds=2"])
+    assert cfg.learner.lr == pytest.approx(1e-6)
+    assert cfg.generator.temperatures == [1.0, 0.7]
+    assert cfg.run.rounds == 2
+    cfg = load_config(TINY, ["generator.temperatures=[0.5]", "generator.n=3"])
+    assert cfg.generator.temperatures == [0.5]
+    assert cfg.generator.n == 3
+
+
+def test_later_override_wins():
+    cfg = load_config(TINY, ["run.rounds=2", "run.rounds=5"])
+    assert cfg.run.rounds == 5
+
+
+def test_overrides_without_a_file(tmp_path):
+    data = REPO / "configs" / "data" / "tiny_prompts.jsonl"
+    cfg = load_config(None, ["policy.path=builtin:tiny-llama", f"data.path={data}",
+                             "scorer.function=actors.rewards:lowercase_ratio"])
+    assert cfg.policy.path == "builtin:tiny-llama"
+    assert cfg.data.path == str(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the dotted key
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    e = config_error(write_yaml(tmp_path, VALID_YAML + "trainer:\n  lr: 1\n"))
+    assert e.key == "trainer"
+    assert "`trainer`" in str(e) and "unknown key" in str(e)
+    assert "learner" in str(e)  # lists what is allowed
+
+
+def test_unknown_nested_key_in_yaml(tmp_path):
+    e = config_error(write_yaml(tmp_path, VALID_YAML + "learner:\n  lrr: 1.0e-6\n"))
+    assert e.key == "learner.lrr"
+    assert "`learner.lrr`" in str(e) and "unknown key" in str(e)
+    assert "lr" in str(e)
+
+
+def test_unknown_override_key():
+    e = config_error(TINY, ["learner.lrr=1"])
+    assert e.key == "learner.lrr"
+    assert "`learner.lrr`" in str(e)
+    assert "unknown key `lrr`" in str(e)
+
+
+def test_unknown_override_section():
+    e = config_error(TINY, ["trainer.lr=1"])
+    assert e.key == "trainer.lr"
+    assert "unknown key `trainer`" in str(e)
+
+
+def test_override_without_equals():
+    e = config_error(TINY, ["learner.lr"])
+    assert e.key == "learner.lr"
+    assert "key=value" in str(e)
+
+
+def test_override_of_wrong_type():
+    e = config_error(TINY, ["generator.n=abc"])
+    assert e.key == "generator.n"
+    assert "abc" in str(e)
+
+
+def test_generator_n_below_two():
+    e = config_error(TINY, ["generator.n=1"])
+    assert e.key == "generator.n"
+    assert ">= 2" in str(e)
+
+
+def test_temperatures_must_divide_n():
+    e = config_error(TINY, ["generator.n=4", "generator.temperatures=[1.0,0.7,0.5]"])
+    assert e.key == "generator.temperatures"
+    assert "n=4" in str(e) and "3 temperatures" in str(e)
+
+
+def test_global_batch_must_be_a_multiple_of_ranks_times_micro():
+    e = config_error(TINY, ["learner.num_ranks=2", "learner.micro_batch_size=4", "learner.global_batch_size=12"])
+    assert e.key == "learner.global_batch_size"
+    assert "2 x 4 = 8" in str(e) and "12" in str(e)
+    # 16 = 2 x 4 x 2 is fine
+    cfg = load_config(TINY, ["learner.num_ranks=2", "learner.micro_batch_size=4", "learner.global_batch_size=16"])
+    assert cfg.learner.global_batch_size == 16
+
+
+def test_missing_model_path():
+    e = config_error(TINY, ["policy.path=./does/not/exist"])
+    assert e.key == "policy.path"
+    assert "does not exist" in str(e) and "./does/not/exist" in str(e)
+
+
+def test_unknown_builtin():
+    e = config_error(TINY, ["policy.path=builtin:gpt-9"])
+    assert e.key == "policy.path"
+    assert "unknown builtin `gpt-9`" in str(e) and "tiny-llama" in str(e)
+
+
+def test_missing_data_path():
+    e = config_error(TINY, ["data.path=configs/data/missing.jsonl"])
+    assert e.key == "data.path"
+    assert "configs/data/missing.jsonl" in str(e)
+    e = config_error(TINY, ["data.path=./missing.jsonl"])
+    assert e.key == "data.path"
+
+
+def test_length_penalty_needs_max_min_p():
+    e = config_error(TINY, ["pairs.length_penalty=0.1"])
+    assert e.key == "pairs.length_penalty"
+    assert "max_min_p" in str(e)
+    cfg = load_config(TINY, ["pairs.length_penalty=0.1", "pairs.strategy=max_min_p"])
+    assert cfg.pairs.length_penalty == pytest.approx(0.1)
+
+
+def test_unknown_loss():
+    e = config_error(TINY, ["learner.loss=foo"])
+    assert e.key == "learner.loss"
+    assert "'foo'" in str(e) and "sigmoid" in str(e) and "ipo" in str(e)
+
+
+def test_unknown_reference():
+    e = config_error(TINY, ["learner.reference=foo"])
+    assert e.key == "learner.reference"
+    assert "fixed" in str(e) and "previous" in str(e)
+
+
+def test_zero_stage_out_of_range():
+    e = config_error(TINY, ["learner.zero_stage=4"])
+    assert e.key == "learner.zero_stage"
+    assert "got 4" in str(e)
+
+
+def test_malformed_yaml(tmp_path):
+    path = write_yaml(tmp_path, "run:\n  name: [unclosed\n")
+    e = config_error(path)
+    assert e.key == "CONFIG"
+    assert "not valid YAML" in str(e) and path in str(e)
+
+
+def test_yaml_that_is_a_list(tmp_path):
+    path = write_yaml(tmp_path, "- run\n- policy\n")
+    e = config_error(path)
+    assert e.key == "CONFIG"
+    assert "mapping" in str(e) and "list" in str(e)
+
+
+def test_missing_config_file(tmp_path):
+    e = config_error(str(tmp_path / "nope.yaml"))
+    assert e.key == "CONFIG"
+    assert "no such config file" in str(e)
+
+
+def test_missing_required_policy_path(tmp_path):
+    text = VALID_YAML.replace("policy:\n  path: builtin:tiny-llama\n", "")
+    assert "policy" not in text
+    e = config_error(write_yaml(tmp_path, text))
+    assert e.key == "policy.path"
+    assert "required" in str(e)
+
+
+def test_section_given_a_scalar(tmp_path):
+    e = config_error(write_yaml(tmp_path, VALID_YAML + "learner: 5\n"))
+    assert e.key == "learner"
+    assert "section" in str(e)
+
+
+def test_config_error_is_a_value_error_with_key():
+    e = ConfigError("a.b", "bad")
+    assert isinstance(e, ValueError)
+    assert e.key == "a.b"
+    assert str(e) == "config error at `a.b`: bad"
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        value = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _leaf_keys(type(value), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_field_docs_documents_every_leaf_field():
+    rows = field_docs()
+    keys = [key for key, _, _, _ in rows]
+    assert keys == _leaf_keys(OdpoConfig)
+    assert len(keys) == len(set(keys))
+    undocumented = [key for key, _, _, doc in rows if not doc.strip()]
+    assert undocumented == []
+    by_key = {key: (typ, default, doc) for key, typ, default, doc in rows}
+    assert by_key["policy.path"][1] == "(required)"
+    assert by_key["data.path"][1] == "(required)"
+    assert by_key["learner.beta"][1] == "0.1"
+    assert "beta" in by_key["learner.beta"][2].lower()
+
+
+def test_cli_validate_prints_resolved_yaml(capsys):
+    assert cli.main(["validate", TINY, "run.rounds=2"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds: 2" in out
+    assert "rounds: 6" not in out
+    assert "name: tiny" in out
+
+
+def test_cli_bad_override_returns_2_and_names_the_key(capsys):
+    assert cli.main(["validate", TINY, "learner.lrr=1"]) == 2
+    captured = capsys.readouterr()
+    assert "learner.lrr" in captured.err
+    assert captured.out == ""
+
+
+def test_cli_invalid_value_returns_2(capsys):
+    assert cli.main(["validate", TINY, "generator.n=1"]) == 2
+    assert "generator.n" in capsys.readouterr().err
+
+
+def test_cli_config_docs_prints_the_reference(capsys):
+    assert cli.main(["config-docs"]) == 0
+    out = capsys.readouterr().out
+    assert out == cli.configuration_markdown()
+    assert out.startswith("# Configuration reference\n")
+    for key in _leaf_keys(OdpoConfig):
+        assert f"| `{key}` |" in out, key
+
+
+def test_docs_configuration_md_matches_schema():
+    path = REPO / "docs" / "configuration.md"
+    hint = "run `.venv/bin/odpo config-docs > docs/configuration.md`"
+    assert path.is_file(), f"docs/configuration.md is missing: {hint}"
+    assert path.read_text() == cli.configuration_markdown(), f"docs/configuration.md is out of date: {hint}"

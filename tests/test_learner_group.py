@@ -1,0 +1,69 @@
+"""Learner ranks as Ray actors forming one torch.distributed group (gloo), and weight sync to generators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_actors import fixed_pairs
+
+from actors.generator import Generator
+from actors.learner import Learner
+from orchestrator.config import GeneratorConfig, LearnerConfig
+from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+
+pytestmark = pytest.mark.slow
+
+
+def train_group(ray, policy_dir: str, stage: int, ranks: int, batches: list) -> tuple[list[float], LearnerGroup]:
+    cfg = LearnerConfig(num_ranks=ranks, zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-2,
+                        warmup_ratio=0.0)
+    pool = ActorPool(f"learner-z{stage}-w{ranks}", Learner, ranks, 1.0, 0.0,
+                     lambda r: (cfg, policy_dir, "float32", r, ranks, 0), placement_timeout_s=60)
+    group = LearnerGroup(pool)
+    group.setup()
+    group.start_round(0, total_steps=10)
+    losses = [combine_step(ray.get(group.async_train_step_refs(b))).loss for b in batches]
+    return losses, group
+
+
+def test_zero2_and_zero3_on_two_ranks_match_one_rank(ray_cluster, tiny_policy_dir):
+    pairs = fixed_pairs(8)
+    batches = [pairs, list(reversed(pairs)), pairs[:5]]  # the last one partial: 5 real pairs, 3 padded slots
+    results = {}
+    for stage, ranks in ((0, 1), (2, 2), (3, 2)):
+        losses, group = train_group(ray_cluster, tiny_policy_dir, stage, ranks, batches)
+        weights = ray_cluster.get(group.async_export_refs(version=1))[0].tensors
+        results[(stage, ranks)] = (losses, weights)
+        if stage == 3:
+            check_weight_sync(ray_cluster, group, tiny_policy_dir, weights)
+        group.pool.shutdown()
+    base_losses, base_weights = results[(0, 1)]
+    assert base_losses[0] == pytest.approx(0.6931472, abs=1e-6)
+    assert base_losses[2] < base_losses[0]
+    for key in ((2, 2), (3, 2)):
+        losses, weights = results[key]
+        assert losses == pytest.approx(base_losses, abs=1e-4), key
+        assert set(weights) == set(base_weights)
+        worst = max((weights[k] - base_weights[k]).abs().max().item() for k in weights)
+        assert worst < 1e-3, (key, worst)
+
+
+def check_weight_sync(ray, group: LearnerGroup, policy_dir: str, learner_weights: dict) -> None:
+    """The exported bundle, put in the object store once, lands exactly in every generator."""
+    gen_cfg = GeneratorConfig(n=2, max_new_tokens=4, cpus_per_actor=0.5)
+    gens = ActorPool("generator-sync", Generator, 2, 0.5, 0.0,
+                     lambda r: (gen_cfg, policy_dir, policy_dir, "float32", 32, False, f"generator-{r}"), 60)
+    try:
+        assert ray.get([g.weight_version.remote() for g in gens.actors]) == [0, 0]
+        refs = group.async_export_refs(version=1)
+        assert ray.get([g.load_weights.remote(refs[0]) for g in gens.actors]) == [1, 1]
+        assert ray.get(refs[1:]) == [None]
+        for g in gens.actors:
+            got = ray.get(g.named_weights.remote())
+            assert all(torch.equal(got[k], learner_weights[k]) for k in learner_weights)
+        from transformers import AutoModelForCausalLM
+
+        init = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict()
+        assert any(not torch.equal(init[k], learner_weights[k]) for k in learner_weights)
+    finally:
+        gens.shutdown()
