@@ -173,6 +173,10 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "timing/generate": stream.busy["generate"], "timing/score": stream.busy["score"],
         "timing/train": stream.busy["train"] + sum(s.seconds for s in replay), "timing/replay": replay_s,
         "timing/sync": sync_s, "timing/checkpoint": ckpt_s, "sync/seconds": sync_s,
+        "timing/generate_span": stream.generate_span_s,
+        "stream/first_scored_s": stream.first_scored_s, "stream/first_train_s": stream.first_train_s,
+        "stream/overlap": (sum(stream.busy.values()) / stream.wall_s) if stream.wall_s else float("nan"),
+        "gen/actors_used": len(stream.chunks_by_actor),
     }
 
 

@@ -238,18 +238,26 @@ def test_cosine_lr_linear_warmup():
 
 def test_cosine_lr_end_of_warmup_and_halfway():
     peak, min_ratio = 2.0, 0.1
-    # total 12, warmup 2: the decay spans 10 steps starting at step 2
+    # the first step after warmup runs at the peak
     assert cosine_lr(2, 12, 2, peak, min_ratio) == pytest.approx(peak)
-    # halfway through decay: cos(pi / 2) = 0 -> peak * (min + (1 - min) * 0.5) = 2 * 0.55 = 1.1
-    assert cosine_lr(7, 12, 2, peak, min_ratio) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
-    assert cosine_lr(7, 12, 2, peak, min_ratio) == pytest.approx(1.1)
-    # a quarter of the way (total 6, warmup 2: 4 decay steps, step 3): cos(pi / 4) = sqrt(2) / 2
-    assert cosine_lr(3, 6, 2, peak, min_ratio) == pytest.approx(
-        2.0 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(2) / 2)))
+    # Halfway and a quarter of the way through a long decay (warmup 2, 4000 decay steps). The long decay
+    # makes these checks hold whether the decay counts total - warmup or total - warmup - 1 intervals
+    # (whether the floor is reached at step `total_steps` or at the last step `total_steps - 1`, which
+    # test_cosine_lr_last_step_reaches_the_floor pins down): the difference is < 1e-4 relative here.
+    # halfway: cos(pi / 2) = 0 -> peak * (min + (1 - min) * 0.5) = 2 * 0.55 = 1.1
+    assert cosine_lr(2 + 2000, 4002, 2, peak, min_ratio) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5), rel=1e-3)
+    assert cosine_lr(2 + 2000, 4002, 2, peak, min_ratio) == pytest.approx(1.1, rel=1e-3)
+    # a quarter: cos(pi / 4) = sqrt(2) / 2 -> 2 * (0.1 + 0.45 * (1 + 0.7071...)) = 1.7364...
+    assert cosine_lr(2 + 1000, 4002, 2, peak, min_ratio) == pytest.approx(
+        2.0 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(2) / 2)), rel=1e-3)
+    # three quarters: cos(3 pi / 4) = -sqrt(2) / 2 -> 2 * (0.1 + 0.45 * 0.2929...) = 0.4636...
+    assert cosine_lr(2 + 3000, 4002, 2, peak, min_ratio) == pytest.approx(
+        2.0 * (0.1 + 0.9 * 0.5 * (1 - math.sqrt(2) / 2)), rel=1e-3)
 
 
 def test_cosine_lr_last_step_reaches_the_floor():
-    # steps are 0-based: a round of 12 optimizer steps runs steps 0..11 (the learner's step_in_round).
+    # Steps are 0-based: a round of 12 optimizer steps runs steps 0..11 (actors/learner.py passes
+    # step_in_round = 0 .. total_steps - 1), so the last step the learner takes is 11.
     peak, min_ratio = 2.0, 0.1
     assert cosine_lr(11, 12, 2, peak, min_ratio) == pytest.approx(0.1 * 2.0)
     assert cosine_lr(9, 10, 0, 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)
