@@ -81,6 +81,6 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_r
     """LR for optimizer step `step` (0-based): linear warmup to `peak`, then cosine to `min_ratio * peak`."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, total_steps - warmup_steps - 1)  # the last step (total_steps - 1) is at the floor
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -301,7 +301,7 @@ def _check_key_exists(schema: Any, dotted: str) -> None:
 def _translate(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).split("\n")[0]
-    if "Missing mandatory value" in msg:
+    if "missing mandatory value" in msg.lower():
         msg = "is required and was not given"
     return ConfigError(key, msg)
 
@@ -345,7 +345,8 @@ def validate(cfg: OdpoConfig) -> None:
     _require(cfg.policy.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {cfg.policy.dtype!r}")
 
     if not os.path.exists(d.path):
-        _require(bool(_HUB_ID.match(d.path)) and not d.path.startswith((".", "/")),
+        is_file_name = d.path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow")
+        _require(bool(_HUB_ID.match(d.path)) and not is_file_name and not d.path.startswith((".", "/")),
                  "data.path", f"path does not exist: {d.path}")
     _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
@@ -363,7 +364,12 @@ def validate(cfg: OdpoConfig) -> None:
     _require(g.batch_size >= 1, "generator.batch_size", "must be >= 1")
     _require(g.chunk_size >= 1, "generator.chunk_size", "must be >= 1")
     _require(g.max_inflight_per_actor >= 1, "generator.max_inflight_per_actor", "must be >= 1")
-    _require(g.cpus_per_actor >= 0 and g.gpus_per_actor >= 0, "generator.cpus_per_actor", "resources must be >= 0")
+    for key, value in (("generator.cpus_per_actor", g.cpus_per_actor), ("scorer.cpus_per_actor", s.cpus_per_actor),
+                       ("learner.cpus_per_rank", lr.cpus_per_rank)):
+        _require(value > 0, key, f"must be > 0 (each actor's placement bundle reserves it), got {value}")
+    for key, value in (("generator.gpus_per_actor", g.gpus_per_actor), ("scorer.gpus_per_actor", s.gpus_per_actor),
+                       ("learner.gpus_per_rank", lr.gpus_per_rank)):
+        _require(value >= 0, key, f"must be >= 0, got {value}")
 
     _require(s.type in ("function", "reward_model"), "scorer.type", f"function or reward_model, got {s.type!r}")
     if s.type == "function":
@@ -397,7 +403,8 @@ def validate(cfg: OdpoConfig) -> None:
     _require(0 <= lr.label_smoothing < 0.5, "learner.label_smoothing", "must be in [0, 0.5)")
     _require(lr.label_smoothing == 0 or lr.loss == "sigmoid", "learner.label_smoothing", "only for loss=sigmoid")
     _require(lr.reference in ("fixed", "previous"), "learner.reference", f"fixed or previous, got {lr.reference!r}")
-    _require(lr.max_length > d.max_prompt_length or lr.max_length >= 2, "learner.max_length", "must leave room for a response")
+    _require(lr.max_length > d.max_prompt_length, "learner.max_length",
+             f"must exceed data.max_prompt_length ({d.max_prompt_length}) to leave room for a response, got {lr.max_length}")
     _require(len(lr.adam_betas) == 2 and all(0 <= b < 1 for b in lr.adam_betas), "learner.adam_betas", "two values in [0, 1)")
     _require(lr.gradient_clipping >= 0, "learner.gradient_clipping", "must be >= 0")
     _require(cfg.metrics.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode",

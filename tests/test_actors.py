@@ -216,7 +216,8 @@ def test_learner_optimizer_reset_and_schedule(learner):
     learner.start_round(1, total_steps=4)
     lrs = [learner.train_step(fixed_pairs(), fixed_pairs()[0], 4)["lr"] for _ in range(4)]
     assert lrs[0] == pytest.approx(1e-2)
-    assert lrs[2] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    assert lrs[2] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
+    assert lrs[3] == pytest.approx(0.0, abs=1e-12)  # the last planned step reaches the floor (min_lr_ratio 0)
     assert lrs == sorted(lrs, reverse=True)
 
 
