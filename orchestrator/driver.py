@@ -172,6 +172,7 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "timing/round": round_s, "timing/stream": stream.wall_s,
         "timing/generate": stream.busy["generate"], "timing/score": stream.busy["score"],
         "timing/train": stream.busy["train"] + sum(s.seconds for s in replay), "timing/replay": replay_s,
+        "timing/train_streamed": stream.busy["train"],
         "timing/sync": sync_s, "timing/checkpoint": ckpt_s, "sync/seconds": sync_s,
         "timing/generate_span": stream.generate_span_s,
         "stream/first_scored_s": stream.first_scored_s, "stream/first_train_s": stream.first_train_s,

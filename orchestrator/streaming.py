@@ -46,7 +46,7 @@ class RoundStream:
     chunks_by_actor: dict[str, int] = field(default_factory=dict)
 
 
-class _Dispatcher:
+class Dispatcher:
     """Bounded in-flight calls per actor; the least-loaded actor with room takes the next item."""
 
     def __init__(self, pool: ActorPool, limit: int):
@@ -84,8 +84,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     or a counted drop."""
     start = time.perf_counter()
     out = RoundStream()
-    gen = _Dispatcher(generators, cfg.generator.max_inflight_per_actor)
-    score = _Dispatcher(scorers, cfg.scorer.max_inflight_per_actor)
+    gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor)
+    score = Dispatcher(scorers, cfg.scorer.max_inflight_per_actor)
     chunks = deque(make_chunks(round_index, prompts, cfg.generator.chunk_size, cfg.run.seed))
     total_chunks = len(chunks)
     to_score: deque[tuple[ray.ObjectRef, int]] = deque()

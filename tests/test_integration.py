@@ -112,3 +112,26 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path):
     assert "config error at `data.path`" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
     assert not os.path.exists(tmp_path / "tiny")
+
+
+def test_runs_are_reproducible_whatever_order_chunks_finish(ray_cluster, tmp_path, monkeypatch):
+    """Two generators finish chunks in varying order; pairs, losses and checkpoints must not change."""
+    monkeypatch.chdir(REPO)
+    outputs = []
+    for name in ("a", "b"):
+        cfg = load_config("configs/tiny.yaml", [
+            f"run.output_dir={tmp_path}", f"run.name={name}", "run.rounds=2", "data.prompts_per_round=32",
+            "generator.num_actors=2", "generator.cpus_per_actor=0.5", "generator.chunk_size=2",
+            "generator.max_new_tokens=12", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
+        ])
+        run_dir = run(cfg)
+        metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        pairs = [open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl")).read() for r in (0, 1)]
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
+        outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"]) for m in metrics], pairs, weights))
+    (m_a, p_a, w_a), (m_b, p_b, w_b) = outputs
+    assert m_a == m_b
+    assert p_a == p_b
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
