@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer, render_prompt, prepare_worker
+from actors.models import load_causal_lm, load_tokenizer, prepare_worker, render_prompt
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, WeightBundle
 from orchestrator.config import GeneratorConfig
 
