@@ -96,13 +96,20 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prepare_worker(cpus: float) -> None:
-    """Thread count from the actor's CPU reservation (not the machine's cores), and quiet library logs."""
+def quiet_libraries() -> None:
+    """Progress bars and notices of transformers, datasets and DeepSpeed drown odpo's own progress lines."""
     import logging
 
+    import datasets
     import transformers
 
-    torch.set_num_threads(max(1, round(cpus)))
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def prepare_worker(cpus: float) -> None:
+    """Thread count from the actor's CPU reservation (not the machine's cores), and quiet library logs."""
+    torch.set_num_threads(max(1, round(cpus)))
+    quiet_libraries()

@@ -19,7 +19,7 @@ import ray
 
 from actors.generator import Generator
 from actors.learner import Learner
-from actors.models import is_builtin, load_tokenizer, materialize_builtin
+from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.scorer import Scorer
 from orchestrator.config import OdpoConfig
 from orchestrator.data import PromptSource
@@ -34,6 +34,7 @@ WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS
 
 def run(cfg: OdpoConfig) -> str:
     """Run every round of online iterative DPO; returns the run directory."""
+    quiet_libraries()
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)  # bad data stops us before Ray starts
     out = RunDir(cfg)
     policy_path, tokenizer_path, reward_path = resolve_models(cfg, out)

@@ -47,5 +47,6 @@ class RoundProgress:
             self.last_print = now
 
     def close(self) -> None:
+        self.stage = "done"
         self.stream.write(("\r\033[K" if self.tty else "") + self.line() + "\n")
         self.stream.flush()
