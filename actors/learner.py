@@ -168,7 +168,7 @@ class Learner:
     def export_weights(self, version: int) -> WeightBundle | None:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
         tensors = self._full_state_dict()
-        return WeightBundle(version=version, tensors=tensors) if self.rank == 0 else None
+        return WeightBundle.from_tensors(version, tensors) if self.rank == 0 else None
 
 
 def _innermost_optimizer(opt):

@@ -99,9 +99,24 @@ class TrainStepStats:
 
 @dataclass
 class WeightBundle:
+    """The full policy weights as one safetensors payload: serialised once by the learner, stored once in
+    Ray's object store, loaded by every generator (both backends take safetensors) and written unchanged
+    as the round's `model.safetensors`."""
+
     version: int
-    tensors: dict[str, torch.Tensor] = field(repr=False)
-    """Full (gathered) state dict on CPU, in the policy's dtype."""
+    payload: bytes = field(repr=False)
+
+    @classmethod
+    def from_tensors(cls, version: int, tensors: dict[str, torch.Tensor]) -> WeightBundle:
+        from safetensors.torch import save
+
+        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        return cls(version=version, payload=save(contiguous, metadata={"format": "pt", "odpo_weight_version": str(version)}))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(self.payload)
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return len(self.payload)

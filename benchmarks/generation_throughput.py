@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
 
-from actors.generator import Generator  # noqa: E402
+from actors.generator import HFGenerator  # noqa: E402
 from actors.models import TINY_LLAMA, builtin_tokenizer, materialize_builtin  # noqa: E402
 from actors.types import Prompt  # noqa: E402
 from orchestrator.config import GeneratorConfig  # noqa: E402
@@ -46,7 +46,7 @@ def build_model(size: str, dest: str) -> str:
 
 
 def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int) -> tuple[float, int, list]:
-    pool = ActorPool(f"bench-gen{actors}", Generator, actors, 1.0, 0.0,
+    pool = ActorPool(f"bench-gen{actors}", HFGenerator, actors, 1.0, 0.0,
                      lambda r: (cfg, model, model, "float32", 256, False, f"generator-{r}"), 60)
     ray.get([a.weight_version.remote() for a in pool.actors])  # engines built before the clock starts
     ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up
@@ -80,7 +80,7 @@ def main() -> None:
     chunks = make_chunks(0, prompts, cfg.chunk_size, seed=42)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.size, os.path.join(tmp, "policy"))
-        local = Generator(cfg, model, model, "float32", 256)  # 1 thread, as a 1-CPU actor has
+        local = HFGenerator(cfg, model, model, "float32", 256)  # 1 thread, as a 1-CPU actor has
         local.generate(chunks[0])  # warm-up
         start = time.perf_counter()
         local_results = [local.generate(c) for c in chunks]

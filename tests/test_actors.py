@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import chat_messages
 
-from actors.generator import Generator
+from actors.generator import HFGenerator
 from actors.learner import Learner
 from actors.models import load_tokenizer, materialize_builtin
 from actors.rewards import lowercase_ratio
@@ -28,9 +28,9 @@ def make_chunk(n_prompts: int = 3, seed: int = 7) -> PromptChunk:
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_policy_dir) -> Generator:
+def generator(tiny_policy_dir) -> HFGenerator:
     cfg = GeneratorConfig(n=4, temperatures=[1.0, 0.5], max_new_tokens=12, batch_size=5)
-    return Generator(cfg, tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=64)
+    return HFGenerator(cfg, tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=64)
 
 
 # -- generator ------------------------------------------------------------------------------------
@@ -62,20 +62,20 @@ def test_generator_is_seeded_per_chunk(generator):
 
 
 def test_generator_keeps_last_prompt_tokens(tiny_policy_dir):
-    gen = Generator(GeneratorConfig(n=2, max_new_tokens=4), tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=10)
+    gen = HFGenerator(GeneratorConfig(n=2, max_new_tokens=4), tiny_policy_dir, tiny_policy_dir, "float32", max_prompt_length=10)
     ro = gen.generate(make_chunk(1)).rollouts[0]
     full = gen.tokenizer(ro.prompt_text, add_special_tokens=False)["input_ids"]
     assert ro.prompt_ids == full[-10:]
 
 
 def test_generator_load_weights_replaces_weights_and_version(tiny_policy_dir, tmp_path):
-    gen = Generator(GeneratorConfig(n=2, max_new_tokens=8), tiny_policy_dir, tiny_policy_dir, "float32", 64)
+    gen = HFGenerator(GeneratorConfig(n=2, max_new_tokens=8), tiny_policy_dir, tiny_policy_dir, "float32", 64)
     other = materialize_builtin("builtin:tiny-llama", str(tmp_path / "other"), seed=123)
     from transformers import AutoModelForCausalLM
 
     new = AutoModelForCausalLM.from_pretrained(other).state_dict()
     before = gen.generate(make_chunk(seed=3))
-    assert gen.load_weights(WeightBundle(version=3, tensors=new)) == 3
+    assert gen.load_weights(WeightBundle.from_tensors(3, new)) == 3
     assert gen.weight_version() == 3
     current = gen.named_weights()
     assert all(torch.equal(current[k], new[k]) for k in new)
@@ -84,11 +84,11 @@ def test_generator_load_weights_replaces_weights_and_version(tiny_policy_dir, tm
     assert [r.token_ids for ro in before.rollouts for r in ro.responses] != \
         [r.token_ids for ro in after.rollouts for r in ro.responses]
     with pytest.raises(ValueError, match="older"):
-        gen.load_weights(WeightBundle(version=2, tensors=new))
+        gen.load_weights(WeightBundle.from_tensors(2, new))
     broken = dict(new)
     broken.pop("lm_head.weight")
     with pytest.raises(ValueError, match="does not match"):
-        gen.load_weights(WeightBundle(version=4, tensors=broken))
+        gen.load_weights(WeightBundle.from_tensors(4, broken))
 
 
 # -- scorer ---------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_learner_loss_equals_from_scratch_dpo(learner, tiny_policy_dir):
     pairs = fixed_pairs()
     first = learner.train_step(pairs, pairs[0], 4)
     assert first["loss"] / 4 == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before any step
-    moved = learner.export_weights(version=1).tensors
+    moved = learner.export_weights(version=1).tensors()
     second = learner.train_step(pairs, pairs[0], 4)
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
@@ -196,9 +196,9 @@ def test_learner_loss_equals_from_scratch_dpo(learner, tiny_policy_dir):
 
 def test_learner_steps_move_parameters_and_lower_loss(learner):
     pairs = fixed_pairs()
-    before = learner.export_weights(version=1).tensors
+    before = learner.export_weights(version=1).tensors()
     losses = [learner.train_step(pairs, pairs[0], 4)["loss"] / 4 for _ in range(6)]
-    after = learner.export_weights(version=2).tensors
+    after = learner.export_weights(version=2).tensors()
     assert losses[-1] < losses[0] - 0.05
     assert all(b > a for a, b in zip(losses[1:], losses))  # monotone on a fixed batch at this lr
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_actors import fixed_pairs, make_chunk
 
-from actors.generator import Generator
+from actors.generator import HFGenerator
 from actors.learner import Learner
 from orchestrator.config import GeneratorConfig, LearnerConfig
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_generator_runs_on_cuda(tiny_policy_dir):
-    gen = Generator(GeneratorConfig(n=4, max_new_tokens=8, gpus_per_actor=1), tiny_policy_dir, tiny_policy_dir,
+    gen = HFGenerator(GeneratorConfig(n=4, max_new_tokens=8, gpus_per_actor=1), tiny_policy_dir, tiny_policy_dir,
                     "bfloat16", 64)
     assert next(gen.model.parameters()).device.type == "cuda"
     out = gen.generate(make_chunk())
@@ -38,7 +38,7 @@ def test_bf16_learner_on_nccl_trains_and_syncs_to_cuda_generator(ray_cluster, ti
     learners = LearnerGroup(ActorPool("learner-gpu", Learner, 1, 1.0, 0.5,
                                       lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), 60))
     gen_cfg = GeneratorConfig(n=2, max_new_tokens=4, gpus_per_actor=0.5)
-    gens = ActorPool("generator-gpu", Generator, 1, 1.0, 0.5,
+    gens = ActorPool("generator-gpu", HFGenerator, 1, 1.0, 0.5,
                      lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"), 60)
     try:
         learners.setup()
@@ -49,7 +49,7 @@ def test_bf16_learner_on_nccl_trains_and_syncs_to_cuda_generator(ray_cluster, ti
         assert losses[-1] < losses[0]
         refs = learners.async_export_refs(version=1)
         assert ray.get(gens.actors[0].load_weights.remote(refs[0])) == 1
-        exported = ray.get(refs[0]).tensors
+        exported = ray.get(refs[0]).tensors()
         got = ray.get(gens.actors[0].named_weights.remote())
         assert all(exported[k].dtype == torch.bfloat16 and torch.equal(got[k], exported[k]) for k in exported)
     finally:

