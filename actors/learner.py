@@ -165,6 +165,17 @@ class Learner:
                 out[k] = t.to("cpu", copy=True) if to_cpu else t.clone()
         return out
 
+    def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
+        """Join the NCCL group with the vLLM engines (generator.weight_sync=nccl); every rank calls it."""
+        from actors.nccl_sync import NcclWeightSync
+
+        self.nccl_sync = NcclWeightSync(self.engine.module, self.cfg.zero_stage == 3, DTYPES[self.dtype], self.rank,
+                                        generators, tensor_parallel_size)
+
+    def send_weights_nccl(self) -> None:
+        """Broadcast the current weights into every engine (rank 0 sends, other ranks help gather)."""
+        self.nccl_sync.send()
+
     def export_weights(self, version: int) -> WeightBundle | None:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
         tensors = self._full_state_dict()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -62,6 +63,7 @@ class VLLMGenerator:
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             seed=0,
+            **({"weight_transfer_config": {"backend": "nccl"}} if cfg.weight_sync == "nccl" else {}),
         )
         # The first generate call pays one-off set-up costs; pay them here, not in round 0's timings.
         self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
@@ -79,6 +81,28 @@ class VLLMGenerator:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.version = bundle.version
         return self.version
+
+    # -- NCCL weight sync (generator.weight_sync=nccl, GPUs): vLLM's client calls these on our handle --------
+
+    def init_weight_transfer_engine(self, request: Any) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request: Any) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+
+    def set_weight_version(self, version: int) -> int:
+        """After an NCCL update: drop KV computed by the old weights and take the new version."""
+        if version < self.version:
+            raise ValueError(f"{self.name}: refusing weight version {version} older than {self.version}")
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
 
     def generate(self, chunk: PromptChunk) -> RolloutChunk:
         start = time.perf_counter()

@@ -26,8 +26,11 @@ from orchestrator.config import GeneratorConfig  # noqa: E402
 from orchestrator.pools import ActorPool  # noqa: E402
 from orchestrator.streaming import Dispatcher, make_chunks  # noqa: E402
 
-SIZES = {"tiny": TINY_LLAMA, "small": dict(TINY_LLAMA, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                           num_attention_heads=8, num_key_value_heads=4)}
+SIZES = {"tiny": TINY_LLAMA,
+         "small": dict(TINY_LLAMA, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=4),
+         "100m": dict(TINY_LLAMA, hidden_size=768, intermediate_size=2304, num_hidden_layers=14,
+                      num_attention_heads=12, num_key_value_heads=4)}
 
 
 def build_model(size: str, dest: str) -> str:
@@ -45,8 +48,9 @@ def build_model(size: str, dest: str) -> str:
     return dest
 
 
-def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int) -> tuple[float, int, list]:
-    pool = ActorPool(f"bench-gen{actors}", HFGenerator, actors, 1.0, 0.0,
+def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int, cls: type = HFGenerator,
+                 cpus: float = 1.0) -> tuple[float, int, list]:
+    pool = ActorPool(f"bench-{cls.__name__}-{actors}", cls, actors, cpus, 0.0,
                      lambda r: (cfg, model, model, "float32", 256, False, f"generator-{r}"), 60)
     ray.get([a.weight_version.remote() for a in pool.actors])  # engines built before the clock starts
     ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up

@@ -45,8 +45,13 @@ def run(cfg: OdpoConfig) -> str:
     try:
         generators, scorers, learners = build_pools(cfg, policy_path, tokenizer_path, reward_path,
                                                     tokenizer.pad_token_id, pools)
-        print(f"odpo: learner group of {cfg.learner.num_ranks} rank(s) ready ({learners.setup():,} parameters); "
-              f"{len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} scorer(s)", file=sys.stderr)
+        n_params = learners.setup()
+        nccl = cfg.generator.weight_sync == "nccl"
+        if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
+            learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
+        print(f"odpo: learner group of {cfg.learner.num_ranks} rank(s) ready ({n_params:,} parameters); "
+              f"{len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} scorer(s); "
+              f"weight sync: {cfg.generator.weight_sync}", file=sys.stderr)
         version, history = 0, []
         for r in range(cfg.run.rounds):
             round_start = time.perf_counter()
@@ -63,7 +68,7 @@ def run(cfg: OdpoConfig) -> str:
             progress.set_stage("sync")
             sync_start = time.perf_counter()
             export_refs = learners.async_export_refs(version + 1)
-            version = sync_weights(generators, export_refs, version + 1)
+            version = sync_weights(generators, learners, export_refs, version + 1, nccl)
             sync_s = time.perf_counter() - sync_start
 
             ckpt_start = time.perf_counter()
@@ -137,9 +142,15 @@ def planned_steps(num_prompts: int, cfg: OdpoConfig) -> int:
     return math.ceil(num_prompts / cfg.learner.global_batch_size) * cfg.learner.epochs
 
 
-def sync_weights(generators: ActorPool, export_refs: list[ray.ObjectRef], version: int) -> int:
-    """Every generator loads the one exported bundle (passed by reference) and reports its version."""
-    reported = ray.get([a.load_weights.remote(export_refs[0]) for a in generators.actors])
+def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: list[ray.ObjectRef], version: int,
+                 nccl: bool) -> int:
+    """Every generator loads the one exported bundle (passed by reference), or receives the NCCL broadcast,
+    and reports its version."""
+    if nccl:
+        ray.get(learners.async_send_nccl_refs())
+        reported = ray.get([a.set_weight_version.remote(version) for a in generators.actors])
+    else:
+        reported = ray.get([a.load_weights.remote(export_refs[0]) for a in generators.actors])
     ray.get(export_refs[1:])
     if any(v != version for v in reported):
         raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")

@@ -68,6 +68,12 @@ class LearnerGroup:
         w = len(self.ranks)
         return [r.train_step.remote(batch[i::w], batch[0], len(batch)) for i, r in enumerate(self.ranks)]
 
+    def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
+        ray.get([r.init_nccl_sync.remote(generators, tensor_parallel_size) for r in self.ranks])
+
+    def async_send_nccl_refs(self) -> list[ray.ObjectRef]:
+        return [r.send_weights_nccl.remote() for r in self.ranks]
+
     def async_export_refs(self, version: int) -> list[ray.ObjectRef]:
         """All ranks take part in the gather; refs[0] (rank 0) holds the bundle, in the object store once."""
         return [r.export_weights.remote(version) for r in self.ranks]

@@ -55,3 +55,42 @@ def test_bf16_learner_on_nccl_trains_and_syncs_to_cuda_generator(ray_cluster, ti
     finally:
         learners.pool.shutdown()
         gens.shutdown()
+
+
+def test_nccl_weight_sync_into_vllm_matches_the_learner(ray_cluster, tiny_policy_dir):
+    """generator.weight_sync=nccl: learner rank 0 (GPU 0) broadcasts into a vLLM engine (GPU 1); afterwards
+    the engine's greedy outputs equal transformers' for the learner's exported weights. Needs 2 GPUs: NCCL
+    refuses two ranks on one device."""
+    ray = ray_cluster
+    if ray.cluster_resources().get("GPU", 0) < 2:
+        pytest.skip("NCCL weight sync needs two GPUs (learner and engine on different devices)")
+    from actors.vllm_generator import VLLMGenerator
+
+    cfg = LearnerConfig(num_ranks=1, zero_stage=2, global_batch_size=4, micro_batch_size=2, lr=1e-2,
+                        warmup_ratio=0.0, gpus_per_rank=1)
+    learners = LearnerGroup(ActorPool("learner-nccl", Learner, 1, 1.0, 1.0,
+                                      lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), 60))
+    gen_cfg = GeneratorConfig(backend="vllm", n=2, temperatures=[0.0], max_new_tokens=8, gpus_per_actor=1,
+                              weight_sync="nccl")
+    gens = ActorPool("generator-nccl", VLLMGenerator, 1, 1.0, 1.0,
+                     lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"), 120)
+    try:
+        learners.setup()
+        learners.init_nccl_sync(gens.actors, 1)
+        learners.start_round(0, 10)
+        pairs = fixed_pairs()
+        for _ in range(3):
+            ray.get(learners.async_train_step_refs(pairs))
+        ray.get(learners.async_send_nccl_refs())
+        assert ray.get(gens.actors[0].set_weight_version.remote(1)) == 1
+        exported = ray.get(learners.async_export_refs(version=1)[0])
+        reference = HFGenerator(GeneratorConfig(n=2, temperatures=[0.0], max_new_tokens=8, gpus_per_actor=1),
+                                tiny_policy_dir, tiny_policy_dir, "bfloat16", 32)
+        reference.load_weights(exported)
+        chunk = make_chunk(4)
+        got = [[r.token_ids for r in ro.responses] for ro in ray.get(gens.actors[0].generate.remote(chunk)).rollouts]
+        want = [[r.token_ids for r in ro.responses] for ro in reference.generate(chunk).rollouts]
+        assert got == want
+    finally:
+        learners.pool.shutdown()
+        gens.shutdown()

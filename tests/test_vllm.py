@@ -116,3 +116,17 @@ def test_backend_choice_and_missing_vllm_message(monkeypatch):
     with pytest.raises(ConfigError, match="vllm is not installed") as e:
         load_config("configs/tiny.yaml", ["generator.backend=vllm"])
     assert e.value.key == "generator.backend"
+
+
+def test_nccl_weight_sync_needs_vllm_on_gpus(monkeypatch):
+    from conftest import REPO
+
+    from orchestrator.config import ConfigError, load_config
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match="nccl needs") as e:
+        load_config("configs/tiny.yaml", ["generator.weight_sync=nccl", "generator.backend=vllm"])
+    assert e.value.key == "generator.weight_sync"
+    cfg = load_config("configs/tiny.yaml", ["generator.weight_sync=nccl", "generator.backend=vllm",
+                                            "generator.gpus_per_actor=1", "learner.gpus_per_rank=1"])
+    assert cfg.generator.weight_sync == "nccl"
