@@ -87,6 +87,9 @@ class HFGenerator:
         self.model.to(self.device)
         self.version = 0
 
+    def ready(self) -> str:
+        return self.name
+
     def weight_version(self) -> int:
         return self.version
 

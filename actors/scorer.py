@@ -47,6 +47,9 @@ class Scorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
 
+    def ready(self) -> str:
+        return self.name
+
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
         start = time.perf_counter()
         items = [(ro.prompt.messages, r.text) for ro in chunk.rollouts for r in ro.responses]

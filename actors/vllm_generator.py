@@ -70,6 +70,9 @@ class VLLMGenerator:
                           self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
         self.version = 0
 
+    def ready(self) -> str:
+        return self.name
+
     def weight_version(self) -> int:
         return self.version
 

@@ -46,6 +46,8 @@ def run(cfg: OdpoConfig) -> str:
         generators, scorers, learners = build_pools(cfg, policy_path, tokenizer_path, reward_path,
                                                     tokenizer.pad_token_id, pools)
         n_params = learners.setup()
+        generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
+        scorers.wait_ready()
         nccl = cfg.generator.weight_sync == "nccl"
         if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
             learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
@@ -189,7 +191,9 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "timing/generate_span": stream.generate_span_s,
         "stream/first_scored_s": stream.first_scored_s, "stream/first_train_s": stream.first_train_s,
         "stream/overlap": (sum(stream.busy.values()) / stream.wall_s) if stream.wall_s else float("nan"),
-        "gen/actors_used": len(stream.chunks_by_actor),
+        "gen/actors_used": len(stream.chunks_by_actor), "stream/chunks": stream.chunks,
+        "stream/dispatched_at_first_score": stream.dispatched_at_first_score,
+        "stream/released_at_first_train": stream.released_at_first_train,
     }
 
 

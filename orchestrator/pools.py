@@ -41,6 +41,10 @@ class ActorPool:
             for rank in range(size)
         ]
 
+    def wait_ready(self) -> None:
+        """Block until every actor's constructor has finished (model loaded, engine built)."""
+        ray.get([a.ready.remote() for a in self.actors])
+
     def __len__(self) -> int:
         return len(self.actors)
 

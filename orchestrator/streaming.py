@@ -44,6 +44,11 @@ class RoundStream:
     first_train_s: float = float("nan")
     """Seconds from round start until the first global batch went to the learner."""
     chunks_by_actor: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    dispatched_at_first_score: int = 0
+    """Chunks sent to generators when the first chunk went to a scorer (< chunks: scoring did not wait)."""
+    released_at_first_train: int = 0
+    """Scored chunks released when the first global batch went to the learner (< chunks: training did not wait)."""
 
 
 class Dispatcher:
@@ -87,7 +92,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor)
     score = Dispatcher(scorers, cfg.scorer.max_inflight_per_actor)
     chunks = deque(make_chunks(round_index, prompts, cfg.generator.chunk_size, cfg.run.seed))
-    total_chunks = len(chunks)
+    total_chunks = out.chunks = len(chunks)
     to_score: deque[tuple[ray.ObjectRef, int]] = deque()
     scored: dict[int, ScoredChunk] = {}
     next_release, batch_size = 0, cfg.learner.global_batch_size
@@ -98,6 +103,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     def submit_train(batch: list[Pair]) -> None:
         if not out.steps and not training:
             out.first_train_s = time.perf_counter() - start
+            out.released_at_first_train = next_release
         training.append(learners.async_train_step_refs(batch))
 
     while True:
@@ -105,6 +111,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             c = chunks.popleft()
             gen.submit(lambda a, c=c: a.generate.remote(c), len(c.prompts))
         while to_score and score.has_room():
+            if not score.inflight and not scored and next_release == 0:
+                out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, n = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), n)
         while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT:
