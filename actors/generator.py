@@ -19,7 +19,7 @@ import time
 import torch
 
 from actors.models import load_causal_lm, load_tokenizer, prepare_worker, render_prompt
-from actors.types import PromptChunk, Response, Rollout, RolloutChunk, WeightBundle
+from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 from orchestrator.config import GeneratorConfig
 
 
@@ -74,7 +74,32 @@ def build_chunk(chunk: PromptChunk, texts: list[str], ids: list[list[int]], resp
                         actor=actor, seconds=time.perf_counter() - start, new_tokens=new_tokens)
 
 
-class HFGenerator:
+class GeneratorBase:
+    """What the pool and the driver call on every backend besides `generate` and `load_weights`."""
+
+    name: str
+    version: int = 0
+
+    def ready(self) -> str:
+        return self.name
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def generate_with_meta(self, chunk: PromptChunk) -> tuple[RolloutMeta, RolloutChunk]:
+        """Called with num_returns=2 by the driver: it reads the meta, the scorer gets the rollouts."""
+        out = self.generate(chunk)  # type: ignore[attr-defined]
+        return RolloutMeta.of(out), out
+
+    def process_ids(self) -> list[int]:
+        """This actor's pid and its child processes (for checks that nothing outlives the actor)."""
+        import psutil
+
+        me = psutil.Process()
+        return [me.pid] + [c.pid for c in me.children(recursive=True)]
+
+
+class HFGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
         prepare_worker(cfg.cpus_per_actor)
@@ -86,12 +111,6 @@ class HFGenerator:
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
         self.version = 0
-
-    def ready(self) -> str:
-        return self.name
-
-    def weight_version(self) -> int:
-        return self.version
 
     def load_weights(self, bundle: WeightBundle) -> int:
         """Copy the learner's full state dict into this engine in place; returns the new version."""

@@ -8,6 +8,7 @@ partial last batch trains exactly its real pairs.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -23,10 +24,11 @@ from orchestrator.config import LearnerConfig
 
 class Learner:
     def __init__(self, cfg: LearnerConfig, policy_path: str, dtype: str, rank: int, world_size: int,
-                 pad_id: int, trust_remote_code: bool = False):
+                 pad_id: int, trust_remote_code: bool = False, reference_path: str | None = None):
         prepare_worker(cfg.cpus_per_rank)
         self.cfg = cfg
         self.policy_path = policy_path
+        self.reference_path = reference_path or policy_path
         self.dtype = dtype
         self.rank = rank
         self.world_size = world_size
@@ -60,7 +62,7 @@ class Learner:
                                    world_size=self.world_size, verbose=False)
         device = torch.device("cuda", 0) if self.use_cuda else torch.device("cpu")
         # The reference is loaded before HfDeepSpeedConfig exists, so it is never ZeRO-3-partitioned.
-        self.reference = load_causal_lm(self.policy_path, self.dtype, self.trust_remote_code).to(device).eval()
+        self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code).to(device).eval()
         self.reference.requires_grad_(False)
 
         ds_config = self.deepspeed_config()
@@ -104,6 +106,34 @@ class Learner:
         if self.cfg.reference == "previous" and round_index > 0:
             self.reference.load_state_dict(self._full_state_dict(to_cpu=False))
 
+    def ready(self) -> str:
+        return f"learner-{self.rank}"
+
+    def optimizer_state(self) -> bytes:
+        """This rank's AdamW state (its ZeRO partition) as safetensors, for resuming with
+        reset_optimizer_each_round=false. Never pickled."""
+        from safetensors.torch import save
+
+        opt = _innermost_optimizer(self.optimizer)
+        tensors = {}
+        for g, group in enumerate(opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                for key, value in opt.state.get(p, {}).items():
+                    tensors[f"{g}.{j}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        return save(tensors)
+
+    def load_optimizer_state(self, payload: bytes) -> int:
+        from safetensors.torch import load
+
+        opt = _innermost_optimizer(self.optimizer)
+        params = {f"{g}.{j}": p for g, group in enumerate(opt.param_groups) for j, p in enumerate(group["params"])}
+        loaded = load(payload)
+        for name, value in loaded.items():
+            g, j, key = name.split(".", 2)
+            p = params[f"{g}.{j}"]
+            opt.state.setdefault(p, {})[key] = value.to(p.device) if value.dim() else value
+        return len(loaded)
+
     def train_step(self, pairs: list[Pair], pad: Pair, batch_pairs: int) -> dict:
         """One optimizer step over this rank's `pairs` of a global batch of `batch_pairs` pairs.
 
@@ -127,6 +157,10 @@ class Learner:
         for k in range(self.gas):
             micro, w = padded[k * m: (k + 1) * m], weights[k * m: (k + 1) * m].to(self.device)
             losses, chosen_r, rejected_r = self._pair_losses(micro)
+            if not torch.isfinite(losses).all():
+                bad = sorted({p.uid for p, x in zip(micro, losses.tolist()) if not math.isfinite(x)})
+                raise FloatingPointError(f"non-finite DPO loss for prompt uid(s) {bad} at optimizer step "
+                                         f"{self.step_in_round} of the round; stopping before the update")
             self.engine.backward((losses * w).sum() * scale)
             self.engine.step()
             sums["loss"] += float((losses.detach() * w).sum())
@@ -151,8 +185,9 @@ class Learner:
 
     # -- weights out --------------------------------------------------------------------------------
 
-    def _full_state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
-        """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype."""
+    def _full_state_dict(self, to_cpu: bool = True, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype; ranks that
+        only help the gather (`keep=False`) copy nothing."""
         import deepspeed
 
         module = self.engine.module
@@ -160,7 +195,7 @@ class Learner:
         enabled = self.cfg.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
             out = {}
-            for k, v in module.state_dict().items():
+            for k, v in (module.state_dict().items() if keep else ()):
                 t = v.detach().to(DTYPES[self.dtype])
                 out[k] = t.to("cpu", copy=True) if to_cpu else t.clone()
         return out
@@ -178,7 +213,7 @@ class Learner:
 
     def export_weights(self, version: int) -> WeightBundle | None:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
-        tensors = self._full_state_dict()
+        tensors = self._full_state_dict(keep=self.rank == 0)
         return WeightBundle.from_tensors(version, tensors) if self.rank == 0 else None
 
 

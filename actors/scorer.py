@@ -44,11 +44,19 @@ class Scorer:
         self.tokenizer = load_tokenizer(cfg.tokenizer or location, cfg.trust_remote_code)
         self.tokenizer.truncation_side = "left"  # the recipe keeps the end of long conversations
         self.model = load_reward_model(location, cfg.dtype, cfg.trust_remote_code).eval()
+        # The score is read at the last non-pad token: the model must know the tokenizer's pad id.
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
 
     def ready(self) -> str:
         return self.name
+
+    def process_ids(self) -> list[int]:
+        import psutil
+
+        me = psutil.Process()
+        return [me.pid] + [c.pid for c in me.children(recursive=True)]
 
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
         start = time.perf_counter()

@@ -61,6 +61,24 @@ class RolloutChunk:
 
 
 @dataclass
+class RolloutMeta:
+    """The small half of a generation result: the driver reads it (it raises if the actor died) and checks
+    the version, while the rollouts themselves go to a scorer by reference."""
+
+    chunk_id: int
+    actor: str
+    weight_version: int
+    prompts: int
+    new_tokens: int
+    seconds: float
+
+    @classmethod
+    def of(cls, chunk: RolloutChunk) -> RolloutMeta:
+        return cls(chunk.chunk_id, chunk.actor, chunk.weight_version, len(chunk.rollouts), chunk.new_tokens,
+                   chunk.seconds)
+
+
+@dataclass
 class ScoredChunk:
     rollouts: RolloutChunk
     scores: list[list[float]]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from actors.generator import PromptRenderer, build_chunk
+from actors.generator import GeneratorBase, PromptRenderer, build_chunk
 from actors.models import load_tokenizer, prepare_worker
 from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 from orchestrator.config import GeneratorConfig
@@ -36,7 +36,7 @@ def _reload_from_safetensors(worker, payload: bytes) -> int:
     return len(tensors)
 
 
-class VLLMGenerator:
+class VLLMGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
         prepare_worker(cfg.cpus_per_actor)
@@ -69,12 +69,6 @@ class VLLMGenerator:
         self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
                           self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
         self.version = 0
-
-    def ready(self) -> str:
-        return self.name
-
-    def weight_version(self) -> int:
-        return self.version
 
     def load_weights(self, bundle: WeightBundle) -> int:
         """Reload the engine's weights in place from the learner's payload; returns the new version."""
@@ -130,10 +124,3 @@ class VLLMGenerator:
         for (i, temperature), out in zip(owners, outputs):
             responses[i].extend(self.renderer.response(list(c.token_ids), temperature) for c in out.outputs)
         return build_chunk(chunk, texts, ids, responses, self.version, self.name, start)
-
-    def process_ids(self) -> list[int]:
-        """This actor's pid and its child processes (for checks that nothing outlives the actor)."""
-        import psutil
-
-        me = psutil.Process()
-        return [me.pid] + [c.pid for c in me.children(recursive=True)]

@@ -37,7 +37,10 @@ class RunConfig:
     output_dir: str = "runs"
     """Parent directory of run directories."""
     overwrite: bool = False
-    """Replace an existing run directory of the same name instead of stopping."""
+    """Replace an existing run directory of the same name instead of resuming it."""
+    resume: bool = True
+    """Continue an existing run directory of the same name from its last completed round (driver died, job
+    re-submitted). Off: an existing run directory stops the run."""
     rounds: int = 3
     """Number of online iterations (generate -> score -> pair -> train -> sync)."""
     seed: int = 42
@@ -54,6 +57,8 @@ class RayConfig:
     """Start the Ray dashboard with the local cluster (ignored when joining a cluster)."""
     placement_timeout_s: float = 120.0
     """Seconds to wait for a pool's placement group before stopping with what was asked and what exists."""
+    dashboard_host: str = "127.0.0.1"
+    """Address the local cluster's dashboard and job server bind to (0.0.0.0 exposes them to the network)."""
 
 
 @dataclass
@@ -81,7 +86,12 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the dataset once, seeded with `run.seed`, before splitting it into rounds."""
     max_prompt_length: int = 1000
-    """Prompt tokens kept after the chat template (longer prompts keep their last tokens)."""
+    """Prompt tokens allowed after the chat template."""
+    overlong_prompt: str = "truncate"
+    """A prompt longer than max_prompt_length: `truncate` (keep its last tokens, counted), `skip` (counted as a
+    drop) or `error` (stop before Ray starts, naming the row)."""
+    bad_prompt: str = "error"
+    """An empty or malformed prompt: `error` (stop before Ray starts, naming the row) or `skip` (counted)."""
 
 
 @dataclass
@@ -122,6 +132,11 @@ class GeneratorConfig:
     """vLLM on GPUs: GPUs per engine (set gpus_per_actor to the same number)."""
     enforce_eager: bool | None = None
     """vLLM: skip CUDA graphs / compilation (null: true on CPU, false on GPU)."""
+    max_restarts: int = 3
+    """Generator actors that may die or hang per run before the run stops; each is replaced, loads the
+    current weights, and its chunks are dispatched again."""
+    call_timeout_s: float = 1800.0
+    """Seconds a generator may hold work without finishing a chunk before it counts as hung (then replaced)."""
     weight_sync: str = "object_store"
     """How weights reach the generators: `object_store` (portable: one payload in Ray's object store, reloaded
     in place) or `nccl` (vLLM on GPUs: broadcast from learner rank 0 over NCCL, no host round trip)."""
@@ -153,6 +168,10 @@ class ScorerConfig:
     """Chunks queued at one scorer at once."""
     trust_remote_code: bool = False
     """Allow custom model code shipped with the reward model."""
+    max_restarts: int = 3
+    """Scorer actors that may die or hang per run before the run stops (each is replaced, its chunks redone)."""
+    call_timeout_s: float = 600.0
+    """Seconds a scorer may hold work without finishing a chunk before it counts as hung (then replaced)."""
 
 
 @dataclass
@@ -190,7 +209,8 @@ class LearnerConfig:
     epochs: int = 2
     """Passes over each round's pairs (the recipe: 2). The first pass streams; later ones replay."""
     reset_optimizer_each_round: bool = True
-    """Fresh AdamW state and schedule each round, as the recipe's one-process-per-round training does."""
+    """Fresh AdamW state each round, as the recipe's one-process-per-round training does (false keeps the
+    moments, saved with each checkpoint for resume). The warmup + cosine schedule restarts every round."""
     loss: str = "sigmoid"
     """DPO loss: `sigmoid` (DPO) or `ipo`."""
     beta: float = 0.1
@@ -207,6 +227,11 @@ class LearnerConfig:
     """Recompute activations in backward to save memory (the recipe: on)."""
     dist_timeout_s: float = 1800.0
     """Timeout of collective operations between learner ranks."""
+    step_timeout_s: float = 3600.0
+    """Seconds one optimizer step (or the set-up, or the weight export) may take before the group counts as hung."""
+    max_round_retries: int = 1
+    """Times a round is retried from the last completed round's checkpoint after the learner group dies or
+    hangs, before the run stops."""
 
 
 @dataclass
@@ -365,6 +390,15 @@ def validate(cfg: OdpoConfig) -> None:
                  "data.path", f"path does not exist: {d.path}")
     _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    _require(d.overlong_prompt in ("truncate", "skip", "error"), "data.overlong_prompt", "truncate, skip or error")
+    _require(d.bad_prompt in ("error", "skip"), "data.bad_prompt", "error or skip")
+    for key, value in (("generator.max_restarts", g.max_restarts), ("scorer.max_restarts", s.max_restarts),
+                       ("learner.max_round_retries", cfg.learner.max_round_retries)):
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key, value in (("generator.call_timeout_s", g.call_timeout_s), ("scorer.call_timeout_s", s.call_timeout_s),
+                       ("learner.step_timeout_s", cfg.learner.step_timeout_s), ("ray.placement_timeout_s",
+                       cfg.ray.placement_timeout_s)):
+        _require(value > 0, key, f"must be > 0, got {value}")
 
     _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")
     if g.backend == "vllm":
@@ -376,6 +410,13 @@ def validate(cfg: OdpoConfig) -> None:
     _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
              "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
     _require(g.tensor_parallel_size >= 1, "generator.tensor_parallel_size", "must be >= 1")
+    _require(g.tensor_parallel_size == 1 or g.gpus_per_actor == g.tensor_parallel_size, "generator.tensor_parallel_size",
+             f"an engine over {g.tensor_parallel_size} GPUs needs generator.gpus_per_actor={g.tensor_parallel_size}")
+    _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
+             "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
+             f"{d.max_prompt_length + g.max_new_tokens}, got {g.max_model_len}")
+    _require(any(t > 0 for t in g.temperatures), "generator.temperatures",
+             "at least one must be > 0: greedy samples of one prompt are identical and never form a pair")
     _require(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization", "must be in (0, 1]")
     _require(g.cpu_kvcache_gib >= 1, "generator.cpu_kvcache_gib", "must be >= 1")
     _require(g.num_actors >= 1, "generator.num_actors", "must be >= 1")
@@ -405,7 +446,10 @@ def validate(cfg: OdpoConfig) -> None:
         check_model_location("scorer.model_path", s.model_path, BUILTIN_MODELS)
     _require(s.dtype in DTYPES, "scorer.dtype", f"one of {DTYPES}")
     _require(s.num_actors >= 1, "scorer.num_actors", "must be >= 1")
-    _require(s.batch_size >= 1 and s.max_length >= 2, "scorer.batch_size", "batch_size >= 1 and max_length >= 2")
+    _require(s.batch_size >= 1, "scorer.batch_size", "must be >= 1")
+    _require(s.max_length >= 2, "scorer.max_length", "must be >= 2")
+    if s.tokenizer is not None:
+        check_model_location("scorer.tokenizer", s.tokenizer, ("byt5",))
     _require(s.max_inflight_per_actor >= 1, "scorer.max_inflight_per_actor", "must be >= 1")
 
     _require(p.strategy in PAIR_STRATEGIES, "pairs.strategy", f"one of {PAIR_STRATEGIES}, got {p.strategy!r}")
@@ -414,6 +458,9 @@ def validate(cfg: OdpoConfig) -> None:
              "only used by strategy max_min_p; set pairs.strategy=max_min_p or leave it 0")
 
     _require(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+    _require(lr.gpus_per_rank in (0, 1) or lr.num_ranks == 1 and lr.gpus_per_rank < 1, "learner.gpus_per_rank",
+             f"a rank drives one GPU: 0 (CPU) or 1{' (or a fraction with a single rank)' if lr.num_ranks == 1 else ''}, "
+             f"got {lr.gpus_per_rank}")
     _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"0, 1, 2 or 3, got {lr.zero_stage}")
     _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
     per_step = lr.num_ranks * lr.micro_batch_size

@@ -56,7 +56,11 @@ def to_messages(value: object, row: int, field_name: str) -> Messages:
 
 
 class PromptSource:
-    """The dataset shuffled once with the run seed; round k takes the k-th slice of `prompts_per_round`."""
+    """The dataset shuffled once with the run seed; round k takes the k-th slice of `prompts_per_round`.
+
+    Every prompt is checked before Ray starts. Skipped prompts (data.bad_prompt=skip,
+    data.overlong_prompt=skip) are counted as drops of the round whose slice they were in.
+    """
 
     def __init__(self, cfg: DataConfig, seed: int, rounds: int):
         ds = load_dataset_any(cfg.path, cfg.split)
@@ -68,10 +72,44 @@ class PromptSource:
                               f"{needed}, but {cfg.path} has {len(ds)} rows")
         order = np.random.default_rng(seed).permutation(len(ds)) if cfg.shuffle else np.arange(len(ds))
         self.order = order[:needed].tolist()
-        values = ds.select(self.order)[cfg.prompt_field]
-        self.prompts = [Prompt(uid=int(uid), messages=to_messages(v, int(uid), cfg.prompt_field))
-                        for uid, v in zip(self.order, values)]
         self.per_round = cfg.prompts_per_round
+        self.drops: list[dict[str, int]] = [{"bad_prompt": 0, "overlong": 0} for _ in range(rounds)]
+        self.truncated = [0] * rounds
+        values = ds.select(self.order)[cfg.prompt_field]
+        self.rounds: list[list[Prompt]] = [[] for _ in range(rounds)]
+        for k, (uid, value) in enumerate(zip(self.order, values)):
+            try:
+                self.rounds[k // self.per_round].append(Prompt(uid=int(uid), messages=to_messages(value, int(uid), cfg.prompt_field)))
+            except ValueError:
+                if cfg.bad_prompt == "error":
+                    raise
+                self.drops[k // self.per_round]["bad_prompt"] += 1
+
+    def check_lengths(self, tokenizer, cfg: DataConfig) -> None:
+        """Render every prompt with the policy's chat template; act on those over max_prompt_length."""
+        from actors.models import render_prompt
+
+        for r, prompts in enumerate(self.rounds):
+            kept = []
+            for p in prompts:
+                n = len(tokenizer(render_prompt(tokenizer, p.messages), add_special_tokens=False)["input_ids"])
+                if n <= cfg.max_prompt_length:
+                    kept.append(p)
+                elif cfg.overlong_prompt == "error":
+                    raise ValueError(f"data row {p.uid}: the prompt is {n} tokens after the chat template, over "
+                                     f"data.max_prompt_length={cfg.max_prompt_length} (set data.overlong_prompt to "
+                                     "truncate or skip)")
+                elif cfg.overlong_prompt == "skip":
+                    self.drops[r]["overlong"] += 1
+                else:
+                    self.truncated[r] += 1  # the generators keep its last max_prompt_length tokens
+                    kept.append(p)
+            self.rounds[r] = kept
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """Every kept prompt of every round, in order."""
+        return [p for r in self.rounds for p in r]
 
     def round_prompts(self, round_index: int) -> list[Prompt]:
-        return self.prompts[round_index * self.per_round: (round_index + 1) * self.per_round]
+        return self.rounds[round_index]

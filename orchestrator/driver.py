@@ -24,7 +24,7 @@ from actors.scorer import Scorer
 from orchestrator.config import OdpoConfig
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir
-from orchestrator.pools import ActorPool, LearnerGroup
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup
 from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 
@@ -33,56 +33,52 @@ WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS
 
 
 def run(cfg: OdpoConfig) -> str:
-    """Run every round of online iterative DPO; returns the run directory."""
+    """Run (or resume) every round of online iterative DPO; returns the run directory."""
     quiet_libraries()
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)  # bad data stops us before Ray starts
-    out = RunDir(cfg)
+    out = RunDir(cfg)  # a new run directory, or one to resume after its `out.completed` rounds
     policy_path, tokenizer_path, reward_path = resolve_models(cfg, out)
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
+    source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
     out.save_policy_files(policy_path, tokenizer)
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
-        generators, scorers, learners = build_pools(cfg, policy_path, tokenizer_path, reward_path,
-                                                    tokenizer.pad_token_id, pools)
-        n_params = learners.setup()
+        generators, scorers = build_rollout_pools(cfg, policy_path, tokenizer_path, reward_path, pools)
+        learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools)
+        version = out.completed  # weight version = rounds done
+        if version:
+            print(f"odpo: resuming {out.path} after round {version - 1}", file=sys.stderr)
+            generators.weights_ref = ray.put(out.read_checkpoint(version - 1, version))
+            ray.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors])
         generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
         scorers.wait_ready()
         nccl = cfg.generator.weight_sync == "nccl"
         if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
             learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
-        print(f"odpo: learner group of {cfg.learner.num_ranks} rank(s) ready ({n_params:,} parameters); "
-              f"{len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} scorer(s); "
-              f"weight sync: {cfg.generator.weight_sync}", file=sys.stderr)
-        version, history = 0, []
-        for r in range(cfg.run.rounds):
-            round_start = time.perf_counter()
-            prompts = source.round_prompts(r)
-            progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
-            learners.start_round(r, planned_steps(len(prompts), cfg))
-
-            stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
-            progress.set_stage("epochs")
-            replay_start = time.perf_counter()
-            replay = replay_epochs(stream.pairs, cfg, r, learners, progress)
-            replay_s = time.perf_counter() - replay_start
-
-            progress.set_stage("sync")
-            sync_start = time.perf_counter()
-            export_refs = learners.async_export_refs(version + 1)
-            version = sync_weights(generators, learners, export_refs, version + 1, nccl)
-            sync_s = time.perf_counter() - sync_start
-
-            ckpt_start = time.perf_counter()
-            out.write_checkpoint(r, ray.get(export_refs[0]))
-            out.write_pairs(r, stream.pairs)
-            ckpt_s = time.perf_counter() - ckpt_start
-
-            metrics = round_metrics(r, version, stream, replay, replay_s, sync_s, ckpt_s,
-                                    time.perf_counter() - round_start)
-            out.log_metrics(metrics)
+        print(f"odpo: {len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} "
+              f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}",
+              file=sys.stderr)
+        history = out.history()
+        for r in range(out.completed, cfg.run.rounds):
+            for attempt in range(cfg.learner.max_round_retries + 1):
+                try:
+                    metrics, pairs, bundle_ref = run_round(r, version, cfg, source, generators, scorers, learners, nccl)
+                    break
+                except LearnerFailure as e:
+                    if attempt == cfg.learner.max_round_retries or nccl:
+                        raise RuntimeError(f"round {r}: {e}; learner.max_round_retries="
+                                           f"{cfg.learner.max_round_retries} spent" + (
+                                               " (retries need weight_sync=object_store)" if nccl else "")) from e
+                    print(f"odpo: round {r}: {e}; retrying the round from the last checkpoint "
+                          f"({attempt + 1}/{cfg.learner.max_round_retries})", file=sys.stderr)
+                    pools.remove(learners.pool)
+                    learners.pool.shutdown()
+                    learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools, attempt + 1)
+            version += 1
+            metrics["faults/learner_retries"] = attempt
+            commit_round(r, cfg, out, learners, ray.get(bundle_ref), pairs, metrics)
             history.append(metrics)
-            progress.close()
         print(format_table(history))
         print(f"odpo: run directory {out.path}")
         return out.path
@@ -94,19 +90,68 @@ def run(cfg: OdpoConfig) -> str:
             ray.shutdown()
 
 
+def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
+              scorers: ActorPool, learners: LearnerGroup, nccl: bool) -> tuple[dict, list, ray.ObjectRef]:
+    """One round: stream, replay epochs, sync the new weights to the generators. Returns the round's
+    metrics, pairs and the new weights (a ref)."""
+    round_start = time.perf_counter()
+    prompts = source.round_prompts(r)
+    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
+    learners.start_round(r, planned_steps(len(prompts), cfg))
+
+    stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
+    progress.set_stage("epochs")
+    replay_start = time.perf_counter()
+    replay = replay_epochs(stream.pairs, cfg, r, learners, progress)
+    replay_s = time.perf_counter() - replay_start
+
+    progress.set_stage("sync")
+    sync_start = time.perf_counter()
+    export_refs = learners.async_export_refs(version + 1)
+    learners.get(export_refs, "the weight export")
+    sync_weights(generators, learners, export_refs, version + 1, nccl)
+    sync_s = time.perf_counter() - sync_start
+    progress.close()
+    metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start)
+    for reason, count in source.drops[r].items():  # prompts skipped before Ray started count as drops too
+        metrics[f"drop/{reason}"] = count
+        metrics["prompts/count"] += count
+    metrics["prompts/truncated"] = source.truncated[r]
+    return metrics, stream.pairs, export_refs[0]
+
+
+def commit_round(r: int, cfg: OdpoConfig, out: RunDir, learners: LearnerGroup, bundle, pairs: list,
+                 metrics: dict) -> None:
+    """Checkpoint, pairs, metrics, then state.json: a round counts as done only once all are in place."""
+    start = time.perf_counter()
+    ckpt = out.write_checkpoint(r, bundle)
+    if not cfg.learner.reset_optimizer_each_round:  # the next round continues AdamW's moments
+        save_optimizer_states(ckpt, learners.optimizer_states())
+    out.write_pairs(r, pairs)
+    metrics["timing/checkpoint"] = time.perf_counter() - start
+    out.log_metrics(metrics)
+    out.commit(cfg, r + 1)
+
+
 def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     """Builtin models are built once, here, into the run directory; everything loads from a path."""
+    def built(location: str, name: str, seed: int) -> str:
+        dest = out.sub("base_models", name)
+        return dest if os.path.exists(os.path.join(dest, "config.json")) else materialize_builtin(location, dest, seed)
+
     policy = cfg.policy.path
     if is_builtin(policy):
-        policy = materialize_builtin(policy, out.sub("base_models", "policy"), cfg.run.seed)
+        policy = built(policy, "policy", cfg.run.seed)
     reward = cfg.scorer.model_path if cfg.scorer.type == "reward_model" else None
     if reward is not None and is_builtin(reward):
-        reward = materialize_builtin(reward, out.sub("base_models", "reward"), cfg.run.seed + 1)
+        reward = built(reward, "reward", cfg.run.seed + 1)
     return policy, cfg.policy.tokenizer or policy, reward
 
 
 def start_ray(cfg: OdpoConfig) -> bool:
-    """Join or start a cluster; False when Ray was already initialised by the caller."""
+    """Join or start a cluster; False when Ray was already initialised by the caller.
+
+    A local cluster keeps Ray's token authentication on and binds its dashboard to ray.dashboard_host."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
@@ -118,25 +163,57 @@ def start_ray(cfg: OdpoConfig) -> bool:
         needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
                            + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor
                            + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
-        ray.init(num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
-                 include_dashboard=cfg.ray.include_dashboard, runtime_env={"env_vars": env})
+        ray.init(address="local",  # a new cluster even if RAY_ADDRESS or a running one is around
+                 num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+                 include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+                 runtime_env={"env_vars": env})
     return True
 
 
-def build_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, reward_path: str | None, pad_id: int,
-                pools: list[ActorPool]) -> tuple[ActorPool, ActorPool, LearnerGroup]:
-    """Three pools, each in its own placement group; each actor gets only its own config section."""
-    g, s, lc, p = cfg.generator, cfg.scorer, cfg.learner, cfg.policy
+def build_rollout_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, reward_path: str | None,
+                        pools: list[ActorPool]) -> tuple[ActorPool, ActorPool]:
+    """Generator and scorer pools, each in its own placement group; each actor gets only its own section."""
+    g, s, p = cfg.generator, cfg.scorer, cfg.policy
     timeout = cfg.ray.placement_timeout_s
-    pools.append(ActorPool("learner", Learner, lc.num_ranks, lc.cpus_per_rank, lc.gpus_per_rank,
-                           lambda r: (lc, policy_path, p.dtype, r, lc.num_ranks, pad_id, p.trust_remote_code),
-                           timeout))
     pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
                            lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
-                                      p.trust_remote_code, f"generator-{r}"), timeout))
+                                      p.trust_remote_code, f"generator-{r}"), timeout, g.max_restarts))
     pools.append(ActorPool("scorer", Scorer, s.num_actors, s.cpus_per_actor, s.gpus_per_actor,
-                           lambda r: (s, reward_path, f"scorer-{r}"), timeout))
-    return pools[1], pools[2], LearnerGroup(pools[0])
+                           lambda r: (s, reward_path, f"scorer-{r}"), timeout, s.max_restarts))
+    return pools[-2], pools[-1]
+
+
+def build_learners(cfg: OdpoConfig, out: RunDir, initial_policy: str, pad_id: int, pools: list[ActorPool],
+                   incarnation: int = 0) -> LearnerGroup:
+    """The learner group, starting from the last committed round's checkpoint (or the initial policy)."""
+    lc, p = cfg.learner, cfg.policy
+    policy = out.checkpoint_dir(out.completed - 1) if out.completed else initial_policy
+    reference = policy if lc.reference == "previous" else initial_policy
+    pool = ActorPool("learner", Learner, lc.num_ranks, lc.cpus_per_rank, lc.gpus_per_rank,
+                     lambda r: (lc, policy, p.dtype, r, lc.num_ranks, pad_id, p.trust_remote_code, reference),
+                     cfg.ray.placement_timeout_s, incarnation=incarnation)
+    pools.append(pool)
+    learners = LearnerGroup(pool, lc.step_timeout_s)
+    learners.setup()
+    if out.completed and not lc.reset_optimizer_each_round:
+        learners.load_optimizer_states(load_optimizer_states(policy, lc.num_ranks))
+    return learners
+
+
+def save_optimizer_states(checkpoint: str, payloads: list[bytes]) -> None:
+    os.makedirs(os.path.join(checkpoint, "optimizer"), exist_ok=True)
+    for rank, payload in enumerate(payloads):
+        with open(os.path.join(checkpoint, "optimizer", f"rank_{rank}.safetensors"), "wb") as f:
+            f.write(payload)
+
+
+def load_optimizer_states(checkpoint: str, ranks: int) -> list[bytes]:
+    paths = [os.path.join(checkpoint, "optimizer", f"rank_{r}.safetensors") for r in range(ranks)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"cannot restore AdamW state: {missing[0]} is missing (saved only with "
+                                "learner.reset_optimizer_each_round=false and the same learner.num_ranks)")
+    return [open(p, "rb").read() for p in paths]
 
 
 def planned_steps(num_prompts: int, cfg: OdpoConfig) -> int:
@@ -145,22 +222,28 @@ def planned_steps(num_prompts: int, cfg: OdpoConfig) -> int:
 
 
 def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: list[ray.ObjectRef], version: int,
-                 nccl: bool) -> int:
+                 nccl: bool) -> None:
     """Every generator loads the one exported bundle (passed by reference), or receives the NCCL broadcast,
-    and reports its version."""
+    and reports its version. A generator that dies meanwhile is replaced and loads the bundle as it starts."""
+    generators.weights_ref = export_refs[0]
     if nccl:
-        ray.get(learners.async_send_nccl_refs())
+        learners.get(learners.async_send_nccl_refs(), "the NCCL weight broadcast")
         reported = ray.get([a.set_weight_version.remote(version) for a in generators.actors])
     else:
-        reported = ray.get([a.load_weights.remote(export_refs[0]) for a in generators.actors])
-    ray.get(export_refs[1:])
+        refs = [a.load_weights.remote(export_refs[0]) for a in generators.actors]
+        reported = []
+        for rank, ref in enumerate(refs):
+            try:
+                reported.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                generators.replace(rank, "died during the weight sync")
+                reported.append(ray.get(generators.actors[rank].weight_version.remote()))
     if any(v != version for v in reported):
         raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")
-    return version
 
 
 def round_metrics(r: int, version: int, stream: RoundStream, replay: list, replay_s: float, sync_s: float,
-                  ckpt_s: float, round_s: float) -> dict:
+                  round_s: float) -> dict:
     steps = stream.steps + replay
     trained = sum(s.pairs for s in steps)
 
@@ -187,7 +270,8 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "timing/generate": stream.busy["generate"], "timing/score": stream.busy["score"],
         "timing/train": stream.busy["train"] + sum(s.seconds for s in replay), "timing/replay": replay_s,
         "timing/train_streamed": stream.busy["train"],
-        "timing/sync": sync_s, "timing/checkpoint": ckpt_s, "sync/seconds": sync_s,
+        "timing/sync": sync_s, "sync/seconds": sync_s,
+        **{f"faults/{k}": v for k, v in stream.faults.items()},
         "timing/generate_span": stream.generate_span_s,
         "stream/first_scored_s": stream.first_scored_s, "stream/first_train_s": stream.first_train_s,
         "stream/overlap": (sum(stream.busy.values()) / stream.wall_s) if stream.wall_s else float("nan"),

@@ -21,13 +21,33 @@ from orchestrator.config import OdpoConfig, to_yaml
 BASE_FILES_DIR = "base"
 
 
+STATE_FILE = "state.json"
+# Changing these between a run and its resume would make the resumed rounds inconsistent with the done ones.
+RESUME_FIXED_KEYS = ("run.seed", "policy.path", "data.path", "data.prompt_field", "data.prompts_per_round",
+                     "data.shuffle")
+
+
 class RunDir:
+    """A new run directory, or an existing one to resume: `completed` rounds are done and committed.
+
+    A round is committed by writing `state.json` last; anything of a later round (a checkpoint, a pairs
+    file, a metrics line written before the driver died) is removed on resume and redone.
+    """
+
     def __init__(self, cfg: OdpoConfig):
         self.path = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
+        self.completed, self.wandb_id = 0, None
+        state_path = os.path.join(self.path, STATE_FILE)
         if os.path.exists(self.path):
-            if not cfg.run.overwrite:
-                raise FileExistsError(f"run directory {self.path} exists; choose another run.name or set run.overwrite=true")
-            shutil.rmtree(self.path)
+            if cfg.run.overwrite:
+                shutil.rmtree(self.path)
+            elif not cfg.run.resume:
+                raise FileExistsError(f"run directory {self.path} exists; set run.resume=true to continue it, "
+                                      "run.overwrite=true to replace it, or choose another run.name")
+            elif os.path.exists(state_path):
+                self._load_state(cfg, state_path)
+            elif os.listdir(self.path) and not os.path.exists(os.path.join(self.path, "config.yaml")):
+                raise FileExistsError(f"{self.path} exists and is not an odpo run directory")
         for sub in ("pairs", "checkpoints", BASE_FILES_DIR):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         _write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
@@ -36,7 +56,50 @@ class RunDir:
             import wandb
 
             self.wandb_run = wandb.init(project=cfg.metrics.wandb_project, name=cfg.run.name, dir=self.path,
-                                        mode=cfg.metrics.wandb_mode, config=_plain(cfg), reinit="finish_previous")
+                                        mode=cfg.metrics.wandb_mode, config=_plain(cfg), reinit="finish_previous",
+                                        id=self.wandb_id, resume="allow" if self.wandb_id else None)
+            self.wandb_id = self.wandb_run.id
+
+    def _load_state(self, cfg: OdpoConfig, state_path: str) -> None:
+        with open(state_path) as f:
+            state = json.load(f)
+        for key in RESUME_FIXED_KEYS:
+            section, name = key.split(".")
+            now = getattr(getattr(cfg, section), name)
+            if state["fixed"].get(key) != now:
+                raise ValueError(f"cannot resume {self.path}: `{key}` was {state['fixed'].get(key)!r} and is now "
+                                 f"{now!r}; keep it, or start a new run (run.name) or overwrite (run.overwrite=true)")
+        self.completed, self.wandb_id = state["completed_rounds"], state.get("wandb_id")
+        if self.completed > cfg.run.rounds:
+            raise ValueError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
+                             f"run.rounds={cfg.run.rounds}")
+        for name in os.listdir(self.sub("checkpoints")):  # rounds begun but never committed
+            if not name.startswith("round_") or name.endswith(".tmp") or int(name[6:]) >= self.completed:
+                shutil.rmtree(self.sub("checkpoints", name))
+        for name in os.listdir(self.sub("pairs")):
+            if name.endswith(".tmp") or int(name.split("_")[1].split(".")[0]) >= self.completed:
+                os.remove(self.sub("pairs", name))
+        kept = [m for m in self.history() if m["round"] < self.completed]
+        _write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
+
+    def commit(self, cfg: OdpoConfig, completed_rounds: int) -> None:
+        """The round's files are all in place: record it as done (the last write of a round)."""
+        state = {"completed_rounds": completed_rounds, "weight_version": completed_rounds, "wandb_id": self.wandb_id,
+                 "fixed": {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in RESUME_FIXED_KEYS}}
+        _write_atomic(self.sub(STATE_FILE), json.dumps(state, indent=1))
+        self.completed = completed_rounds
+
+    def history(self) -> list[dict]:
+        path = self.sub("metrics.jsonl")
+        return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+    def checkpoint_dir(self, round_index: int) -> str:
+        return self.sub("checkpoints", f"round_{round_index}")
+
+    def read_checkpoint(self, round_index: int, version: int) -> WeightBundle:
+        """A committed checkpoint's weights as the bundle the generators load (the file's bytes as they are)."""
+        with open(os.path.join(self.checkpoint_dir(round_index), "model.safetensors"), "rb") as f:
+            return WeightBundle(version=version, payload=f.read())
 
     def sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from actors.types import Pair, Prompt, PromptChunk, ScoredChunk, TrainStepStats
+from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
 from orchestrator.config import OdpoConfig
-from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, combine_step
 from orchestrator.progress import RoundProgress
 from orchestrator.selection import DROP_REASONS, make_pairs
 
@@ -44,6 +44,8 @@ class RoundStream:
     first_train_s: float = float("nan")
     """Seconds from round start until the first global batch went to the learner."""
     chunks_by_actor: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("generator_restarts", "scorer_restarts", "regenerated_chunks"), 0))
     chunks: int = 0
     dispatched_at_first_score: int = 0
     """Chunks sent to generators when the first chunk went to a scorer (< chunks: scoring did not wait)."""
@@ -52,28 +54,65 @@ class RoundStream:
 
 
 class Dispatcher:
-    """Bounded in-flight calls per actor; the least-loaded actor with room takes the next item."""
+    """Bounded in-flight calls per actor; the least-loaded actor with room takes the next item.
 
-    def __init__(self, pool: ActorPool, limit: int):
-        self.actors = pool.actors
+    It knows which actor holds which work, so when an actor dies or hangs (`fail`) the pool replaces it
+    and the work it held comes back to be dispatched again.
+    """
+
+    def __init__(self, pool: ActorPool, limit: int, timeout_s: float = float("inf")):
+        self.pool = pool
         self.limit = limit
-        self.load = [0] * len(self.actors)
-        self.inflight: dict[ray.ObjectRef, tuple[int, object]] = {}
+        self.timeout_s = timeout_s
+        self.load = [0] * len(pool.actors)
+        self.inflight: dict[ray.ObjectRef, tuple[int, object, list]] = {}
+        self.last_progress = [time.perf_counter()] * len(pool.actors)
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
 
     def has_room(self) -> bool:
         return min(self.load) < self.limit
 
-    def submit(self, call: Callable[[object], ray.ObjectRef], tag: object) -> ray.ObjectRef:
+    def submit(self, call: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], tag: object) -> None:
+        """`call(actor)` returns a ref, or several (num_returns > 1): the first is the one waited on."""
         i = int(np.argmin(self.load))
-        ref = call(self.actors[i])
+        refs = call(self.actors[i])
+        refs = refs if isinstance(refs, list) else [refs]
+        if self.load[i] == 0:
+            self.last_progress[i] = time.perf_counter()
         self.load[i] += 1
-        self.inflight[ref] = (i, tag)
-        return ref
+        self.inflight[refs[0]] = (i, tag, refs[1:])
 
-    def complete(self, ref: ray.ObjectRef) -> object:
-        i, tag = self.inflight.pop(ref)
+    def complete(self, ref: ray.ObjectRef) -> tuple[object, list[ray.ObjectRef]]:
+        """The tag given at submission and the call's other refs."""
+        i, tag, rest = self.inflight.pop(ref)
         self.load[i] -= 1
-        return tag
+        self.last_progress[i] = time.perf_counter()
+        return tag, rest
+
+    def fail(self, ref: ray.ObjectRef, reason: str) -> list:
+        """The actor behind `ref` is dead or hung: replace it; return every tag it held, in order."""
+        i = self.inflight[ref][0]
+        lost = [r for r, (j, _, _) in self.inflight.items() if j == i]
+        tags = [self.inflight.pop(r)[1] for r in lost]
+        self.load[i] = 0
+        self.pool.replace(i, reason)
+        self.last_progress[i] = time.perf_counter()
+        return tags
+
+    def hung(self) -> ray.ObjectRef | None:
+        """A ref held by an actor that has made no progress for `timeout_s` while holding work."""
+        now = time.perf_counter()
+        for ref, (i, _, _) in self.inflight.items():
+            if now - self.last_progress[i] > self.timeout_s:
+                return ref
+        return None
+
+    def seconds_to_deadline(self) -> float:
+        busy = [self.last_progress[i] for i in range(len(self.load)) if self.load[i]]
+        return min(busy) + self.timeout_s - time.perf_counter() if busy else float("inf")
 
 
 def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: int) -> list[PromptChunk]:
@@ -86,54 +125,80 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                  generators: ActorPool, scorers: ActorPool, learners: LearnerGroup,
                  progress: RoundProgress) -> RoundStream:
     """Generate, score, pair and train (first epoch) one round's prompts; every prompt ends as a pair
-    or a counted drop."""
+    or a counted drop. A generator or scorer that dies or hangs is replaced and its chunks are redone."""
     start = time.perf_counter()
     out = RoundStream()
-    gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor)
-    score = Dispatcher(scorers, cfg.scorer.max_inflight_per_actor)
+    gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor, cfg.generator.call_timeout_s)
+    score = Dispatcher(scorers, cfg.scorer.max_inflight_per_actor, cfg.scorer.call_timeout_s)
     chunks = deque(make_chunks(round_index, prompts, cfg.generator.chunk_size, cfg.run.seed))
     total_chunks = out.chunks = len(chunks)
-    to_score: deque[tuple[ray.ObjectRef, int]] = deque()
+    to_score: deque[tuple[ray.ObjectRef, PromptChunk]] = deque()
     scored: dict[int, ScoredChunk] = {}
     next_release, batch_size = 0, cfg.learner.global_batch_size
     buffer: list[Pair] = []
-    training: deque[list[ray.ObjectRef]] = deque()
+    training: deque[tuple[list[ray.ObjectRef], float]] = deque()
     last_gen_done = start
 
     def submit_train(batch: list[Pair]) -> None:
         if not out.steps and not training:
             out.first_train_s = time.perf_counter() - start
             out.released_at_first_train = next_release
-        training.append(learners.async_train_step_refs(batch))
+        training.append((learners.async_train_step_refs(batch), time.perf_counter()))
 
     while True:
         while chunks and gen.has_room():
             c = chunks.popleft()
-            gen.submit(lambda a, c=c: a.generate.remote(c), len(c.prompts))
+            gen.submit(lambda a, c=c: a.generate_with_meta.options(num_returns=2).remote(c), c)
         while to_score and score.has_room():
             if not score.inflight and not scored and next_release == 0:
                 out.dispatched_at_first_score = total_chunks - len(chunks)
-            ref, n = to_score.popleft()
-            score.submit(lambda a, ref=ref: a.score.remote(ref), n)
+            ref, c = to_score.popleft()
+            score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
         while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT:
             submit_train(buffer[:batch_size])
             buffer = buffer[batch_size:]
         if next_release == total_chunks and buffer and not training:
             submit_train(buffer)  # the round's last, partial batch: trains exactly its real pairs
             buffer = []
-        waiting = list(gen.inflight) + list(score.inflight) + [step[0] for step in training]
+        waiting = list(gen.inflight) + list(score.inflight) + [refs[0] for refs, _ in training]
         if not waiting:
             break
-        (ref,), _ = ray.wait(waiting, num_returns=1, fetch_local=False)
+        train_deadline = training[0][1] + cfg.learner.step_timeout_s - time.perf_counter() if training else float("inf")
+        timeout = max(0.05, min(gen.seconds_to_deadline(), score.seconds_to_deadline(), train_deadline))
+        ready, _ = ray.wait(waiting, num_returns=1, fetch_local=False, timeout=min(timeout, 3600.0))
+        if not ready:  # a deadline passed: whoever is hung is replaced (or the learner round retried)
+            _handle_hang(gen, score, training, cfg, chunks, to_score, out)
+            continue
+        ref = ready[0]
         if ref in gen.inflight:
-            n = gen.complete(ref)
-            to_score.append((ref, n))
+            try:
+                meta: RolloutMeta = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                chunks.extendleft(reversed(gen.fail(ref, f"died ({type(e).__name__})")))
+                out.faults["generator_restarts"] += 1
+                continue
+            c, (payload,) = gen.complete(ref)
+            if meta.weight_version != version:
+                raise RuntimeError(f"chunk {meta.chunk_id} from {meta.actor} was generated with weight version "
+                                   f"{meta.weight_version}, expected {version}: the weight sync did not reach it")
+            to_score.append((payload, c))
             last_gen_done = time.perf_counter()
-            progress.add(generated=n)
+            progress.add(generated=meta.prompts)
         elif ref in score.inflight:
+            try:
+                sc: ScoredChunk = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                to_score.extendleft(reversed(score.fail(ref, f"died ({type(e).__name__})")))
+                out.faults["scorer_restarts"] += 1
+                continue
+            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                chunks.appendleft(score.complete(ref)[0][1])  # the rollouts are gone with their node: regenerate
+                out.faults["regenerated_chunks"] += 1
+                continue
             score.complete(ref)
-            sc: ScoredChunk = ray.get(ref)
             _check_version(sc, version)
+            if sc.rollouts.chunk_id in scored or sc.rollouts.chunk_id < next_release:
+                continue  # already have it (a redone chunk): exactly once
             scored[sc.rollouts.chunk_id] = sc
             if not out.chunks_by_actor:
                 out.first_scored_s = time.perf_counter() - start
@@ -143,7 +208,11 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 buffer.extend(_collect(scored.pop(next_release), out, cfg, round_index))
                 next_release += 1
         else:
-            step = combine_step(ray.get(training.popleft()))
+            refs, _ = training.popleft()
+            try:
+                step = combine_step(ray.get(refs))
+            except ray.exceptions.RayActorError as e:
+                raise LearnerFailure(f"learner rank died during a training step ({type(e).__name__}: {e})") from e
             out.steps.append(step)
             out.busy["train"] += step.seconds
             progress.add(trained=step.pairs)
@@ -155,6 +224,18 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
         raise RuntimeError(f"round {round_index}: {len(prompts)} prompts in, {accounted} accounted for "
                            f"({len(out.pairs)} pairs, drops {out.drops})")
     return out
+
+
+def _handle_hang(gen: Dispatcher, score: Dispatcher, training: deque, cfg: OdpoConfig, chunks: deque,
+                 to_score: deque, out: RoundStream) -> None:
+    if (ref := gen.hung()) is not None:
+        chunks.extendleft(reversed(gen.fail(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)")))
+        out.faults["generator_restarts"] += 1
+    elif (ref := score.hung()) is not None:
+        to_score.extendleft(reversed(score.fail(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)")))
+        out.faults["scorer_restarts"] += 1
+    elif training and time.perf_counter() - training[0][1] > cfg.learner.step_timeout_s:
+        raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
 
 
 def _check_version(sc: ScoredChunk, version: int) -> None:
@@ -190,6 +271,6 @@ def replay_epochs(pairs: list[Pair], cfg: OdpoConfig, round_index: int, learners
         shuffled = [pairs[i] for i in order]
         submitted = [learners.async_train_step_refs(shuffled[s: s + g]) for s in range(0, len(shuffled), g)]
         for refs in submitted:
-            steps.append(combine_step(ray.get(refs)))
+            steps.append(combine_step(learners.get(refs, "a training step")))
             progress.add(trained=steps[-1].pairs)
     return steps
