@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer, prepare_worker, render_prompt
+from actors.models import load_causal_lm, load_tokenizer, own_process_ids, prepare_worker, render_prompt
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 from orchestrator.config import GeneratorConfig
 
@@ -92,11 +92,7 @@ class GeneratorBase:
         return RolloutMeta.of(out), out
 
     def process_ids(self) -> list[int]:
-        """This actor's pid and its child processes (for checks that nothing outlives the actor)."""
-        import psutil
-
-        me = psutil.Process()
-        return [me.pid] + [c.pid for c in me.children(recursive=True)]
+        return own_process_ids()
 
 
 class HFGenerator(GeneratorBase):

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 
 from actors.losses import build_sequences, cosine_lr, dpo_loss, sequence_logprobs
-from actors.models import DTYPES, load_causal_lm, prepare_worker
+from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
 from actors.types import Pair, WeightBundle
 from orchestrator.config import LearnerConfig
 
@@ -108,6 +108,9 @@ class Learner:
 
     def ready(self) -> str:
         return f"learner-{self.rank}"
+
+    def process_ids(self) -> list[int]:
+        return own_process_ids()
 
     def optimizer_state(self) -> bytes:
         """This rank's AdamW state (its ZeRO partition) as safetensors, for resuming with

@@ -113,3 +113,12 @@ def prepare_worker(cpus: float) -> None:
     """Thread count from the actor's CPU reservation (not the machine's cores), and quiet library logs."""
     torch.set_num_threads(max(1, round(cpus)))
     quiet_libraries()
+
+
+def own_process_ids() -> list[int]:
+    """This process's pid and its children's (for checks that nothing outlives an actor, and for fault
+    injection by pid)."""
+    import psutil
+
+    me = psutil.Process()
+    return [me.pid] + [c.pid for c in me.children(recursive=True)]

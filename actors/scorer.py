@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from actors.models import load_reward_model, load_tokenizer, prepare_worker
+from actors.models import load_reward_model, load_tokenizer, own_process_ids, prepare_worker
 from actors.types import Messages, RolloutChunk, ScoredChunk
 from orchestrator.config import ScorerConfig
 
@@ -53,10 +53,7 @@ class Scorer:
         return self.name
 
     def process_ids(self) -> list[int]:
-        import psutil
-
-        me = psutil.Process()
-        return [me.pid] + [c.pid for c in me.children(recursive=True)]
+        return own_process_ids()
 
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
         start = time.perf_counter()

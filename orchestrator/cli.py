@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from orchestrator.config import ConfigError, field_docs, load_config, to_yaml
@@ -14,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run rounds of online iterative DPO")
     p_run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     p_run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.rounds=2 learner.lr=1e-6")
+    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its last completed "
+                       "round (the same as re-running with its run.output_dir and run.name)")
     p_val = sub.add_parser("validate", help="load and validate a config, print it resolved")
     p_val.add_argument("config")
     p_val.add_argument("overrides", nargs="*")
@@ -24,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         print(configuration_markdown(), end="")
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", None):
+            run_dir = os.path.abspath(args.resume)
+            if not os.path.isfile(os.path.join(run_dir, "state.json")):
+                raise ValueError(f"--resume {args.resume}: no completed round to resume from (no state.json)")
+            overrides += [f"run.output_dir={os.path.dirname(run_dir)}", f"run.name={os.path.basename(run_dir)}",
+                          "run.resume=true", "run.overwrite=false"]
+        cfg = load_config(args.config, overrides)
         if args.command == "validate":
             print(to_yaml(cfg), end="")
             return 0

@@ -1,0 +1,198 @@
+"""Failure injection on a real local Ray cluster: actor processes killed (SIGKILL) or hung (SIGSTOP) by
+pid mid-run, a learner rank killed, the driver killed and resumed, resources that cannot be placed, and
+bad input. Each test asserts the outcome: every prompt accounted for, or the expected error, and no actor
+of the run left alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO
+
+from orchestrator.config import load_config
+from orchestrator.data import PromptSource
+from orchestrator.driver import run
+from orchestrator.pools import PlacementError, PoolExhausted
+
+pytestmark = pytest.mark.slow
+
+BASE = ["data.prompts_per_round=32", "generator.chunk_size=4", "generator.max_new_tokens=16",
+        "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false"]
+
+
+def config(tmp_path, name: str, *overrides: str):
+    return load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}", f"run.name={name}", *BASE, *overrides])
+
+
+def metrics_of(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def assert_every_prompt_once(cfg, run_dir: str) -> None:
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)
+    for m in metrics_of(run_dir):
+        r = m["round"]
+        pairs = [json.loads(line) for line in open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl"))]
+        uids = [p["uid"] for p in pairs]
+        assert len(uids) == len(set(uids)), "a prompt produced two pairs"
+        assert set(uids) <= {p.uid for p in source.round_prompts(r)}
+        assert len(pairs) + m["drop/tie"] + m["drop/identical"] == cfg.data.prompts_per_round
+
+
+def assert_no_actor_alive(ray, prefixes=("generator", "scorer", "learner")) -> None:
+    """Every name a run's actor can have (pool-rank, and pool-rank.k after k replacements) is free."""
+    alive = []
+    for name in (f"{p}-{r}{f'.{k}' if k else ''}" for p in prefixes for r in range(4) for k in range(4)):
+        try:
+            ray.get_actor(name)
+            alive.append(name)
+        except ValueError:
+            pass
+    assert not alive, f"actors of the run still alive: {alive}"
+
+
+class Saboteur(threading.Thread):
+    """Sends `sig` to the process of actor `name` when the run has committed `after_rounds` rounds."""
+
+    def __init__(self, ray, run_dir: str, plan: list[tuple[int, str, int]]):
+        super().__init__(daemon=True)
+        self.ray, self.run_dir, self.plan, self.done, self.pids = ray, run_dir, plan, [], {}
+
+    def run(self) -> None:
+        deadline = time.time() + 240
+        for name in {n for _, n, _ in self.plan}:  # pids while the actors are fresh (calls queue behind work)
+            while time.time() < deadline:
+                try:
+                    self.pids[name] = self.ray.get(self.ray.get_actor(name).process_ids.remote())[0]
+                    break
+                except ValueError:
+                    time.sleep(0.05)
+        for after, name, sig in self.plan:
+            while time.time() < deadline:
+                path = os.path.join(self.run_dir, "metrics.jsonl")
+                if os.path.exists(path) and len(open(path).readlines()) >= after:
+                    os.kill(self.pids[name], sig)
+                    self.done.append((after, name, sig))
+                    break
+                time.sleep(0.02)
+
+
+def test_killed_and_hung_rollout_actors_are_replaced_and_nothing_is_lost(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "faults", "run.rounds=4", "generator.num_actors=2", "generator.call_timeout_s=4",
+                 "scorer.call_timeout_s=4")
+    run_dir = str(tmp_path / "faults")
+    saboteur = Saboteur(ray_cluster, run_dir, [(1, "generator-0", signal.SIGSTOP),   # hangs in round 1
+                                               (2, "scorer-0", signal.SIGKILL),      # dies in round 2
+                                               (3, "generator-1", signal.SIGKILL)])  # dies in round 3
+    saboteur.start()
+    run(cfg)
+    saboteur.join(timeout=5)
+    assert len(saboteur.done) == 3
+    m = metrics_of(run_dir)
+    assert len(m) == 4
+    assert sum(x["faults/generator_restarts"] for x in m) == 2
+    assert sum(x["faults/scorer_restarts"] for x in m) == 1
+    assert all(x["weight_version"] == x["round"] + 1 for x in m)  # replacements served the current weights
+    assert_every_prompt_once(cfg, run_dir)
+    assert_no_actor_alive(ray_cluster)
+
+
+def test_past_the_restart_budget_the_run_stops_naming_the_pool(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "budget", "run.rounds=2", "generator.max_restarts=0")
+    saboteur = Saboteur(ray_cluster, str(tmp_path / "budget"), [(1, "generator-0", signal.SIGKILL)])
+    saboteur.start()
+    with pytest.raises(PoolExhausted, match=r"pool `generator`: actor generator-0 died .* restart budget \(0\)"):
+        run(cfg)
+    assert_no_actor_alive(ray_cluster)
+
+
+def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "learner", "run.rounds=3")
+    run_dir = str(tmp_path / "learner")
+    saboteur = Saboteur(ray_cluster, run_dir, [(1, "learner-0", signal.SIGKILL)])
+    saboteur.start()
+    run(cfg)
+    m = metrics_of(run_dir)
+    assert [x["faults/learner_retries"] for x in m] == [0, 1, 0]
+    assert [x["weight_version"] for x in m] == [1, 2, 3]
+    assert_every_prompt_once(cfg, run_dir)
+    assert_no_actor_alive(ray_cluster)
+
+
+def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, tmp_path, monkeypatch):
+    """The driver (and with it its local Ray cluster) is SIGKILLed after round 1 and the same command is run
+    again: the resumed run continues from round 2 and ends with the same pairs and metrics."""
+    monkeypatch.chdir(REPO)
+    overrides = [f"run.output_dir={tmp_path}", *BASE, "run.rounds=3", "run.overwrite=false"]
+    run(load_config("configs/tiny.yaml", ["run.name=straight", *overrides]))
+
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", "configs/tiny.yaml", "run.name=resumed", *overrides,
+           "ray.include_dashboard=false"]
+    run_dir = tmp_path / "resumed"
+    env = dict(os.environ, RAY_ADDRESS="")
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "state.json").exists():
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
+    driver.wait()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert 1 <= state["completed_rounds"] < 3
+    second = subprocess.run([*cmd, "--resume", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming {run_dir}" in second.stderr
+
+    def outcome(d) -> tuple:
+        m = [{k: v for k, v in x.items() if not k.startswith(("timing/", "gen/tokens_per_s", "sync/", "stream/first", "stream/overlap"))}
+             for x in metrics_of(str(d))]
+        return m, [open(os.path.join(d, "pairs", f"round_{r}.jsonl")).read() for r in range(3)]
+
+    (m_resumed, p_resumed), (m_straight, p_straight) = outcome(run_dir), outcome(tmp_path / "straight")
+    diffs = [(r, k, a.get(k), b.get(k)) for r, (a, b) in enumerate(zip(m_resumed, m_straight))
+             for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    assert not diffs, diffs
+    assert len(m_resumed) == 3
+    assert p_resumed == p_straight
+
+
+def test_resume_keeps_the_last_good_checkpoint_when_the_loss_goes_non_finite(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    run(config(tmp_path, "nan", "run.rounds=1", "run.overwrite=false"))
+    with pytest.raises(Exception, match="non-finite DPO loss"):  # resumed with an absurd learning rate
+        run(config(tmp_path, "nan", "run.rounds=3", "learner.lr=1e30", "run.overwrite=false"))
+    run_dir = tmp_path / "nan"
+    assert json.loads((run_dir / "state.json").read_text())["completed_rounds"] == 1
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["round_0"]
+    assert len(metrics_of(str(run_dir))) == 1
+    assert_no_actor_alive(ray_cluster)
+
+
+def test_resources_that_cannot_be_placed_fail_within_the_timeout(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "gpu", "generator.backend=hf", "generator.gpus_per_actor=1", "ray.placement_timeout_s=3")
+    start = time.time()
+    with pytest.raises(PlacementError, match=r"pool `generator`: 1 x \{'CPU': 0.5, 'GPU': 1.0\} could not be placed "
+                                             r"within 3s; the cluster has .*'CPU': 4\.0"):
+        run(cfg)
+    assert time.time() - start < 60
+    assert_no_actor_alive(ray_cluster)
+
+
+def test_non_finite_reward_stops_the_run_naming_the_prompt(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "nanreward", "scorer.function=test_actors:nan_reward")
+    with pytest.raises(Exception, match=r"non-finite reward nan for prompt uid \d+"):
+        run(cfg)
+    assert_no_actor_alive(ray_cluster)
