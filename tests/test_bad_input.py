@@ -32,7 +32,7 @@ def test_overlong_prompts_are_truncated_skipped_or_refused(tmp_path):
     assert counts["truncate"] == ([2, 2], [1, 1], [0, 0])
     assert counts["skip"] == ([1, 1], [0, 0], [1, 1])
     cfg = DataConfig(path=path, prompts_per_round=2, shuffle=False, max_prompt_length=40, overlong_prompt="error")
-    with pytest.raises(ValueError, match=r"data row 1: the prompt is 118 tokens .* max_prompt_length=40"):
+    with pytest.raises(ValueError, match=r"data row 1: the prompt is 118 tokens .*data.max_prompt_length=40"):
         PromptSource(cfg, seed=0, rounds=2).check_lengths(tok, cfg)
 
 
