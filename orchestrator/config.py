@@ -57,6 +57,8 @@ class RayConfig:
     """Start the Ray dashboard with the local cluster (ignored when joining a cluster)."""
     placement_timeout_s: float = 120.0
     """Seconds to wait for a pool's placement group before stopping with what was asked and what exists."""
+    actor_start_timeout_s: float = 900.0
+    """Seconds an actor may take to start (load its model, build its engine) before the run stops."""
     dashboard_host: str = "127.0.0.1"
     """Address the local cluster's dashboard and job server bind to (0.0.0.0 exposes them to the network)."""
 
@@ -397,7 +399,7 @@ def validate(cfg: OdpoConfig) -> None:
         _require(value >= 0, key, f"must be >= 0, got {value}")
     for key, value in (("generator.call_timeout_s", g.call_timeout_s), ("scorer.call_timeout_s", s.call_timeout_s),
                        ("learner.step_timeout_s", cfg.learner.step_timeout_s), ("ray.placement_timeout_s",
-                       cfg.ray.placement_timeout_s)):
+                       cfg.ray.placement_timeout_s), ("ray.actor_start_timeout_s", cfg.ray.actor_start_timeout_s)):
         _require(value > 0, key, f"must be > 0, got {value}")
 
     _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")

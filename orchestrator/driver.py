@@ -50,7 +50,7 @@ def run(cfg: OdpoConfig) -> str:
         if version:
             print(f"odpo: resuming {out.path} after round {version - 1}", file=sys.stderr)
             generators.weights_ref = ray.put(out.read_checkpoint(version - 1, version))
-            ray.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors])
+            generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
         generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
         scorers.wait_ready()
         nccl = cfg.generator.weight_sync == "nccl"
@@ -177,9 +177,11 @@ def build_rollout_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, 
     timeout = cfg.ray.placement_timeout_s
     pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
                            lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
-                                      p.trust_remote_code, f"generator-{r}"), timeout, g.max_restarts))
+                                      p.trust_remote_code, f"generator-{r}"), timeout, g.max_restarts,
+                           call_timeout_s=g.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
     pools.append(ActorPool("scorer", Scorer, s.num_actors, s.cpus_per_actor, s.gpus_per_actor,
-                           lambda r: (s, reward_path, f"scorer-{r}"), timeout, s.max_restarts))
+                           lambda r: (s, reward_path, f"scorer-{r}"), timeout, s.max_restarts,
+                           call_timeout_s=s.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
     return pools[-2], pools[-1]
 
 
@@ -228,16 +230,16 @@ def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: lis
     generators.weights_ref = export_refs[0]
     if nccl:
         learners.get(learners.async_send_nccl_refs(), "the NCCL weight broadcast")
-        reported = ray.get([a.set_weight_version.remote(version) for a in generators.actors])
+        reported = generators.get([a.set_weight_version.remote(version) for a in generators.actors], "the sync")
     else:
         refs = [a.load_weights.remote(export_refs[0]) for a in generators.actors]
         reported = []
         for rank, ref in enumerate(refs):
             try:
-                reported.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
-                generators.replace(rank, "died during the weight sync")
-                reported.append(ray.get(generators.actors[rank].weight_version.remote()))
+                reported.append(ray.get(ref, timeout=generators.call_timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                generators.replace(rank, f"failed during the weight sync ({type(e).__name__})")  # loads the bundle
+                reported.append(generators.get([generators.actors[rank].weight_version.remote()], "the sync")[0])
     if any(v != version for v in reported):
         raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")
 

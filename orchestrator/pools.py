@@ -27,10 +27,12 @@ class PoolExhausted(RuntimeError):
 
 class ActorPool:
     def __init__(self, name: str, cls: type, size: int, cpus: float, gpus: float,
-                 args_for_rank: Any, placement_timeout_s: float, max_restarts: int = 0, incarnation: int = 0):
+                 args_for_rank: Any, placement_timeout_s: float, max_restarts: int = 0, incarnation: int = 0,
+                 call_timeout_s: float | None = None, start_timeout_s: float | None = None):
         self.name = name
         self.cls, self.cpus, self.gpus, self.args_for_rank = cls, cpus, gpus, args_for_rank
         self.max_restarts, self.restarts = max_restarts, 0
+        self.call_timeout_s, self.start_timeout_s = call_timeout_s, start_timeout_s
         self.weights_ref: ray.ObjectRef | None = None
         """The weights a replacement actor loads before it serves (generators; set by the driver)."""
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
@@ -63,14 +65,21 @@ class ActorPool:
         ray.kill(self.actors[rank], no_restart=True)
         self.incarnation[rank] += 1
         self.actors[rank] = self._start(rank)
+        self.get([self.actors[rank].ready.remote()], "starting", self.start_timeout_s)
         if self.weights_ref is not None:
-            ray.get(self.actors[rank].load_weights.remote(self.weights_ref))
-        else:
-            ray.get(self.actors[rank].ready.remote())
+            self.get([self.actors[rank].load_weights.remote(self.weights_ref)], "loading the current weights")
+
+    def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list:
+        """ray.get bounded by the pool's call timeout: a pool that does not answer stops the run, named."""
+        timeout_s = timeout_s or self.call_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"pool `{self.name}`: no answer within {timeout_s:.0f}s while {what}") from None
 
     def wait_ready(self) -> None:
         """Block until every actor's constructor has finished (model loaded, engine built)."""
-        ray.get([a.ready.remote() for a in self.actors])
+        self.get([a.ready.remote() for a in self.actors], "starting", self.start_timeout_s)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -120,7 +129,7 @@ class LearnerGroup:
         return [r.train_step.remote(batch[i::w], batch[0], len(batch)) for i, r in enumerate(self.ranks)]
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
-        ray.get([r.init_nccl_sync.remote(generators, tensor_parallel_size) for r in self.ranks])
+        self.get([r.init_nccl_sync.remote(generators, tensor_parallel_size) for r in self.ranks], "the NCCL set-up")
 
     def async_send_nccl_refs(self) -> list[ray.ObjectRef]:
         return [r.send_weights_nccl.remote() for r in self.ranks]
