@@ -46,8 +46,11 @@ class RunDir:
                                       "run.overwrite=true to replace it, or choose another run.name")
             elif os.path.exists(state_path):
                 self._load_state(cfg, state_path)
+                self._drop_uncommitted()
             elif os.listdir(self.path) and not os.path.exists(os.path.join(self.path, "config.yaml")):
                 raise FileExistsError(f"{self.path} exists and is not an odpo run directory")
+            else:  # died before its first commit: nothing is done, whatever round 0 left is redone
+                self._drop_uncommitted()
         for sub in ("pairs", "checkpoints", BASE_FILES_DIR):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         _write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
@@ -73,12 +76,16 @@ class RunDir:
         if self.completed > cfg.run.rounds:
             raise ValueError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
-        for name in os.listdir(self.sub("checkpoints")):  # rounds begun but never committed
-            if not name.startswith("round_") or name.endswith(".tmp") or int(name[6:]) >= self.completed:
-                shutil.rmtree(self.sub("checkpoints", name))
-        for name in os.listdir(self.sub("pairs")):
-            if name.endswith(".tmp") or int(name.split("_")[1].split(".")[0]) >= self.completed:
-                os.remove(self.sub("pairs", name))
+
+    def _drop_uncommitted(self) -> None:
+        """Remove what rounds at or after `self.completed` wrote before the driver died."""
+        def stale(name: str) -> bool:
+            return name.endswith(".tmp") or int(name.split("_")[1].split(".")[0]) >= self.completed
+
+        for sub, remove in (("checkpoints", shutil.rmtree), ("pairs", os.remove)):
+            if os.path.isdir(self.sub(sub)):
+                for name in filter(stale, os.listdir(self.sub(sub))):
+                    remove(self.sub(sub, name))
         kept = [m for m in self.history() if m["round"] < self.completed]
         _write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
 
