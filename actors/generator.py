@@ -13,18 +13,13 @@ the same token ids), and responses are decoded here with the same tokenizer.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import torch
 
 from actors.models import load_causal_lm, load_tokenizer, own_process_ids, prepare_worker, render_prompt
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
-from orchestrator.config import GeneratorConfig
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+from orchestrator.config import GeneratorConfig, vllm_available
 
 
 def resolve_backend(backend: str) -> str:
@@ -77,8 +72,16 @@ def build_chunk(chunk: PromptChunk, texts: list[str], ids: list[list[int]], resp
 class GeneratorBase:
     """What the pool and the driver call on every backend besides `generate` and `load_weights`."""
 
-    name: str
-    version: int = 0
+    def __init__(self, cfg: GeneratorConfig, tokenizer_path: str, max_prompt_length: int, trust_remote_code: bool,
+                 name: str, padding_side: str = "right"):
+        prepare_worker(cfg.cpus_per_actor)
+        self.cfg, self.name, self.version = cfg, name, 0
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code, padding_side=padding_side)
+        self.renderer = PromptRenderer(self.tokenizer, max_prompt_length, cfg.stop_token_ids)
+
+    def _check_newer(self, version: int) -> None:
+        if version < self.version:
+            raise ValueError(f"{self.name}: refusing weight version {version} older than {self.version}")
 
     def ready(self) -> str:
         return self.name
@@ -98,20 +101,14 @@ class GeneratorBase:
 class HFGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
-        prepare_worker(cfg.cpus_per_actor)
-        self.cfg = cfg
-        self.name = name
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code, padding_side="left")
-        self.renderer = PromptRenderer(self.tokenizer, max_prompt_length, cfg.stop_token_ids)
+        super().__init__(cfg, tokenizer_path, max_prompt_length, trust_remote_code, name, padding_side="left")
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
-        self.version = 0
 
     def load_weights(self, bundle: WeightBundle) -> int:
         """Copy the learner's full state dict into this engine in place; returns the new version."""
-        if bundle.version < self.version:
-            raise ValueError(f"{self.name}: refusing weight version {bundle.version} older than {self.version}")
+        self._check_newer(bundle.version)
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(bundle.tensors(), strict=False)
         if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:

@@ -224,6 +224,4 @@ def _innermost_optimizer(opt):
     """The torch optimizer under DeepSpeed's ZeRO / mixed-precision wrappers."""
     while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
         opt = opt.optimizer
-    while hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
-        opt = opt.optimizer
     return opt

