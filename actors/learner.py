@@ -172,8 +172,10 @@ class Learner:
             sums["rejected_reward"] += float((rejected_r * w).sum())
         self.step_in_round += 1
         norm = self.engine.get_global_grad_norm()
+        cap = self.cfg.max_length
+        tokens = sum(min(len(p.prompt_ids) + len(r), cap) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
         sums.update(lr=lr, grad_norm=float(norm) if norm is not None else float("nan"),
-                    seconds=time.perf_counter() - start)
+                    seconds=time.perf_counter() - start, tokens=tokens)
         return sums
 
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

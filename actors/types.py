@@ -113,6 +113,8 @@ class TrainStepStats:
     lr: float
     grad_norm: float
     seconds: float
+    tokens: int = 0
+    """Prompt + chosen + rejected tokens of the step's real pairs (as trained, after cutting to max_length)."""
 
 
 @dataclass

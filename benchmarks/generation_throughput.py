@@ -23,7 +23,7 @@ from actors.generator import HFGenerator  # noqa: E402
 from actors.models import TINY_LLAMA, builtin_tokenizer, materialize_builtin  # noqa: E402
 from actors.types import Prompt  # noqa: E402
 from orchestrator.config import GeneratorConfig  # noqa: E402
-from orchestrator.pools import ActorPool  # noqa: E402
+from orchestrator.pools import ActorPool, Placement  # noqa: E402
 from orchestrator.streaming import Dispatcher, make_chunks  # noqa: E402
 
 SIZES = {"tiny": TINY_LLAMA,
@@ -50,8 +50,8 @@ def build_model(size: str, dest: str) -> str:
 
 def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int, cls: type = HFGenerator,
                  cpus: float = 1.0) -> tuple[float, int, list]:
-    pool = ActorPool(f"bench-{cls.__name__}-{actors}", cls, actors, cpus, 0.0,
-                     lambda r: (cfg, model, model, "float32", 256, False, f"generator-{r}"), 60)
+    pool = ActorPool(f"bench-{cls.__name__}-{actors}", cls, actors, Placement(cpus, timeout_s=60),
+                     lambda r: (cfg, model, model, "float32", 256, False, f"generator-{r}"))
     ray.get([a.weight_version.remote() for a in pool.actors])  # engines built before the clock starts
     ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up
     dispatch, pending, results = Dispatcher(pool, cfg.max_inflight_per_actor), list(chunks), []

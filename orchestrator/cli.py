@@ -1,9 +1,11 @@
-"""`odpo` command line: run, validate, and the configuration reference."""
+"""`odpo` command line: run, validate, the configuration reference, and jobs on a Ray cluster
+(submit, status, logs, stop, scale)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from orchestrator.config import ConfigError, field_docs, load_config, to_yaml
@@ -21,12 +23,41 @@ def main(argv: list[str] | None = None) -> int:
     p_val.add_argument("config")
     p_val.add_argument("overrides", nargs="*")
     sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
+
+    address = dict(metavar="URL", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_DASHBOARD_ADDRESS, "
+                   "else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
+    p_sub = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job")
+    p_sub.add_argument("config")
+    p_sub.add_argument("overrides", nargs="*")
+    p_sub.add_argument("--address", **address)
+    p_sub.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
+    p_sub.add_argument("--working-dir", default=".", help="directory shipped to the cluster (default: .)")
+    p_sub.add_argument("--runtime-env", metavar="YAML", help="extra runtime_env, e.g. launch/runtime_env.yaml")
+    p_sub.add_argument("--output-dir", help="absolute run.output_dir on the cluster (default: the config's, "
+                       "made absolute against the working directory)")
+    p_sub.add_argument("--job-id", help="submission id (default: Ray's)")
+    p_stat = sub.add_parser("status", help="this cluster's odpo jobs: round, stage progress, tokens/s")
+    p_stat.add_argument("--address", **address)
+    p_logs = sub.add_parser("logs", help="a job's log; --follow streams it until the job ends")
+    p_logs.add_argument("job")
+    p_logs.add_argument("--address", **address)
+    p_logs.add_argument("--follow", action="store_true")
+    p_stop = sub.add_parser("stop", help="stop a job (its completed rounds stay; submit again to resume)")
+    p_stop.add_argument("job")
+    p_stop.add_argument("--address", **address)
+    p_scale = sub.add_parser("scale", help="resize a running run's generator/scorer pools before its next round")
+    p_scale.add_argument("target", metavar="RUN_DIR_OR_JOB")
+    p_scale.add_argument("--generators", type=int)
+    p_scale.add_argument("--scorers", type=int)
+    p_scale.add_argument("--address", **address)
     args = parser.parse_args(argv)
 
     if args.command == "config-docs":
         print(configuration_markdown(), end="")
         return 0
     try:
+        if args.command in ("submit", "status", "logs", "stop", "scale"):
+            return jobs_command(args)
         overrides = list(args.overrides)
         if getattr(args, "resume", None):
             run_dir = os.path.abspath(args.resume)
@@ -40,14 +71,50 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from orchestrator.driver import run
 
+        # `ray job stop` and schedulers send SIGTERM: unwind so the pools are shut down and wandb closes;
+        # committed rounds are kept either way.
+        signal.signal(signal.SIGTERM, _terminate)
         run(cfg)
         return 0
     except ConfigError as e:
         print(f"odpo: {e}", file=sys.stderr)
         return 2
-    except (FileExistsError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"odpo: {e}", file=sys.stderr)
         return 2
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def jobs_command(args) -> int:
+    from orchestrator import jobs
+
+    if args.command == "scale":
+        sizes = {pool: n for pool, n in (("generator", args.generators), ("scorer", args.scorers)) if n is not None}
+        if not sizes:
+            raise ValueError("give --generators N and/or --scorers N")
+        if os.path.isdir(args.target):
+            from orchestrator.control import request_scale
+
+            pending = request_scale(os.path.abspath(args.target), sizes)
+            print(f"odpo: {args.target}: the driver resizes to {pending} before its next round", file=sys.stderr)
+            return 0
+        return jobs.scale_job(jobs.client(args.address), args.target, sizes)
+    c = jobs.client(args.address)
+    if args.command == "submit":
+        return jobs.submit(args.config, args.overrides, args.address, args.working_dir, args.runtime_env,
+                           args.output_dir, args.job_id, args.follow)
+    if args.command == "status":
+        print(jobs.status_table(c))
+        return 0
+    if args.command == "logs":
+        if args.follow:
+            return jobs.follow_logs(c, args.job)
+        print(c.get_job_logs(args.job), end="")
+        return 0
+    return jobs.stop(c, args.job)
 
 
 def configuration_markdown() -> str:

@@ -64,6 +64,9 @@ class RayConfig:
     """Start the Ray dashboard with the local cluster (ignored when joining a cluster)."""
     placement_timeout_s: float = 120.0
     """Seconds to wait for a pool's placement group before stopping with what was asked and what exists."""
+    replace_placement_timeout_s: float = 60.0
+    """Seconds a replacement for a dead generator or scorer may wait for room (its node left the cluster)
+    before its pool goes on without it, one actor smaller."""
     actor_start_timeout_s: float = 900.0
     """Seconds an actor may take to start (load its model, build its engine) before the run stops."""
     dashboard_host: str = "127.0.0.1"
@@ -113,6 +116,12 @@ class GeneratorConfig:
     """CPUs reserved per generator actor (also its torch thread count, rounded up)."""
     gpus_per_actor: float = 0.0
     """GPUs reserved per generator actor."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources reserved per generator actor besides CPUs and GPUs, e.g. {rollout: 1}: the generator pool goes only
+    to nodes started with them (`ray start --resources`)."""
+    node_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels each generator actor's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
+    label selector syntax (`!value`, `in(a,b)`) works too."""
     n: int = 4
     """Responses sampled per prompt (the paper: 8). At least 2, to form a pair."""
     temperatures: list[float] = field(default_factory=lambda: [1.0])
@@ -173,6 +182,12 @@ class ScorerConfig:
     """CPUs reserved per scorer actor."""
     gpus_per_actor: float = 0.0
     """GPUs reserved per scorer actor."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources reserved per scorer actor besides CPUs and GPUs, e.g. {rollout: 1}: the scorer pool goes only
+    to nodes started with them (`ray start --resources`)."""
+    node_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels each scorer actor's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
+    label selector syntax (`!value`, `in(a,b)`) works too."""
     max_inflight_per_actor: int = 2
     """Chunks queued at one scorer at once."""
     trust_remote_code: bool = False
@@ -199,6 +214,12 @@ class LearnerConfig:
     """CPUs reserved per learner rank."""
     gpus_per_rank: float = 0.0
     """GPUs reserved per learner rank (1 on GPU clusters)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources reserved per learner rank besides CPUs and GPUs, e.g. {rollout: 1}: the learner group goes only
+    to nodes started with them (`ray start --resources`)."""
+    node_labels: dict[str, str] = field(default_factory=dict)
+    """Node labels each learner rank's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
+    label selector syntax (`!value`, `in(a,b)`) works too."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (the recipe: 2)."""
     global_batch_size: int = 16
@@ -377,6 +398,19 @@ def check_model_location(key: str, value: str | None, builtins: tuple[str, ...])
         raise ConfigError(key, f"path does not exist: {value} (give a local directory, a hub id org/name, or a builtin)")
 
 
+def check_placement(section: str, resources: dict, labels: dict) -> None:
+    """Custom resources are named, positive amounts (CPUs, GPUs and memory have their own keys); labels are
+    non-empty strings."""
+    for name, amount in resources.items():
+        _require(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"{section}.resources.{name}",
+                 "CPUs and GPUs have their own keys (cpus_per_*, gpus_per_*); list custom resources here")
+        _require(isinstance(amount, (int, float)) and amount > 0, f"{section}.resources.{name}",
+                 f"must be a number > 0, got {amount!r}")
+    for key, value in labels.items():
+        _require(bool(str(key).strip()) and isinstance(value, str) and bool(value.strip()),
+                 f"{section}.node_labels.{key}", f"give a non-empty label value, got {value!r}")
+
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
@@ -404,8 +438,10 @@ def validate(cfg: OdpoConfig) -> None:
                        ("learner.max_round_retries", cfg.learner.max_round_retries)):
         _require(value >= 0, key, f"must be >= 0, got {value}")
     for key, value in (("generator.call_timeout_s", g.call_timeout_s), ("scorer.call_timeout_s", s.call_timeout_s),
-                       ("learner.step_timeout_s", cfg.learner.step_timeout_s), ("ray.placement_timeout_s",
-                       cfg.ray.placement_timeout_s), ("ray.actor_start_timeout_s", cfg.ray.actor_start_timeout_s)):
+                       ("learner.step_timeout_s", cfg.learner.step_timeout_s),
+                       ("ray.placement_timeout_s", cfg.ray.placement_timeout_s),
+                       ("ray.replace_placement_timeout_s", cfg.ray.replace_placement_timeout_s),
+                       ("ray.actor_start_timeout_s", cfg.ray.actor_start_timeout_s)):
         _require(value > 0, key, f"must be > 0, got {value}")
 
     _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")
@@ -440,6 +476,8 @@ def validate(cfg: OdpoConfig) -> None:
     for key, value in (("generator.cpus_per_actor", g.cpus_per_actor), ("scorer.cpus_per_actor", s.cpus_per_actor),
                        ("learner.cpus_per_rank", lr.cpus_per_rank)):
         _require(value > 0, key, f"must be > 0 (each actor's placement bundle reserves it), got {value}")
+    for section, pool in (("generator", g), ("scorer", s), ("learner", lr)):
+        check_placement(section, pool.resources, pool.node_labels)
     for key, value in (("generator.gpus_per_actor", g.gpus_per_actor), ("scorer.gpus_per_actor", s.gpus_per_actor),
                        ("learner.gpus_per_rank", lr.gpus_per_rank)):
         _require(value >= 0, key, f"must be >= 0, got {value}")

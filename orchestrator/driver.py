@@ -1,10 +1,11 @@
 """The driver: `run(cfg)` is the algorithm, one round at a time, readable top to bottom.
 
     for each round:
+        apply a pending `odpo scale` request (rollout pools only; new actors load the current weights)
         stream prompts -> generators -> scorers -> pairs -> learner (first epoch)
         replay the round's pairs for the remaining epochs
         export the policy once, load it into every generator (weight version + 1)
-        write the checkpoint, the pairs and the metrics
+        write the checkpoint, the pairs and the metrics; redraw plots/rounds.png
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from actors.learner import Learner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.scorer import Scorer
 from orchestrator.config import OdpoConfig
+from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir
-from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup
+from orchestrator.plots import plot_rounds
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, Placement
 from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
+from orchestrator.telemetry import Telemetry
 
 # Passed to every worker so actors find the same caches and stay offline like the driver.
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
@@ -59,11 +63,16 @@ def run(cfg: OdpoConfig) -> str:
         print(f"odpo: {len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} "
               f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}",
               file=sys.stderr)
+        telemetry = Telemetry(cfg.run.name)
         history = out.history()
         for r in range(out.completed, cfg.run.rounds):
+            apply_scale_request(out.path, generators, scorers, nccl)
+            telemetry.start_round(r, version, {"generator": len(generators), "scorer": len(scorers),
+                                               "learner": cfg.learner.num_ranks})
             for attempt in range(cfg.learner.max_round_retries + 1):
                 try:
-                    metrics, pairs, bundle_ref = run_round(r, version, cfg, source, generators, scorers, learners, nccl)
+                    metrics, pairs, bundle_ref = run_round(r, version, cfg, source, generators, scorers, learners, nccl,
+                                                           telemetry)
                     break
                 except LearnerFailure as e:
                     if attempt == cfg.learner.max_round_retries or nccl:
@@ -77,8 +86,11 @@ def run(cfg: OdpoConfig) -> str:
                     learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools, attempt + 1)
             version += 1
             metrics["faults/learner_retries"] = attempt
+            out.write_placement({p.name: p.nodes() for p in pools})
             commit_round(r, cfg, out, learners, ray.get(bundle_ref), pairs, metrics)
             history.append(metrics)
+            telemetry.end_round(metrics)
+            plot_rounds(history, out.path)
         print(format_table(history))
         print(f"odpo: run directory {out.path}")
         return out.path
@@ -91,12 +103,13 @@ def run(cfg: OdpoConfig) -> str:
 
 
 def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
-              scorers: ActorPool, learners: LearnerGroup, nccl: bool) -> tuple[dict, list, ray.ObjectRef]:
+              scorers: ActorPool, learners: LearnerGroup, nccl: bool,
+              telemetry: Telemetry | None = None) -> tuple[dict, list, ray.ObjectRef]:
     """One round: stream, replay epochs, sync the new weights to the generators. Returns the round's
     metrics, pairs and the new weights (a ref)."""
     round_start = time.perf_counter()
     prompts = source.round_prompts(r)
-    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
+    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s, telemetry=telemetry)
     learners.start_round(r, planned_steps(len(prompts), cfg))
 
     stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
@@ -114,7 +127,24 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
     progress.close()
     metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start,
                             source.drops[r], source.truncated[r])
+    metrics.update({"pool/generators": len(generators), "pool/scorers": len(scorers),
+                    "pool/generators_dropped": generators.dropped, "pool/scorers_dropped": scorers.dropped})
     return metrics, stream.pairs, export_refs[0]
+
+
+def apply_scale_request(run_dir: str, generators: ActorPool, scorers: ActorPool, nccl: bool) -> None:
+    """Resize the rollout pools as `odpo scale` asked (between rounds; the learner is untouched)."""
+    request = take_scale_request(run_dir)
+    if not request:
+        return
+    if nccl and "generator" in request:
+        print("odpo: ignoring a generator resize: weight_sync=nccl fixes the engines in one NCCL group at start; "
+              "resize on resume instead", file=sys.stderr)
+        request.pop("generator")
+    for pool, size in ((generators, request.get("generator")), (scorers, request.get("scorer"))):
+        if size is not None and size != len(pool):
+            before, after = pool.resize(size)
+            print(f"odpo: {pool.name} pool resized {before} -> {after}", file=sys.stderr)
 
 
 def commit_round(r: int, cfg: OdpoConfig, out: RunDir, learners: LearnerGroup, bundle, pairs: list,
@@ -148,14 +178,17 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
 def start_ray(cfg: OdpoConfig) -> bool:
     """Join or start a cluster; False when Ray was already initialised by the caller.
 
-    A local cluster keeps Ray's token authentication on and binds its dashboard to ray.dashboard_host."""
+    As a Ray job (`odpo submit`, `ray job submit`), the driver joins the job's cluster and its runtime_env
+    (working_dir, env_vars) is inherited by every actor. A local cluster keeps Ray's token authentication on and binds its dashboard to ray.dashboard_host."""
     if ray.is_initialized():
         return False
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # submitted as a Ray job: join the job's cluster
+    address = cfg.ray.address or ("auto" if in_job else None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
                            + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor
@@ -171,15 +204,21 @@ def build_rollout_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, 
                         pools: list[ActorPool]) -> tuple[ActorPool, ActorPool]:
     """Generator and scorer pools, each in its own placement group; each actor gets only its own section."""
     g, s, p = cfg.generator, cfg.scorer, cfg.policy
-    timeout = cfg.ray.placement_timeout_s
-    pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors, g.cpus_per_actor, g.gpus_per_actor,
+    pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors,
+                           placement(cfg, g.cpus_per_actor, g.gpus_per_actor, g.resources, g.node_labels),
                            lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
-                                      p.trust_remote_code, f"generator-{r}"), timeout, g.max_restarts,
+                                      p.trust_remote_code, f"generator-{r}"), g.max_restarts,
                            call_timeout_s=g.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
-    pools.append(ActorPool("scorer", Scorer, s.num_actors, s.cpus_per_actor, s.gpus_per_actor,
-                           lambda r: (s, reward_path, f"scorer-{r}"), timeout, s.max_restarts,
+    pools.append(ActorPool("scorer", Scorer, s.num_actors,
+                           placement(cfg, s.cpus_per_actor, s.gpus_per_actor, s.resources, s.node_labels),
+                           lambda r: (s, reward_path, f"scorer-{r}"), s.max_restarts,
                            call_timeout_s=s.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
     return pools[-2], pools[-1]
+
+
+def placement(cfg: OdpoConfig, cpus: float, gpus: float, resources: dict, labels: dict) -> Placement:
+    return Placement(cpus, gpus, dict(resources), dict(labels), cfg.ray.placement_timeout_s,
+                     cfg.ray.replace_placement_timeout_s)
 
 
 def build_learners(cfg: OdpoConfig, out: RunDir, initial_policy: str, pad_id: int, pools: list[ActorPool],
@@ -188,9 +227,10 @@ def build_learners(cfg: OdpoConfig, out: RunDir, initial_policy: str, pad_id: in
     lc, p = cfg.learner, cfg.policy
     policy = out.checkpoint_dir(out.completed - 1) if out.completed else initial_policy
     reference = policy if lc.reference == "previous" else initial_policy
-    pool = ActorPool("learner", Learner, lc.num_ranks, lc.cpus_per_rank, lc.gpus_per_rank,
+    pool = ActorPool("learner", Learner, lc.num_ranks,
+                     placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
                      lambda r: (lc, policy, p.dtype, r, lc.num_ranks, pad_id, p.trust_remote_code, reference),
-                     cfg.ray.placement_timeout_s, incarnation=incarnation)
+                     incarnation=incarnation, gang=True)
     pools.append(pool)
     learners = LearnerGroup(pool, lc.step_timeout_s)
     learners.setup()
@@ -229,14 +269,16 @@ def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: lis
         learners.get(learners.async_send_nccl_refs(), "the NCCL weight broadcast")
         reported = generators.get([a.set_weight_version.remote(version) for a in generators.actors], "the sync")
     else:
-        refs = [a.load_weights.remote(export_refs[0]) for a in generators.actors]
+        slots = list(generators.slots)
+        refs = [slot.actor.load_weights.remote(export_refs[0]) for slot in slots]
         reported = []
-        for rank, ref in enumerate(refs):
+        for slot, ref in zip(slots, refs):
             try:
                 reported.append(ray.get(ref, timeout=generators.call_timeout_s))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                generators.replace(rank, f"failed during the weight sync ({type(e).__name__})")  # loads the bundle
-                reported.append(generators.get([generators.actors[rank].weight_version.remote()], "the sync")[0])
+                # a replacement loads the bundle as it starts; with no room for one the pool goes on without it
+                if generators.replace(slot, f"failed during the weight sync ({type(e).__name__})"):
+                    reported.append(generators.get([slot.actor.weight_version.remote()], "the sync")[0])
     if any(v != version for v in reported):
         raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")
 
@@ -260,6 +302,9 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "reward/min": float(rewards.min()), "reward/std": float(rewards.std()),
         "gen/tokens": stream.new_tokens,
         "gen/tokens_per_s": stream.new_tokens / stream.generate_span_s if stream.generate_span_s else float("nan"),
+        "score/tokens_per_s": stream.new_tokens / stream.wall_s if stream.wall_s else float("nan"),
+        "train/tokens": sum(s.tokens for s in steps),
+        "train/tokens_per_s": sum(s.tokens for s in steps) / (stream.wall_s + replay_s) if stream.wall_s else float("nan"),
         "gen/response_chars_mean": float(np.mean(stream.response_chars)),
         "train/loss": pair_mean("loss"), "train/accuracy": pair_mean("accuracy"),
         "train/chosen_reward": pair_mean("chosen_reward"), "train/rejected_reward": pair_mean("rejected_reward"),

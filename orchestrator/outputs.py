@@ -77,6 +77,10 @@ class RunDir:
             raise ValueError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
 
+    def write_placement(self, nodes: dict[str, dict[str, str]]) -> None:
+        """placement.json: pool -> actor name -> node id, as of the last round."""
+        _write_atomic(os.path.join(self.path, "placement.json"), json.dumps(nodes, indent=1))
+
     def _drop_uncommitted(self) -> None:
         """Remove what rounds at or after `self.completed` wrote before the driver died."""
         def stale(name: str) -> bool:

@@ -1,17 +1,23 @@
 """Actor pools: each kind of actor in its own placement group, named by pool and rank.
 
 `ActorPool` wraps a plain actor class with `ray.remote` and places one actor per bundle, so a pool's
-size and resources never touch another pool's. `LearnerGroup` makes the learner ranks one
+size and resources never touch another pool's; rollout pools resize between rounds. `LearnerGroup` makes the learner ranks one
 torch.distributed group and fans calls out to them, returning object refs (`async_*` / `*_refs`).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.types import Pair, TrainStepStats
@@ -22,52 +28,156 @@ class PlacementError(RuntimeError):
 
 
 class PoolExhausted(RuntimeError):
-    """An actor died or hung and the pool's restart budget is spent."""
+    """An actor died or hung and the pool's restart budget is spent (or no room is left for any actor)."""
+
+
+@dataclass
+class Placement:
+    """What one actor of a pool reserves, and where it may go."""
+
+    cpus: float
+    gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources (`ray start --resources`), e.g. {"rollout": 1}."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Node label selector (`ray start --labels`), e.g. {"odpo-role": "rollout"}."""
+    timeout_s: float = 120.0
+    replace_timeout_s: float = 60.0
+    """A replacement's wait for room before the pool goes on one actor smaller (its node left)."""
+
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.resources}
+
+
+@dataclass
+class Slot:
+    """One actor of a pool and the placement bundle it runs in; `id` names it (`generator-3`)."""
+
+    id: int
+    pg: PlacementGroup
+    bundle_index: int
+    actor: Any = None
+    incarnation: int = 0
+
+    def name(self, pool: str) -> str:
+        return f"{pool}-{self.id}" + (f".{self.incarnation}" if self.incarnation else "")
 
 
 class ActorPool:
-    def __init__(self, name: str, cls: type, size: int, cpus: float, gpus: float,
-                 args_for_rank: Any, placement_timeout_s: float, max_restarts: int = 0, incarnation: int = 0,
-                 call_timeout_s: float | None = None, start_timeout_s: float | None = None):
-        self.name = name
-        self.cls, self.cpus, self.gpus, self.args_for_rank = cls, cpus, gpus, args_for_rank
-        self.max_restarts, self.restarts = max_restarts, 0
+    """Actors of one class, each named `<pool>-<id>`, on their own placement bundles.
+
+    A `gang` pool (the learner) is one placement group placed all at once. Other pools (generators,
+    scorers) give every actor its own one-bundle placement group, so they grow and shrink between rounds
+    (`resize`) and a dead actor's replacement can land on any node with room; when none has room within
+    `placement.replace_timeout_s` (its node left), the pool goes on without it.
+    """
+
+    def __init__(self, name: str, cls: type, size: int, placement: Placement, args_for_rank: Any,
+                 max_restarts: int = 0, incarnation: int = 0, call_timeout_s: float | None = None,
+                 start_timeout_s: float | None = None, gang: bool = False):
+        self.name, self.cls, self.placement, self.args_for_rank, self.gang = name, cls, placement, args_for_rank, gang
+        self.max_restarts, self.restarts, self.dropped = max_restarts, 0, 0
         self.call_timeout_s, self.start_timeout_s = call_timeout_s, start_timeout_s
         self.weights_ref: ray.ObjectRef | None = None
-        """The weights a replacement actor loads before it serves (generators; set by the driver)."""
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK", name=f"odpo-{name}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise PlacementError(
-                f"pool `{name}`: {size} x {bundle} could not be placed within {placement_timeout_s:.0f}s; "
-                f"the cluster has {ray.cluster_resources()} (available now: {ray.available_resources()})")
+        """The weights a new or replacement actor loads before it serves (generators; set by the driver)."""
         self.remote_cls = ray.remote(cls)
-        self.incarnation = [incarnation] * size  # a rebuilt group's actors get fresh names (learner-0.1)
-        self.actors = [self._start(rank) for rank in range(size)]
+        self.next_id = 0
+        self.slots: list[Slot] = []
+        for slot in self._place(size, placement.timeout_s):
+            slot.incarnation = incarnation  # a rebuilt learner group's actors get fresh names (learner-0.1)
+            self._start(slot)
+            self.slots.append(slot)
 
-    def _start(self, rank: int):
-        suffix = f".{self.incarnation[rank]}" if self.incarnation[rank] else ""
-        return self.remote_cls.options(
-            name=f"{self.name}-{rank}{suffix}", num_cpus=self.cpus, num_gpus=self.gpus, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-        ).remote(*self.args_for_rank(rank))
+    @property
+    def actors(self) -> list:
+        return [s.actor for s in self.slots]
 
-    def replace(self, rank: int, reason: str) -> None:
-        """Kill actor `rank` (dead or hung) and start a new one in its bundle that holds the current weights."""
-        old_name = f"{self.name}-{rank}" + (f".{self.incarnation[rank]}" if self.incarnation[rank] else "")
+    def _place(self, count: int, timeout_s: float, ids: list[int] | None = None) -> list[Slot]:
+        """Reserve `count` bundles (one group for a gang pool, else one group each) within `timeout_s`."""
+        p = self.placement
+        new_ids = ids is None
+        ids = ids or list(range(self.next_id, self.next_id + count))
+        selector = [dict(p.labels) for _ in range(count)] if p.labels else None
+        if self.gang:
+            groups = [placement_group([p.bundle() for _ in ids], strategy="PACK", name=f"odpo-{self.name}",
+                                      bundle_label_selector=selector)]
+            slots = [Slot(i, groups[0], k) for k, i in enumerate(ids)]
+        else:
+            groups = [placement_group([p.bundle()], name=f"odpo-{self.name}-{i}",
+                                      bundle_label_selector=[dict(p.labels)] if p.labels else None) for i in ids]
+            slots = [Slot(i, g, 0) for i, g in zip(ids, groups)]
+        ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
+        if len(ready) < len(groups):
+            for g in groups:
+                remove_placement_group(g)
+            where = f" on nodes labelled {p.labels}" if p.labels else ""
+            raise PlacementError(
+                f"pool `{self.name}`: {count} x {p.bundle()}{where} could not be placed within {timeout_s:.0f}s; "
+                f"the cluster has {ray.cluster_resources()} (available now: {ray.available_resources()})")
+        if new_ids:
+            self.next_id += count
+        return slots
+
+    def _start(self, slot: Slot) -> None:
+        p = self.placement
+        slot.actor = self.remote_cls.options(
+            name=slot.name(self.name), num_cpus=p.cpus, num_gpus=p.gpus, resources=dict(p.resources) or None,
+            max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle_index),
+        ).remote(*self.args_for_rank(slot.id))
+
+    def _serve(self, slots: list[Slot], what: str) -> None:
+        """Wait until new actors are built, then give them the current weights: they serve only after."""
+        self.get([s.actor.ready.remote() for s in slots], what, self.start_timeout_s)
+        if self.weights_ref is not None:
+            self.get([s.actor.load_weights.remote(self.weights_ref) for s in slots], "loading the current weights")
+
+    def resize(self, size: int) -> tuple[int, int]:
+        """Grow or shrink to `size` actors between rounds; new actors hold the current weights before they
+        serve. Returns (before, after)."""
+        if size < 1:
+            raise ValueError(f"pool `{self.name}`: size must be >= 1, got {size}")
+        before = len(self.slots)
+        if size > before:
+            new = self._place(size - before, self.placement.timeout_s)
+            for slot in new:
+                self._start(slot)
+            self._serve(new, f"starting {len(new)} new actor(s)")
+            self.slots += new
+        while len(self.slots) > size:
+            self._remove(self.slots.pop())
+        return before, len(self.slots)
+
+    def _remove(self, slot: Slot) -> None:
+        ray.kill(slot.actor, no_restart=True)
+        if not self.gang:
+            remove_placement_group(slot.pg)
+
+    def replace(self, slot: Slot, reason: str) -> bool:
+        """Kill `slot`'s actor (dead or hung) and start a new one holding the current weights, wherever there
+        is room. False: no room came within the replace timeout and the pool goes on without it."""
+        assert not self.gang, "a gang pool (the learner group) is rebuilt as a whole, never one actor"
+        old_name = slot.name(self.name)
         if self.restarts >= self.max_restarts:
             raise PoolExhausted(f"pool `{self.name}`: actor {old_name} {reason}, and the pool's restart budget "
                                 f"({self.max_restarts}) is spent")
         self.restarts += 1
         print(f"odpo: {old_name} {reason}; replacing it ({self.restarts}/{self.max_restarts})", file=sys.stderr)
-        ray.kill(self.actors[rank], no_restart=True)
-        self.incarnation[rank] += 1
-        self.actors[rank] = self._start(rank)
-        self.get([self.actors[rank].ready.remote()], "starting", self.start_timeout_s)
-        if self.weights_ref is not None:
-            self.get([self.actors[rank].load_weights.remote(self.weights_ref)], "loading the current weights")
+        self._remove(slot)
+        try:
+            (placed,) = self._place(1, self.placement.replace_timeout_s, ids=[slot.id])
+        except PlacementError as e:
+            if len(self.slots) == 1:
+                raise PoolExhausted(f"pool `{self.name}`: its last actor {old_name} {reason} and {e}") from None
+            self.slots.remove(slot)
+            self.dropped += 1
+            print(f"odpo: no room for a new {self.name} within {self.placement.replace_timeout_s:.0f}s (its node "
+                  f"left?); going on with {len(self.slots)} {self.name}(s)", file=sys.stderr)
+            return False
+        slot.pg, slot.bundle_index, slot.incarnation = placed.pg, 0, slot.incarnation + 1
+        self._start(slot)
+        self._serve([slot], "starting")
+        return True
 
     def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list:
         """ray.get bounded by the pool's call timeout: a pool that does not answer stops the run, named."""
@@ -81,13 +191,24 @@ class ActorPool:
         """Block until every actor's constructor has finished (model loaded, engine built)."""
         self.get([a.ready.remote() for a in self.actors], "starting", self.start_timeout_s)
 
+    def nodes(self) -> dict[str, str]:
+        """Actor name -> the id of the node its bundle was placed on."""
+        tables = {}
+        out = {}
+        for s in self.slots:
+            key = s.pg.id.hex()
+            tables.setdefault(key, placement_group_table(s.pg))
+            out[s.name(self.name)] = tables[key]["bundles_to_node_id"].get(s.bundle_index, "")
+        return out
+
     def __len__(self) -> int:
-        return len(self.actors)
+        return len(self.slots)
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        remove_placement_group(self.pg)
+        for s in self.slots:
+            ray.kill(s.actor, no_restart=True)
+        for pg in {s.pg.id.hex(): s.pg for s in self.slots}.values():
+            remove_placement_group(pg)
 
 
 class LearnerFailure(RuntimeError):
@@ -148,6 +269,6 @@ def combine_step(rank_sums: list[dict]) -> TrainStepStats:
         chosen_reward=sum(s["chosen_reward"] for s in rank_sums) / n,
         rejected_reward=sum(s["rejected_reward"] for s in rank_sums) / n,
         pairs=n, lr=rank_sums[0]["lr"], grad_norm=rank_sums[0]["grad_norm"],
-        seconds=max(s["seconds"] for s in rank_sums),
+        seconds=max(s["seconds"] for s in rank_sums), tokens=sum(s.get("tokens", 0) for s in rank_sums),
     )
 

@@ -64,21 +64,22 @@ class Dispatcher:
         self.pool = pool
         self.limit = limit
         self.timeout_s = timeout_s
-        self.load = [0] * len(pool.actors)
+        self.slots = list(pool.slots)  # positions stay fixed for the round; a dropped actor's never gets work
+        self.load: list[float] = [0] * len(self.slots)
         self.inflight: dict[ray.ObjectRef, tuple[int, object, list]] = {}
-        self.last_progress = [time.perf_counter()] * len(pool.actors)
-
-    @property
-    def actors(self) -> list:
-        return self.pool.actors
+        self.last_progress = [time.perf_counter()] * len(self.slots)
 
     def has_room(self) -> bool:
         return min(self.load) < self.limit
 
+    def depth(self) -> int:
+        """Calls queued at or running on this pool's actors."""
+        return len(self.inflight)
+
     def submit(self, call: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], tag: object) -> None:
         """`call(actor)` returns a ref, or several (num_returns > 1): the first is the one waited on."""
         i = int(np.argmin(self.load))
-        refs = call(self.actors[i])
+        refs = call(self.slots[i].actor)
         refs = refs if isinstance(refs, list) else [refs]
         if self.load[i] == 0:
             self.last_progress[i] = time.perf_counter()
@@ -93,12 +94,12 @@ class Dispatcher:
         return tag, rest
 
     def fail(self, ref: ray.ObjectRef, reason: str) -> list:
-        """The actor behind `ref` is dead or hung: replace it; return every tag it held, in order."""
+        """The actor behind `ref` is dead or hung: replace it (or go on without it when no node has room for
+        a replacement); return every tag it held, in order."""
         i = self.inflight[ref][0]
         lost = [r for r, (j, _, _) in self.inflight.items() if j == i]
         tags = [self.inflight.pop(r)[1] for r in lost]
-        self.load[i] = 0
-        self.pool.replace(i, reason)
+        self.load[i] = 0 if self.pool.replace(self.slots[i], reason) else float("inf")
         self.last_progress[i] = time.perf_counter()
         return tags
 
@@ -111,7 +112,7 @@ class Dispatcher:
         return None
 
     def seconds_to_deadline(self) -> float:
-        busy = [self.last_progress[i] for i in range(len(self.load)) if self.load[i]]
+        busy = [self.last_progress[i] for i in range(len(self.load)) if 0 < self.load[i] < float("inf")]
         return min(busy) + self.timeout_s - time.perf_counter() if busy else float("inf")
 
 
@@ -160,6 +161,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
         if next_release == total_chunks and buffer and not training:
             submit_train(buffer)  # the round's last, partial batch: trains exactly its real pairs
             buffer = []
+        progress.queues(generator=len(chunks) + gen.depth(), scorer=len(to_score) + score.depth(),
+                        learner=len(buffer) + batch_size * len(training))
         waiting = list(gen.inflight) + list(score.inflight) + [refs[0] for refs, _ in training]
         if not waiting:
             break
@@ -183,7 +186,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                                    f"{meta.weight_version}, expected {version}: the weight sync did not reach it")
             to_score.append((payload, c))
             last_gen_done = time.perf_counter()
-            progress.add(generated=meta.prompts)
+            progress.add("generated", meta.prompts, meta.new_tokens)
         elif ref in score.inflight:
             try:
                 sc: ScoredChunk = ray.get(ref)
@@ -202,7 +205,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             if not out.chunks_by_actor:
                 out.first_scored_s = time.perf_counter() - start
             out.chunks_by_actor[sc.rollouts.actor] = out.chunks_by_actor.get(sc.rollouts.actor, 0) + 1
-            progress.add(scored=len(sc.rollouts.rollouts))
+            progress.add("scored", len(sc.rollouts.rollouts), sc.rollouts.new_tokens)
             while next_release in scored:  # release in chunk order: batches are reproducible
                 buffer.extend(_collect(scored.pop(next_release), out, cfg, round_index))
                 next_release += 1
@@ -214,7 +217,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 raise LearnerFailure(f"learner rank died during a training step ({type(e).__name__}: {e})") from e
             out.steps.append(step)
             out.busy["train"] += step.seconds
-            progress.add(trained=step.pairs)
+            progress.add("trained", step.pairs, step.tokens)
     out.pairs.sort(key=lambda p: p.uid)
     out.generate_span_s = last_gen_done - start
     out.wall_s = time.perf_counter() - start
@@ -263,5 +266,5 @@ def replay_epochs(pairs: list[Pair], cfg: OdpoConfig, round_index: int, learners
         submitted = [learners.async_train_step_refs(shuffled[s: s + g]) for s in range(0, len(shuffled), g)]
         for refs in submitted:
             steps.append(combine_step(learners.get(refs, "a training step")))
-            progress.add(trained=steps[-1].pairs)
+            progress.add("trained", steps[-1].pairs, steps[-1].tokens)
     return steps

@@ -15,7 +15,7 @@ from test_actors import fixed_pairs, make_chunk
 from actors.generator import HFGenerator
 from actors.learner import Learner
 from orchestrator.config import GeneratorConfig, LearnerConfig
-from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+from orchestrator.pools import ActorPool, LearnerGroup, Placement, combine_step
 
 pytestmark = pytest.mark.gpu
 
@@ -35,11 +35,11 @@ def test_bf16_learner_on_nccl_trains_and_syncs_to_cuda_generator(ray_cluster, ti
         pytest.skip("the local Ray cluster sees no GPU")
     cfg = LearnerConfig(num_ranks=1, zero_stage=2, global_batch_size=4, micro_batch_size=2, lr=1e-2,
                         warmup_ratio=0.0, gpus_per_rank=0.5)
-    learners = LearnerGroup(ActorPool("learner-gpu", Learner, 1, 1.0, 0.5,
-                                      lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), 60))
+    learners = LearnerGroup(ActorPool("learner-gpu", Learner, 1, Placement(1.0, 0.5, timeout_s=60),
+                                      lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), gang=True))
     gen_cfg = GeneratorConfig(n=2, max_new_tokens=4, gpus_per_actor=0.5)
-    gens = ActorPool("generator-gpu", HFGenerator, 1, 1.0, 0.5,
-                     lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"), 60)
+    gens = ActorPool("generator-gpu", HFGenerator, 1, Placement(1.0, 0.5, timeout_s=60),
+                     lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"))
     try:
         learners.setup()
         learners.start_round(0, 10)
@@ -68,12 +68,12 @@ def test_nccl_weight_sync_into_vllm_matches_the_learner(ray_cluster, tiny_policy
 
     cfg = LearnerConfig(num_ranks=1, zero_stage=2, global_batch_size=4, micro_batch_size=2, lr=1e-2,
                         warmup_ratio=0.0, gpus_per_rank=1)
-    learners = LearnerGroup(ActorPool("learner-nccl", Learner, 1, 1.0, 1.0,
-                                      lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), 60))
+    learners = LearnerGroup(ActorPool("learner-nccl", Learner, 1, Placement(1.0, 1.0, timeout_s=60),
+                                      lambda r: (cfg, tiny_policy_dir, "bfloat16", r, 1, 0), gang=True))
     gen_cfg = GeneratorConfig(backend="vllm", n=2, temperatures=[0.0], max_new_tokens=8, gpus_per_actor=1,
                               weight_sync="nccl")
-    gens = ActorPool("generator-nccl", VLLMGenerator, 1, 1.0, 1.0,
-                     lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"), 120)
+    gens = ActorPool("generator-nccl", VLLMGenerator, 1, Placement(1.0, 1.0, timeout_s=120),
+                     lambda r: (gen_cfg, tiny_policy_dir, tiny_policy_dir, "bfloat16", 32, False, "generator-0"))
     try:
         learners.setup()
         learners.init_nccl_sync(gens.actors, 1)

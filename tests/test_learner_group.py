@@ -9,7 +9,7 @@ from test_actors import fixed_pairs
 from actors.generator import HFGenerator
 from actors.learner import Learner
 from orchestrator.config import GeneratorConfig, LearnerConfig
-from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+from orchestrator.pools import ActorPool, LearnerGroup, Placement, combine_step
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 def train_group(ray, policy_dir: str, stage: int, ranks: int, batches: list) -> tuple[list[float], LearnerGroup]:
     cfg = LearnerConfig(num_ranks=ranks, zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-2,
                         warmup_ratio=0.0)
-    pool = ActorPool(f"learner-z{stage}-w{ranks}", Learner, ranks, 1.0, 0.0,
-                     lambda r: (cfg, policy_dir, "float32", r, ranks, 0), placement_timeout_s=60)
+    pool = ActorPool(f"learner-z{stage}-w{ranks}", Learner, ranks, Placement(1.0, timeout_s=60),
+                     lambda r: (cfg, policy_dir, "float32", r, ranks, 0), gang=True)
     group = LearnerGroup(pool)
     group.setup()
     group.start_round(0, total_steps=10)
@@ -51,8 +51,8 @@ def test_zero2_and_zero3_on_two_ranks_match_one_rank(ray_cluster, tiny_policy_di
 def check_weight_sync(ray, group: LearnerGroup, policy_dir: str, learner_weights: dict) -> None:
     """The exported bundle, put in the object store once, lands exactly in every generator."""
     gen_cfg = GeneratorConfig(n=2, max_new_tokens=4, cpus_per_actor=0.5)
-    gens = ActorPool("generator-sync", HFGenerator, 2, 0.5, 0.0,
-                     lambda r: (gen_cfg, policy_dir, policy_dir, "float32", 32, False, f"generator-{r}"), 60)
+    gens = ActorPool("generator-sync", HFGenerator, 2, Placement(0.5, timeout_s=60),
+                     lambda r: (gen_cfg, policy_dir, policy_dir, "float32", 32, False, f"generator-{r}"))
     try:
         assert ray.get([g.weight_version.remote() for g in gens.actors]) == [0, 0]
         refs = group.async_export_refs(version=1)

@@ -17,7 +17,7 @@ from actors.models import materialize_builtin
 from actors.types import WeightBundle
 from actors.vllm_generator import VLLMGenerator
 from orchestrator.config import GeneratorConfig
-from orchestrator.pools import ActorPool
+from orchestrator.pools import ActorPool, Placement
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_vllm_sync_gives_the_new_weights_outputs(tiny_policy_dir, tmp_path):
 @pytest.mark.slow
 def test_killing_a_vllm_actor_leaves_no_engine_process(ray_cluster, tiny_policy_dir):
     cfg = GeneratorConfig(backend="vllm", n=2, max_new_tokens=4, cpus_per_actor=0.5)
-    pool = ActorPool("generator-kill", VLLMGenerator, 1, 0.5, 0.0,
-                     lambda r: (cfg, tiny_policy_dir, tiny_policy_dir, "float32", 32, False, "generator-0"), 60)
+    pool = ActorPool("generator-kill", VLLMGenerator, 1, Placement(0.5, timeout_s=60),
+                     lambda r: (cfg, tiny_policy_dir, tiny_policy_dir, "float32", 32, False, "generator-0"))
     actor = pool.actors[0]
     out = ray_cluster.get(actor.generate.remote(make_chunk(1)))
     assert len(out.rollouts[0].responses) == 2

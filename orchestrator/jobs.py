@@ -1,0 +1,181 @@
+"""odpo runs as Ray jobs: `odpo submit`, `odpo status`, `odpo stop`, and `odpo scale JOB`.
+
+Everything goes through Ray's Jobs SDK (`JobSubmissionClient`, HTTP to the dashboard, port 8265), so it
+works from any machine that can reach the dashboard, with Ray's token authentication (RAY_AUTH_MODE=token
+and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+
+A submitted run is `python -m orchestrator.cli run CONFIG overrides...` in a runtime_env that ships the
+working directory (this repository, without .venv, runs, caches) and the environment variables the run
+needs. The config is validated here first, so a bad value fails before anything is uploaded. Job
+metadata marks the job as odpo's and records its run directory, which `odpo status` and `odpo scale` use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+
+import yaml
+
+from orchestrator.config import load_config
+from orchestrator.progress import parse_line
+
+METADATA_KEY = "odpo_run_dir"
+EXCLUDES = [".venv", "runs", ".cache", "wandb", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"]
+# Passed from the submitting shell to the job when set there (TORCH_EXTENSIONS_DIR made absolute).
+FORWARDED_ENV = ("WANDB_MODE", "WANDB_API_KEY", "HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR",
+                 "VLLM_CPU_KVCACHE_SPACE")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265")
+
+
+def runtime_env(working_dir: str, extra_file: str | None = None) -> dict:
+    """working_dir + env_vars, merged with a runtime_env YAML (launch/runtime_env.yaml) when given."""
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
+           # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: room to shut pools down
+           "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    for key in FORWARDED_ENV:
+        if key in os.environ:
+            env[key] = os.path.abspath(os.environ[key]) if key == "TORCH_EXTENSIONS_DIR" else os.environ[key]
+    out: dict = {"working_dir": working_dir, "excludes": list(EXCLUDES), "env_vars": env}
+    if extra_file:
+        with open(extra_file) as f:
+            extra = yaml.safe_load(f) or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{extra_file}: a runtime_env is a mapping (working_dir, env_vars, pip, ...)")
+        out["env_vars"] = {**env, **{k: str(v) for k, v in (extra.pop("env_vars", None) or {}).items()}}
+        out["excludes"] = list(dict.fromkeys(EXCLUDES + list(extra.pop("excludes", None) or [])))
+        out.update(extra)
+    return out
+
+
+def submit(config: str, overrides: list[str], address: str | None, working_dir: str = ".",
+           runtime_env_file: str | None = None, output_dir: str | None = None, submission_id: str | None = None,
+           follow: bool = False) -> int:
+    """Validate, submit, print the job id; with `follow`, stream the log and return the job's exit status."""
+    working_dir = os.path.abspath(working_dir)
+    config_abs = os.path.abspath(config)
+    if os.path.commonpath([config_abs, working_dir]) != working_dir:
+        raise ValueError(f"{config} is outside the working directory {working_dir} that is shipped to the "
+                         "cluster; put it inside, or pass --working-dir")
+    # Relative paths in the config resolve against the working directory, as they will in the job.
+    cwd = os.getcwd()
+    os.chdir(working_dir)
+    try:
+        cfg = load_config(os.path.relpath(config_abs, working_dir), overrides)
+    finally:
+        os.chdir(cwd)
+    # The job's working directory is a temporary copy: the run directory must be absolute (shared storage,
+    # or the head node's disk when the driver runs there).
+    run_parent = output_dir or (cfg.run.output_dir if os.path.isabs(cfg.run.output_dir)
+                                else os.path.join(working_dir, cfg.run.output_dir))
+    run_dir = os.path.join(run_parent, cfg.run.name)
+    args = [os.path.relpath(config_abs, working_dir), *overrides, f"run.output_dir={run_parent}"]
+    entrypoint = "python -m orchestrator.cli run " + " ".join(shlex.quote(a) for a in args)
+    c = client(address)
+    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir, runtime_env_file),
+                          submission_id=submission_id,
+                          metadata={METADATA_KEY: run_dir, "odpo_config": os.path.relpath(config_abs, working_dir),
+                                    "odpo_run_name": cfg.run.name})
+    print(job_id)
+    print(f"odpo: submitted {job_id}; run directory {run_dir} (on the cluster's driver node)\n"
+          f"      follow: odpo logs {job_id}   progress: odpo status   stop: odpo stop {job_id}", file=sys.stderr)
+    if not follow:
+        return 0
+    return follow_logs(c, job_id)
+
+
+def follow_logs(c, job_id: str) -> int:
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = wait_terminal(c, job_id)
+    print(f"odpo: job {job_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_terminal(c, job_id: str, timeout_s: float = 3600.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(c.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def odpo_jobs(c) -> list:
+    return [j for j in c.list_jobs() if (j.metadata or {}).get(METADATA_KEY)]
+
+
+def job_progress(c, job) -> dict | None:
+    """The last progress line of a running job's log (round, stage, counts, tokens/s)."""
+    if str(job.status.value) in TERMINAL:
+        return None
+    try:
+        return parse_line(c.get_job_logs(job.submission_id))
+    except Exception:  # a job whose driver has not started yet has no log
+        return None
+
+
+def status_table(c) -> str:
+    rows = [("JOB", "STATUS", "RUN", "ROUND", "STAGE", "GENERATED", "SCORED", "TRAINED", "GEN TOK/S",
+             "SCORE TOK/S", "TRAIN TOK/S", "RUN DIR")]
+    for job in sorted(odpo_jobs(c), key=lambda j: j.start_time or 0):
+        p = job_progress(c, job)
+        md = job.metadata
+        progress = ((f"{p['round']}/{p['rounds']}", p["stage"], f"{p['generated']}/{p['prompts']}",
+                     f"{p['scored']}/{p['prompts']}", str(p["trained"]), str(p["gen_tps"]), str(p["score_tps"]),
+                     str(p["train_tps"])) if p else ("-",) * 8)
+        rows.append((job.submission_id, str(job.status.value), md.get("odpo_run_name", "-"), *progress,
+                     md[METADATA_KEY]))
+    if len(rows) == 1:
+        return "no odpo jobs on this cluster"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def stop(c, job_id: str, timeout_s: float = 60.0) -> int:
+    job = c.get_job_info(job_id)
+    if not (job.metadata or {}).get(METADATA_KEY):
+        raise ValueError(f"{job_id} is not an odpo job")
+    c.stop_job(job_id)
+    status = wait_terminal(c, job_id, timeout_s)
+    print(f"odpo: job {job_id} {status}; completed rounds stay in {job.metadata[METADATA_KEY]} "
+          f"(resume: submit the same config and run.name again)", file=sys.stderr)
+    return 0 if status in TERMINAL else 1
+
+
+def scale_job(c, job_id: str, sizes: dict[str, int]) -> int:
+    """Resize a running job's rollout pools: write the request into its run directory, directly when this
+    machine sees it, else through a small job on the cluster (it runs on the head node, like the driver)."""
+    from orchestrator.control import request_scale
+
+    job = c.get_job_info(job_id)
+    run_dir = (job.metadata or {}).get(METADATA_KEY)
+    if not run_dir:
+        raise ValueError(f"{job_id} is not an odpo job")
+    if str(job.status.value) in TERMINAL:
+        raise ValueError(f"job {job_id} is {job.status.value}; resize a finished run on resume instead "
+                         "(generator.num_actors=N)")
+    if os.path.isdir(run_dir):
+        request_scale(run_dir, sizes)
+    else:
+        flags = " ".join(f"--{pool}s {n}" for pool, n in sizes.items())
+        helper = c.submit_job(entrypoint=f"python -m orchestrator.cli scale {shlex.quote(run_dir)} {flags}",
+                              runtime_env={"working_dir": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           "excludes": list(EXCLUDES)})
+        if wait_terminal(c, helper, 300) != "SUCCEEDED":
+            raise RuntimeError(f"the scale request job {helper} failed:\n{c.get_job_logs(helper)[-2000:]}")
+    print(f"odpo: asked job {job_id} to resize {sizes} before its next round", file=sys.stderr)
+    return 0

@@ -1,0 +1,53 @@
+"""The run's per-round plot, `plots/rounds.png` in the run directory, redrawn after every round:
+reward (mean, min-max band), DPO loss and accuracy, and throughput per stage (tokens/s)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+PLOT_FILE = os.path.join("plots", "rounds.png")
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [float("nan") if m.get(key) is None else float(m[key]) for m in history]
+
+
+def plot_rounds(history: list[dict], run_dir: str) -> str:
+    """Write the plot of `history` (metrics.jsonl rows) atomically; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the driver may run on a node without a display
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in history]
+    fig, (ax_r, ax_l, ax_t) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    ax_r.fill_between(rounds, _series(history, "reward/min"), _series(history, "reward/max"), alpha=0.2,
+                      label="min-max")
+    ax_r.plot(rounds, _series(history, "reward/mean"), marker="o", label="mean")
+    ax_r.set_title("reward")
+    ax_r.legend(loc="best", fontsize=8)
+    ax_l.plot(rounds, _series(history, "train/loss"), marker="o", color="tab:red", label="DPO loss")
+    ax_l.set_title("training")
+    ax_a = ax_l.twinx()
+    ax_a.plot(rounds, _series(history, "train/accuracy"), marker="s", color="tab:gray", label="accuracy")
+    ax_a.set_ylim(0, 1)
+    ax_l.legend(handles=ax_l.get_lines() + ax_a.get_lines(), loc="best", fontsize=8)
+    for key, label in (("gen/tokens_per_s", "generate"), ("score/tokens_per_s", "score"),
+                       ("train/tokens_per_s", "train")):
+        values = _series(history, key)
+        if not all(math.isnan(v) for v in values):
+            ax_t.plot(rounds, values, marker="o", label=label)
+    ax_t.set_title("throughput (tokens/s)")
+    ax_t.set_yscale("log")
+    ax_t.legend(loc="best", fontsize=8)
+    for ax in (ax_r, ax_l, ax_t):
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+    path = os.path.join(run_dir, PLOT_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
