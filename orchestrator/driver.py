@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -187,8 +188,11 @@ def start_ray(cfg: OdpoConfig) -> bool:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    if in_job:  # the job's runtime_env reaches every actor; add only what it leaves unset (Ray refuses overlaps)
+        job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env", {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     else:
         needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
                            + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor

@@ -1,0 +1,287 @@
+"""A real multi-node Ray cluster on this machine, started the way launch/multinode.sh starts one.
+
+The head (`ray start --head`, token authentication on, labelled odpo-role=train, offering a `trainer`
+resource) and a second raylet (`ray start --address`, labelled odpo-role=rollout, offering `rollout`
+resources: a stand-in for a rollout node) run in their own process groups, so a test can kill one node
+without touching the session's other Ray cluster. Runs are submitted the way users submit them: the
+`odpo` CLI (`odpo submit`, `odpo status`, `odpo scale`) and the plain `ray job submit -- ... run` form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(token_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{BIN}:{env.get('PATH', '')}",
+               # notice a dead node within seconds, not Ray's default ~30 s
+               RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+               RAY_health_check_timeout_ms="1000", TORCH_EXTENSIONS_DIR=os.environ.get(
+                   "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.token = root / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
+        self.env = cluster_env(self.token)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.metrics_ports: dict[str, int] = {}
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them
+        self.ray_tmp = tempfile.mkdtemp(prefix="odpo-ray-", dir="/tmp")
+
+    def start_node(self, name: str, head: bool, cpus: int, resources: dict, labels: str) -> str:
+        """`ray start` in its own process group; returns the new node's id."""
+        port = self.metrics_ports[name] = free_port()
+        cmd = [str(BIN / "ray"), "start", f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
+               f"--labels={labels}", f"--metrics-export-port={port}", "--disable-usage-stats", "--block"]
+        if head:
+            cmd += ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                    "--dashboard-host=127.0.0.1", f"--temp-dir={self.ray_tmp}"]
+        else:
+            cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
+        before = set(self.alive_nodes())
+        log = open(self.root / f"{name}.log", "w")
+        self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = set(self.alive_nodes()) - before
+            if new:
+                return new.pop()
+            assert self.nodes[name].poll() is None, (self.root / f"{name}.log").read_text()[-3000:]
+            time.sleep(1)
+        raise TimeoutError(f"node {name} did not join: {(self.root / f'{name}.log').read_text()[-3000:]}")
+
+    def alive_nodes(self) -> list[str]:
+        """Node ids the head reports alive (through the authenticated dashboard API)."""
+        if "head" not in self.nodes:
+            return []
+        try:
+            data = self.api("/api/v0/nodes")
+        except OSError:
+            return []
+        return [n["node_id"] for n in data["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def api(self, path: str) -> dict:
+        """GET on the dashboard with the cluster's token (Ray's token authentication is on)."""
+        req = urllib.request.Request(self.dashboard + path, headers={"authorization": f"Bearer {self.token.read_text()}"})
+        return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+    def kill(self, name: str) -> None:
+        """The node's raylet and everything it started, at once (SIGKILL to its process group)."""
+        try:
+            os.killpg(self.nodes[name].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.nodes[name].wait()
+
+    def odpo(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "odpo"), *args, "--address", self.dashboard], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def shutdown(self) -> None:
+        for name in reversed(list(self.nodes)):
+            self.kill(name)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.head_id = c.start_node("head", True, 4, {"trainer": 1}, "odpo-role=train")
+        c.rollout_id = c.start_node("rollout", False, 2, {"rollout": 2}, "odpo-role=rollout")
+        yield c
+    finally:
+        c.shutdown()
+
+
+def job_status(c: Cluster, job_id: str) -> str:
+    """Through the dashboard's job API, as `ray job status` reads it."""
+    return c.api(f"/api/jobs/{job_id}")["status"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """odpo's samples on a node's Prometheus endpoint: (name, tags that are not Ray's own) -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for m in re.finditer(r"^(ray_odpo_\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        tags = frozenset(t for t in m.group(2).split(",") if t.split("=")[0] in ("run", "stage", "pool"))
+        samples[(m.group(1), tags)] = float(m.group(3))
+    return samples
+
+
+TINY = ["generator.backend=hf", "data.prompts_per_round=24", "generator.max_new_tokens=24", "generator.n=4",
+        "generator.temperatures=[1.0]", "generator.chunk_size=4", "learner.global_batch_size=8",
+        "metrics.progress_interval_s=1", "metrics.wandb=false", "ray.placement_timeout_s=60",
+        "generator.cpus_per_actor=0.5", "learner.resources={trainer: 1}", "scorer.node_labels={odpo-role: train}"]
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """One run submitted with `odpo submit`, generators on the rollout node by their resources; while it
+    runs: `odpo status` and the head's Prometheus endpoint are polled, and after its first round
+    `odpo scale JOB --generators 2` is sent."""
+    runs = tmp_path_factory.mktemp("runs")
+    name = "submitted"
+    sub = cluster.odpo("submit", "configs/tiny.yaml", *TINY, "run.rounds=4", f"run.name={name}",
+                       "generator.num_actors=1", "generator.resources={rollout: 1}", "--output-dir", str(runs))
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    run_dir = runs / name
+    record = {"job_id": job_id, "run_dir": run_dir, "status_outputs": [], "scrapes": [], "scaled_after": None}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        st = cluster.odpo("status")
+        record["status_outputs"].append(st.stdout)
+        try:
+            record["scrapes"].append(scrape(cluster.metrics_ports["head"]))
+        except OSError:
+            pass
+        done = read_metrics(run_dir)
+        if done and record["scaled_after"] is None:
+            scale = cluster.odpo("scale", job_id, "--generators", "2")
+            assert scale.returncode == 0, scale.stderr
+            record["scaled_after"] = len(done)
+        status = job_status(cluster, job_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1)
+    else:
+        status = "TIMEOUT"
+    record["status"] = status
+    record["logs"] = cluster.odpo("logs", job_id).stdout
+    return record
+
+
+def test_submitted_run_completes_with_generators_on_the_rollout_node(cluster, submitted):
+    assert submitted["status"] == "SUCCEEDED", submitted["logs"][-4000:]
+    metrics = read_metrics(submitted["run_dir"])
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    placement = json.loads((submitted["run_dir"] / "placement.json").read_text())
+    assert set(placement["generator"].values()) == {cluster.rollout_id}, placement  # placed by `rollout`
+    assert set(placement["learner"].values()) == {cluster.head_id}  # by `trainer`
+    assert set(placement["scorer"].values()) == {cluster.head_id}  # by the odpo-role=train label
+    assert (submitted["run_dir"] / "plots" / "rounds.png").stat().st_size > 10_000
+
+
+def test_status_reported_the_running_job(submitted):
+    job = submitted["job_id"]
+    rows = [line for out in submitted["status_outputs"] for line in out.splitlines() if line.startswith(job)]
+    running = [r for r in rows if " RUNNING " in r and re.search(r" \d/4 +(stream|epochs|sync|done) ", r)]
+    assert running, "\n".join(submitted["status_outputs"][-5:])
+    # the progress columns move: some row shows prompts generated and tokens per second
+    assert any(re.search(r" \d/4 +\w+ +([1-9]\d*)/24 .* [1-9]\d* ", r) for r in running), running
+
+
+def test_resize_between_rounds_takes_effect_with_current_weights(submitted):
+    metrics = read_metrics(submitted["run_dir"])
+    k = submitted["scaled_after"]
+    assert k is not None and k < 4
+    sizes = [m["pool/generators"] for m in metrics]
+    assert sizes[0] == 1 and sizes[-1] == 2, sizes
+    first_big = sizes.index(2)
+    assert first_big >= k  # applied between rounds, never inside one
+    assert all(m["gen/actors_used"] == m["pool/generators"] for m in metrics), metrics
+    for m in metrics:  # every rollout of round r came from weights version r, new actor included
+        pairs = [json.loads(line) for line in
+                 (submitted["run_dir"] / "pairs" / f"round_{m['round']}.jsonl").read_text().splitlines()]
+        assert pairs and {p["weight_version"] for p in pairs} == {m["round"]}
+    assert "generator pool resized 1 -> 2" in submitted["logs"]
+
+
+def test_custom_metrics_on_the_prometheus_endpoint(submitted):
+    seen: dict[tuple[str, frozenset], list[float]] = {}
+    for scrape_ in submitted["scrapes"]:
+        for key, value in scrape_.items():
+            seen.setdefault(key, []).append(value)
+    run = 'run="submitted"'
+
+    def values(name: str, tag: str = "") -> list[float]:
+        return seen.get((f"ray_odpo_{name}", frozenset(t for t in (run, tag) if t)), [])
+
+    assert values("round") and set(values("round")) <= {0, 1, 2, 3}
+    assert values("weight_version") and max(values("weight_version")) <= 4
+    for stage in ("generated", "scored", "trained"):
+        counts = values("prompts_total", f'stage="{stage}"')
+        assert counts and max(counts) > 0 and counts == sorted(counts), (stage, counts)  # a counter only grows
+    assert max(values("prompts_total", 'stage="generated"')) <= 4 * 24
+    assert max(values("tokens_per_second", 'pool="generator"')) > 0
+    assert values("queue_depth", 'pool="generator"') and min(values("queue_depth", 'pool="generator"')) >= 0
+    assert set(values("pool_actors", 'pool="generator"')) <= {1, 2}
+    assert all(0 <= v <= 1 for v in values("reward_mean")) and values("reward_mean")  # lowercase ratio
+    assert all(0 < v < 10 for v in values("loss")) and values("loss")
+
+
+def test_losing_a_rollout_node_mid_run_completes_on_the_rest(cluster, tmp_path):
+    """Plain `ray job submit -- python -m orchestrator.cli run ...`; three generators fill the rollout
+    capacity of two nodes (2 + 1). The first node's processes are SIGKILLed mid-run: its generators'
+    replacements find no room, the pool goes on with the one left, and every round completes."""
+    spare_id = cluster.start_node("spare", False, 1, {"rollout": 1}, "odpo-role=rollout")
+    run_dir = tmp_path / "lost"
+    args = ["configs/tiny.yaml", *TINY, "run.rounds=3", "run.name=lost", f"run.output_dir={tmp_path}",
+            "generator.num_actors=3", "generator.resources={rollout: 1}", "ray.replace_placement_timeout_s=5"]
+    sub = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--no-wait",
+                          "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".cache", ".git"]}),
+                          "--", "python", "-m", "orchestrator.cli", "run", *args],
+                         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    job_id = re.search(r"Job '([^']+)' submitted", sub.stdout + sub.stderr).group(1)
+    deadline = time.monotonic() + 600
+    killed = False
+    while time.monotonic() < deadline:
+        if not killed and read_metrics(run_dir):  # round 0 done: round 1 is streaming
+            placement = json.loads((run_dir / "placement.json").read_text())["generator"]
+            assert sorted(placement.values()) == sorted([cluster.rollout_id] * 2 + [spare_id])
+            cluster.kill("rollout")
+            killed = True
+        status = job_status(cluster, job_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    logs = cluster.odpo("logs", job_id).stdout
+    assert killed and status == "SUCCEEDED", logs[-4000:]
+    metrics = read_metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert metrics[0]["pool/generators"] == 3 and metrics[-1]["pool/generators"] == 1, metrics
+    assert metrics[-1]["pool/generators_dropped"] == 2
+    assert set(json.loads((run_dir / "placement.json").read_text())["generator"].values()) == {spare_id}
+    for m in metrics:  # nothing lost: every prompt ends as a pair or a counted drop
+        assert m["pairs/count"] + sum(v for k, v in m.items() if k.startswith("drop/")) == m["prompts/count"] == 24
