@@ -285,3 +285,28 @@ def test_losing_a_rollout_node_mid_run_completes_on_the_rest(cluster, tmp_path):
     assert set(json.loads((run_dir / "placement.json").read_text())["generator"].values()) == {spare_id}
     for m in metrics:  # nothing lost: every prompt ends as a pair or a counted drop
         assert m["pairs/count"] + sum(v for k, v in m.items() if k.startswith("drop/")) == m["prompts/count"] == 24
+
+
+def test_stop_keeps_committed_rounds_and_submitting_again_resumes(cluster, tmp_path):
+    args = ["configs/tiny.yaml", *TINY, "run.rounds=3", "run.name=stopped", "run.overwrite=false",
+            "--output-dir", str(tmp_path)]
+    sub = cluster.odpo("submit", *args)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    run_dir = tmp_path / "stopped"
+    deadline = time.monotonic() + 300
+    while not read_metrics(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = cluster.odpo("stop", job_id)
+    assert stop.returncode == 0, stop.stderr
+    assert job_status(cluster, job_id) == "STOPPED"
+    done = json.loads((run_dir / "state.json").read_text())["completed_rounds"]
+    assert 1 <= done < 3
+    alive = cluster.api("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+    leftovers = [a["name"] for a in alive if a["state"] == "ALIVE" and re.match(r"(generator|scorer|learner)-", a["name"] or "")]
+    assert not leftovers  # the stopped driver took its pools with it
+
+    again = cluster.odpo("submit", *args, "--follow", timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert f"resuming {run_dir} after round {done - 1}" in again.stdout
+    assert [m["round"] for m in read_metrics(run_dir)] == [0, 1, 2]  # nothing redone twice, nothing missing

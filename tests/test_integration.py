@@ -126,24 +126,30 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path):
     assert not os.path.exists(tmp_path / "tiny")
 
 
-def test_runs_are_reproducible_whatever_order_chunks_finish(ray_cluster, tmp_path, monkeypatch):
-    """Two generators finish chunks in varying order; pairs, losses and checkpoints must not change."""
+def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_pool_size(ray_cluster, tmp_path,
+                                                                                     monkeypatch):
+    """Two generators finish chunks in varying order; pairs, losses and checkpoints must not change. Nor
+    when the run starts with one generator and resumes with three (the pool resized on resume)."""
     monkeypatch.chdir(REPO)
     outputs = []
-    for name in ("a", "b"):
-        cfg = load_config("configs/tiny.yaml", [
-            f"run.output_dir={tmp_path}", f"run.name={name}", "run.rounds=2", "data.prompts_per_round=32",
-            "generator.num_actors=2", "generator.cpus_per_actor=0.5", "generator.chunk_size=2",
-            "generator.max_new_tokens=12", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
-        ])
-        run_dir = run(cfg)
+    for name, sizes in (("a", (2,)), ("b", (2,)), ("c", (1, 3))):
+        for rounds, actors in enumerate(sizes, start=3 - len(sizes)):  # c: round 0 with 1, resumed with 3
+            cfg = load_config("configs/tiny.yaml", [
+                f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "data.prompts_per_round=32",
+                f"generator.num_actors={actors}", "generator.cpus_per_actor=0.5", "generator.chunk_size=2",
+                "generator.max_new_tokens=12", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
+                "run.overwrite=false", "run.resume=true",
+            ])
+            run_dir = run(cfg)
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         pairs = [open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl")).read() for r in (0, 1)]
         from safetensors.torch import load_file
 
         weights = load_file(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
         outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"]) for m in metrics], pairs, weights))
-    (m_a, p_a, w_a), (m_b, p_b, w_b) = outputs
-    assert m_a == m_b
-    assert p_a == p_b
-    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+        assert [(m["pool/generators"], m["gen/actors_used"]) for m in metrics] == [
+            (sizes[0], sizes[0]), (sizes[-1], sizes[-1])]
+    (m_a, p_a, w_a), (m_b, p_b, w_b), (m_c, p_c, w_c) = outputs
+    assert m_a == m_b == m_c
+    assert p_a == p_b == p_c
+    assert all(torch.equal(w_a[k], w_b[k]) and torch.equal(w_a[k], w_c[k]) for k in w_a)

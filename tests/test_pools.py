@@ -1,0 +1,160 @@
+"""Pools on their own resources, resizing, the scale control file, progress lines for `odpo status`, the
+per-round plot, and `odpo submit`'s checks before anything is uploaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+from conftest import REPO
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
+from orchestrator.plots import PLOT_FILE, plot_rounds
+from orchestrator.pools import ActorPool, Placement, PlacementError
+from orchestrator.progress import RoundProgress, parse_line
+
+
+class Holder:
+    """A minimal actor with the methods a pool calls: `ready`, `load_weights`, `weight_version`."""
+
+    def __init__(self, name: str):
+        self.name, self.version = name, 0
+
+    def ready(self) -> str:
+        return self.name
+
+    def load_weights(self, version: int) -> int:
+        self.version = version
+        return version
+
+    def weight_version(self) -> int:
+        return self.version
+
+
+def test_resize_grows_with_current_weights_and_shrinks_placement_groups(ray_cluster):
+    from ray.util import placement_group_table
+
+    pool = ActorPool("holder", Holder, 1, Placement(0.25, timeout_s=30), lambda r: (f"holder-{r}",))
+    try:
+        pool.weights_ref = ray_cluster.put(7)  # what the driver sets after each sync
+        assert pool.resize(3) == (1, 3)
+        assert ray_cluster.get([a.weight_version.remote() for a in pool.actors]) == [0, 7, 7]  # new ones loaded
+        assert [ray_cluster.get_actor(f"holder-{i}") is not None for i in range(3)] == [True] * 3
+        assert len({s.pg.id for s in pool.slots}) == 3  # one placement group per actor
+        removed = pool.slots[1:]
+        assert pool.resize(1) == (3, 1)
+        for slot in removed:
+            assert placement_group_table(slot.pg)["state"] == "REMOVED"
+        with pytest.raises(ValueError):
+            ray_cluster.get_actor("holder-2")
+        assert pool.resize(2) == (1, 2)
+        assert ray_cluster.get(pool.actors[1].ready.remote()) == "holder-3"  # a fresh name, never reused
+        with pytest.raises(ValueError, match="size must be >= 1"):
+            pool.resize(0)
+    finally:
+        pool.shutdown()
+
+
+def test_custom_resources_that_no_node_offers_fail_placement_naming_them(ray_cluster):
+    with pytest.raises(PlacementError, match=r"pool `holder-x`: 1 x \{'CPU': 0.25, 'rollout': 1.0\} could not be placed"):
+        ActorPool("holder-x", Holder, 1, Placement(0.25, resources={"rollout": 1.0}, timeout_s=2),
+                  lambda r: (f"holder-x-{r}",))
+    with pytest.raises(PlacementError, match=r"on nodes labelled \{'odpo-role': 'rollout'\}"):
+        ActorPool("holder-y", Holder, 1, Placement(0.25, labels={"odpo-role": "rollout"}, timeout_s=2),
+                  lambda r: (f"holder-y-{r}",), gang=True)
+    assert ray_cluster.available_resources().get("CPU") == ray_cluster.cluster_resources()["CPU"]  # nothing held
+
+
+def test_placement_config_is_validated(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/tiny.yaml", ["generator.resources={rollout: 1}", "learner.node_labels={odpo-role: train}"])
+    assert cfg.generator.resources == {"rollout": 1.0} and cfg.learner.node_labels == {"odpo-role": "train"}
+    for override, key in (("scorer.resources={GPU: 1}", "scorer.resources.GPU"),
+                          ("generator.resources={rollout: 0}", "generator.resources.rollout"),
+                          ("learner.node_labels={odpo-role: ''}", "learner.node_labels.odpo-role"),
+                          ("ray.replace_placement_timeout_s=0", "ray.replace_placement_timeout_s")):
+        with pytest.raises(ConfigError) as e:
+            load_config("configs/tiny.yaml", [override])
+        assert e.value.key == key
+
+
+def test_scale_requests_merge_and_are_taken_once(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an odpo run directory"):
+        request_scale(str(tmp_path), {"generator": 2})
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    assert request_scale(str(tmp_path), {"generator": 2}) == {"generator": 2}
+    assert request_scale(str(tmp_path), {"scorer": 3}) == {"generator": 2, "scorer": 3}
+    assert request_scale(str(tmp_path), {"generator": 4}) == {"generator": 4, "scorer": 3}
+    for bad in ({"learner": 2}, {"generator": 0}):
+        with pytest.raises(ValueError):
+            request_scale(str(tmp_path), bad)
+    assert take_scale_request(str(tmp_path)) == {"generator": 4, "scorer": 3}
+    assert not (tmp_path / SCALE_FILE).exists()
+    assert take_scale_request(str(tmp_path)) is None and read_scale_request(str(tmp_path)) is None
+
+
+def test_cli_scale_on_a_run_directory(tmp_path):
+    from orchestrator.cli import main
+
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    assert main(["scale", str(tmp_path), "--generators", "3"]) == 0
+    assert json.loads((tmp_path / SCALE_FILE).read_text()) == {"generator": 3}
+    assert main(["scale", str(tmp_path)]) == 2  # nothing asked
+    assert main(["scale", str(tmp_path), "--scorers", "-1"]) == 2
+
+
+def test_progress_lines_parse_back_for_status():
+    out = io.StringIO()
+    progress = RoundProgress(1, 6, 64, interval_s=0.0, stream=out)
+    progress.add("generated", 8, tokens=400)
+    progress.add("scored", 8, tokens=400)
+    progress.add("trained", 4, tokens=900)
+    progress.set_stage("epochs")
+    parsed = parse_line("noise\n" + out.getvalue() + "more noise\n")
+    assert parsed is not None
+    assert {k: parsed[k] for k in ("round", "rounds", "stage", "generated", "scored", "trained", "prompts")} == {
+        "round": 2, "rounds": 6, "stage": "epochs", "generated": 8, "scored": 8, "trained": 4, "prompts": 64}
+    assert parsed["gen_tps"] > 0 and parsed["train_tps"] > parsed["score_tps"]  # 900 vs 400 tokens, same clock
+    assert parse_line("nothing here") is None
+
+
+def test_round_plot_is_written(tmp_path):
+    history = [{"round": r, "reward/mean": 0.2 + 0.1 * r, "reward/min": 0.0, "reward/max": 1.0,
+                "train/loss": 0.69 - 0.05 * r, "train/accuracy": 0.5 + 0.1 * r, "gen/tokens_per_s": 1000.0,
+                "score/tokens_per_s": 900.0, "train/tokens_per_s": None} for r in range(3)]
+    path = plot_rounds(history, str(tmp_path))
+    assert path == os.path.join(str(tmp_path), PLOT_FILE)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(os.path.dirname(path)) if p != "rounds.png"]  # no temporary left
+
+
+def test_submit_refuses_a_config_outside_the_working_dir_and_bad_values_before_uploading(tmp_path, monkeypatch):
+    from orchestrator import jobs
+
+    monkeypatch.chdir(REPO)
+    outside = tmp_path / "c.yaml"
+    outside.write_text("run: {rounds: 1}\n")
+    # an unreachable address: these must fail before any connection is tried
+    with pytest.raises(ValueError, match="outside the working directory"):
+        jobs.submit(str(outside), [], "http://127.0.0.1:9")
+    with pytest.raises(ConfigError) as e:
+        jobs.submit("configs/tiny.yaml", ["learner.lr=-1"], "http://127.0.0.1:9")
+    assert e.value.key == "learner.lr"
+
+
+def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch):
+    from orchestrator.jobs import runtime_env
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", ".cache/ext")
+    extra = tmp_path / "env.yaml"
+    extra.write_text("env_vars: {WANDB_MODE: online, FOO: 1}\nexcludes: [data/big]\n")
+    env = runtime_env(str(REPO), str(extra))
+    assert env["working_dir"] == str(REPO)
+    assert {".venv", "runs", ".cache", ".git", "data/big"} <= set(env["excludes"])
+    assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["FOO"] == "1"
+    assert os.path.isabs(env["env_vars"]["TORCH_EXTENSIONS_DIR"])
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "30"
