@@ -28,7 +28,7 @@ from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir
 from orchestrator.plots import plot_rounds
-from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, Placement
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, Placement, PlacementError
 from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 from orchestrator.telemetry import Telemetry
@@ -46,6 +46,9 @@ def run(cfg: OdpoConfig) -> str:
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
     out.save_policy_files(policy_path, tokenizer)
+    if take_scale_request(out.path):  # sizes for a new driver come from the config (resize on resume)
+        print("odpo: dropped a scale request left from an earlier driver; pool sizes come from the config "
+              "(generator.num_actors, scorer.num_actors)", file=sys.stderr)
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
@@ -144,7 +147,12 @@ def apply_scale_request(run_dir: str, generators: ActorPool, scorers: ActorPool,
         request.pop("generator")
     for pool, size in ((generators, request.get("generator")), (scorers, request.get("scorer"))):
         if size is not None and size != len(pool):
-            before, after = pool.resize(size)
+            try:
+                before, after = pool.resize(size)
+            except PlacementError as e:  # a request the cluster cannot meet does not end a long run
+                print(f"odpo: cannot resize the {pool.name} pool to {size}, going on with {len(pool)}: {e}",
+                      file=sys.stderr)
+                continue
             print(f"odpo: {pool.name} pool resized {before} -> {after}", file=sys.stderr)
 
 

@@ -158,3 +158,22 @@ def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch)
     assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["FOO"] == "1"
     assert os.path.isabs(env["env_vars"]["TORCH_EXTENSIONS_DIR"])
     assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "30"
+
+
+def test_driver_applies_a_scale_request_and_survives_one_the_cluster_cannot_meet(ray_cluster, tmp_path, capsys):
+    from orchestrator.driver import apply_scale_request
+
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    gens = ActorPool("holder-g", Holder, 1, Placement(0.25, timeout_s=2), lambda r: (f"holder-g-{r}",))
+    scorers = ActorPool("holder-s", Holder, 1, Placement(0.25, timeout_s=2), lambda r: (f"holder-s-{r}",))
+    try:
+        request_scale(str(tmp_path), {"generator": 40, "scorer": 2})  # 40 x 0.25 CPU: more than the cluster has
+        apply_scale_request(str(tmp_path), gens, scorers, nccl=False)
+        assert (len(gens), len(scorers)) == (1, 2)
+        assert "cannot resize the holder-g pool to 40, going on with 1" in capsys.readouterr().err
+        assert take_scale_request(str(tmp_path)) is None  # taken, not applied twice
+        apply_scale_request(str(tmp_path), gens, scorers, nccl=False)  # nothing pending: nothing changes
+        assert (len(gens), len(scorers)) == (1, 2)
+    finally:
+        gens.shutdown()
+        scorers.shutdown()
