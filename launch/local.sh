@@ -12,7 +12,8 @@ export WANDB_MODE="${WANDB_MODE:-offline}"
 if [[ "${1:-}" == "submit" ]]; then
   shift
   export RAY_AUTH_MODE=token PATH="$PWD/.venv/bin:$PATH"
-  ray status >/dev/null 2>&1 || launch/multinode.sh head
+  # logical CPUs: at least 4, what configs/tiny.yaml's pools reserve (1 + 0.5 + 1), even on 2 cores
+  ray status >/dev/null 2>&1 || launch/multinode.sh head --num-cpus "$(( $(nproc) < 4 ? 4 : $(nproc) ))"
   exec odpo submit "${1:-configs/tiny.yaml}" "${@:2}" --address http://127.0.0.1:"${DASHBOARD_PORT:-8265}" --follow
 fi
 exec .venv/bin/odpo run "${1:-configs/tiny.yaml}" "${@:2}"

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
 
     address = dict(metavar="URL", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_DASHBOARD_ADDRESS, "
-                   "else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
+                   "else $RAY_ADDRESS if it is an http URL, else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
     p_sub = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job")
     p_sub.add_argument("config")
     p_sub.add_argument("overrides", nargs="*")

@@ -34,7 +34,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265")
+    ray_address = os.environ.get("RAY_ADDRESS", "")  # `ray job` users often set it to the dashboard's URL
+    return JobSubmissionClient(address or os.environ.get("RAY_DASHBOARD_ADDRESS")
+                               or (ray_address if ray_address.startswith("http") else None) or "http://127.0.0.1:8265")
 
 
 def runtime_env(working_dir: str, extra_file: str | None = None) -> dict:
