@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p_scale.add_argument("--generators", type=int)
     p_scale.add_argument("--scorers", type=int)
     p_scale.add_argument("--address", **address)
+    p_scale.add_argument("--via-cluster", action="store_true", help="for a job: always send the request through a "
+                         "small job on the cluster, even when this machine sees the run directory")
     args = parser.parse_args(argv)
 
     if args.command == "config-docs":
@@ -72,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.driver import run
 
         # `ray job stop` and schedulers send SIGTERM: unwind so the pools are shut down and wandb closes;
-        # committed rounds are kept either way.
+        # committed rounds are kept either way. (ray.init installs the same kind of handler, sys.exit.)
         signal.signal(signal.SIGTERM, _terminate)
-        run(cfg)
+        try:
+            run(cfg)
+        except SystemExit as e:
+            if e.code in (signal.SIGTERM, 128 + signal.SIGTERM):
+                print("odpo: stopped by SIGTERM; the pools are shut down, committed rounds stay (run the same "
+                      "command again to resume)", file=sys.stderr, flush=True)
+            raise
         return 0
     except ConfigError as e:
         print(f"odpo: {e}", file=sys.stderr)
@@ -101,7 +109,7 @@ def jobs_command(args) -> int:
             pending = request_scale(os.path.abspath(args.target), sizes)
             print(f"odpo: {args.target}: the driver resizes to {pending} before its next round", file=sys.stderr)
             return 0
-        return jobs.scale_job(jobs.client(args.address), args.target, sizes)
+        return jobs.scale_job(jobs.client(args.address), args.target, sizes, args.via_cluster)
     c = jobs.client(args.address)
     if args.command == "submit":
         return jobs.submit(args.config, args.overrides, args.address, args.working_dir, args.runtime_env,

@@ -409,6 +409,10 @@ def check_placement(section: str, resources: dict, labels: dict) -> None:
     for key, value in labels.items():
         _require(bool(str(key).strip()) and isinstance(value, str) and bool(value.strip()),
                  f"{section}.node_labels.{key}", f"give a non-empty label value, got {value!r}")
+        from ray._private.label_utils import validate_label_selector  # Ray's own syntax check
+
+        problem = validate_label_selector({key: value})
+        _require(problem is None, f"{section}.node_labels.{key}", str(problem))
 
 
 def _require(cond: bool, key: str, message: str) -> None:

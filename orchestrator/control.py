@@ -1,53 +1,81 @@
 """Changing a running run from outside: `odpo scale RUN_DIR --generators N [--scorers M]`.
 
-The request is a small JSON file in the run directory (`control/scale.json`, written atomically); the
-driver takes it between rounds, resizes the pools, and removes it. Later requests before the driver
-took the file replace the earlier sizes they name. A job on a Ray cluster is reached through its run
-directory, which the submitting machine may share (same machine, shared storage) or not: then
-`odpo scale JOB_ID --address ...` runs this same command as a small job on the cluster (see cli.py).
+The request is a small JSON file in the run directory (`control/scale.json`). Writers merge into it under
+a lock and replace it atomically; the driver takes it between rounds by renaming it away first (so a
+request written meanwhile is never lost), resizes the pools, and deletes it. A request older than the
+driver that finds it was meant for an earlier driver and is dropped. A job on a Ray cluster is reached
+through its run directory: directly when this machine sees it (`job.json` there names the job), else by
+running this same command as a small job on the cluster (see jobs.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
 
 SCALE_FILE = os.path.join("control", "scale.json")
 SCALABLE_POOLS = ("generator", "scorer")
+
+
+def check_sizes(sizes: dict) -> dict[str, int]:
+    for pool, size in sizes.items():
+        if pool not in SCALABLE_POOLS:
+            raise ValueError(f"pool `{pool}` cannot be resized while running (allowed: {', '.join(SCALABLE_POOLS)})")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"--{pool}s must be a whole number >= 1, got {size!r}")
+    return dict(sizes)
 
 
 def request_scale(run_dir: str, sizes: dict[str, int]) -> dict[str, int]:
     """Ask the driver of `run_dir` to resize pools; returns the whole pending request."""
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         raise FileNotFoundError(f"{run_dir} is not an odpo run directory (no config.yaml)")
-    for pool, size in sizes.items():
-        if pool not in SCALABLE_POOLS:
-            raise ValueError(f"pool `{pool}` cannot be resized while running (allowed: {', '.join(SCALABLE_POOLS)})")
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"--{pool}s must be a whole number >= 1, got {size!r}")
+    check_sizes(sizes)
     path = os.path.join(run_dir, SCALE_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pending = read_scale_request(run_dir) or {}
-    pending.update(sizes)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(pending, f)
-    os.replace(tmp, path)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two requests at once: the second merges into the first
+        pending = _read(path) or {}
+        pending.update(sizes)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(pending, f)
+        os.replace(tmp, path)
     return pending
 
 
-def read_scale_request(run_dir: str) -> dict[str, int] | None:
-    path = os.path.join(run_dir, SCALE_FILE)
+def _read(path: str) -> dict[str, int] | None:
     try:
         with open(path) as f:
-            return {k: int(v) for k, v in json.load(f).items() if k in SCALABLE_POOLS}
+            raw = json.load(f)
+        return check_sizes({k: v for k, v in raw.items() if k in SCALABLE_POOLS} if isinstance(raw, dict) else raw)
     except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError) as e:  # hand-edited and broken: say so, never stop a run over it
+        print(f"odpo: ignoring {path}: {e}", file=sys.stderr)
         return None
 
 
-def take_scale_request(run_dir: str) -> dict[str, int] | None:
-    """The pending request, removed from the run directory (the driver applies it now)."""
-    request = read_scale_request(run_dir)
-    if request is not None:
-        os.remove(os.path.join(run_dir, SCALE_FILE))
-    return request
+def read_scale_request(run_dir: str) -> dict[str, int] | None:
+    return _read(os.path.join(run_dir, SCALE_FILE))
+
+
+def take_scale_request(run_dir: str, written_after: float | None = None) -> dict[str, int] | None:
+    """The pending request, moved out of the run directory first (a request written while this runs waits
+    for the next call). With `written_after` (a time.time()), an older request is discarded and None returned."""
+    path = os.path.join(run_dir, SCALE_FILE)
+    taken = f"{path}.taken{os.getpid()}"
+    try:
+        os.rename(path, taken)
+    except FileNotFoundError:
+        return None
+    try:
+        if written_after is not None and os.path.getmtime(taken) < written_after:
+            print(f"odpo: dropped a scale request written before this driver started ({path}); pool sizes come "
+                  "from the config (generator.num_actors, scorer.num_actors)", file=sys.stderr)
+            return None
+        return _read(taken)
+    finally:
+        os.remove(taken)

@@ -33,6 +33,7 @@ from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 from orchestrator.telemetry import Telemetry
 
+DRIVER_STARTED = time.time()  # scale requests older than this process were meant for an earlier driver
 # Passed to every worker so actors find the same caches and stay offline like the driver.
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
 
@@ -46,9 +47,8 @@ def run(cfg: OdpoConfig) -> str:
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
     out.save_policy_files(policy_path, tokenizer)
-    if take_scale_request(out.path):  # sizes for a new driver come from the config (resize on resume)
-        print("odpo: dropped a scale request left from an earlier driver; pool sizes come from the config "
-              "(generator.num_actors, scorer.num_actors)", file=sys.stderr)
+    take_scale_request(out.path, written_after=DRIVER_STARTED)  # one left by an earlier driver is dropped
+    out.write_job_marker()
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
@@ -94,16 +94,26 @@ def run(cfg: OdpoConfig) -> str:
             commit_round(r, cfg, out, learners, ray.get(bundle_ref), pairs, metrics)
             history.append(metrics)
             telemetry.end_round(metrics)
-            plot_rounds(history, out.path)
+            try:
+                plot_rounds(history, out.path)
+            except Exception as e:  # the round is committed; a plot is not worth stopping for
+                print(f"odpo: could not draw {out.path}/plots/rounds.png: {e}", file=sys.stderr)
         print(format_table(history))
         print(f"odpo: run directory {out.path}")
         return out.path
-    finally:
-        out.close()
+    finally:  # pools first: nothing below may keep them alive (on SIGTERM, wandb's service is already gone)
         for pool in pools:
-            pool.shutdown()
+            try:
+                pool.shutdown()
+            except Exception as e:
+                print(f"odpo: shutting down pool `{pool.name}`: {e}", file=sys.stderr)
         if started_ray:
             ray.shutdown()
+        try:
+            out.close()
+        except Exception as e:
+            print(f"odpo: closing wandb failed ({type(e).__name__}: {e}); metrics.jsonl holds every committed round",
+                  file=sys.stderr)
 
 
 def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
@@ -149,7 +159,8 @@ def apply_scale_request(run_dir: str, generators: ActorPool, scorers: ActorPool,
         if size is not None and size != len(pool):
             try:
                 before, after = pool.resize(size)
-            except PlacementError as e:  # a request the cluster cannot meet does not end a long run
+            except (PlacementError, TimeoutError, ray.exceptions.RayError, ValueError) as e:
+                # a request the cluster cannot meet does not end a long run; the pool keeps its size
                 print(f"odpo: cannot resize the {pool.name} pool to {size}, going on with {len(pool)}: {e}",
                       file=sys.stderr)
                 continue

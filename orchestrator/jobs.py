@@ -13,10 +13,12 @@ metadata marks the job as odpo's and records its run directory, which `odpo stat
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import sys
 import time
+import uuid
 
 import yaml
 
@@ -25,9 +27,11 @@ from orchestrator.progress import parse_line
 
 METADATA_KEY = "odpo_run_dir"
 EXCLUDES = [".venv", "runs", ".cache", "wandb", ".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"]
-# Passed from the submitting shell to the job when set there (TORCH_EXTENSIONS_DIR made absolute).
-FORWARDED_ENV = ("WANDB_MODE", "WANDB_API_KEY", "HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "TORCH_EXTENSIONS_DIR",
-                 "VLLM_CPU_KVCACHE_SPACE")
+# Passed from the submitting shell to the job when set there. Not paths (they name this machine's disk)
+# nor secrets (a runtime_env is readable through the job API): set those in the nodes' environment or a
+# --runtime-env file.
+FORWARDED_ENV = ("WANDB_MODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -44,9 +48,7 @@ def runtime_env(working_dir: str, extra_file: str | None = None) -> dict:
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
            # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds: room to shut pools down
            "RAY_JOB_STOP_WAIT_TIME_S": "30"}
-    for key in FORWARDED_ENV:
-        if key in os.environ:
-            env[key] = os.path.abspath(os.environ[key]) if key == "TORCH_EXTENSIONS_DIR" else os.environ[key]
+    env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     out: dict = {"working_dir": working_dir, "excludes": list(EXCLUDES), "env_vars": env}
     if extra_file:
         with open(extra_file) as f:
@@ -83,16 +85,32 @@ def submit(config: str, overrides: list[str], address: str | None, working_dir: 
     args = [os.path.relpath(config_abs, working_dir), *overrides, f"run.output_dir={run_parent}"]
     entrypoint = "python -m orchestrator.cli run " + " ".join(shlex.quote(a) for a in args)
     c = client(address)
-    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir, runtime_env_file),
-                          submission_id=submission_id,
-                          metadata={METADATA_KEY: run_dir, "odpo_config": os.path.relpath(config_abs, working_dir),
-                                    "odpo_run_name": cfg.run.name})
+    submission_id = submission_id or f"odpo-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
+    job_id = submit_when_ready(c, entrypoint=entrypoint, runtime_env=runtime_env(working_dir, runtime_env_file),
+                               submission_id=submission_id,
+                               metadata={METADATA_KEY: run_dir, "odpo_run_name": cfg.run.name,
+                                         "odpo_config": os.path.relpath(config_abs, working_dir),
+                                         "odpo_job_id": submission_id})
     print(job_id)
     print(f"odpo: submitted {job_id}; run directory {run_dir} (on the cluster's driver node)\n"
           f"      follow: odpo logs {job_id}   progress: odpo status   stop: odpo stop {job_id}", file=sys.stderr)
     if not follow:
         return 0
     return follow_logs(c, job_id)
+
+
+def submit_when_ready(c, timeout_s: float = 120.0, **kwargs) -> str:
+    """submit_job, waiting out a cluster that has just started: its job agent answers a little after the
+    head is up ("No available agent to submit job")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return c.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            print("odpo: the cluster's job agent is not up yet; retrying", file=sys.stderr)
+            time.sleep(2)
 
 
 def follow_logs(c, job_id: str) -> int:
@@ -158,7 +176,16 @@ def stop(c, job_id: str, timeout_s: float = 60.0) -> int:
     return 0 if status in TERMINAL else 1
 
 
-def scale_job(c, job_id: str, sizes: dict[str, int]) -> int:
+def sees_run_dir(run_dir: str, job_id: str) -> bool:
+    """This machine sees the job's own run directory (same machine or shared storage), not a namesake."""
+    try:
+        with open(os.path.join(run_dir, "job.json")) as f:
+            return json.load(f).get("job_id") == job_id
+    except (OSError, ValueError):
+        return False
+
+
+def scale_job(c, job_id: str, sizes: dict[str, int], via_cluster: bool = False) -> int:
     """Resize a running job's rollout pools: write the request into its run directory, directly when this
     machine sees it, else through a small job on the cluster (it runs on the head node, like the driver)."""
     from orchestrator.control import request_scale
@@ -170,13 +197,15 @@ def scale_job(c, job_id: str, sizes: dict[str, int]) -> int:
     if str(job.status.value) in TERMINAL:
         raise ValueError(f"job {job_id} is {job.status.value}; resize a finished run on resume instead "
                          "(generator.num_actors=N)")
-    if os.path.isdir(run_dir):
+    if not via_cluster and sees_run_dir(run_dir, job_id):
         request_scale(run_dir, sizes)
     else:
         flags = " ".join(f"--{pool}s {n}" for pool, n in sizes.items())
-        helper = c.submit_job(entrypoint=f"python -m orchestrator.cli scale {shlex.quote(run_dir)} {flags}",
-                              runtime_env={"working_dir": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                           "excludes": list(EXCLUDES)})
+        # ship this checkout's code; an installed odpo (no pyproject.toml next to it) is on the cluster already
+        ship = {"working_dir": REPO, "excludes": list(EXCLUDES)} if os.path.isfile(
+            os.path.join(REPO, "pyproject.toml")) else None
+        helper = submit_when_ready(c, entrypoint=f"python -m orchestrator.cli scale {shlex.quote(run_dir)} {flags}",
+                                   runtime_env=ship, metadata={"odpo_helper_for": job_id})
         if wait_terminal(c, helper, 300) != "SUCCEEDED":
             raise RuntimeError(f"the scale request job {helper} failed:\n{c.get_job_logs(helper)[-2000:]}")
     print(f"odpo: asked job {job_id} to resize {sizes} before its next round", file=sys.stderr)

@@ -77,6 +77,13 @@ class RunDir:
             raise ValueError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
 
+    def write_job_marker(self) -> None:
+        """job.json: the Ray job this driver runs as (`odpo submit` puts its id in the job's metadata), so
+        `odpo scale JOB` knows a run directory it sees is that job's."""
+        raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+        job_id = (json.loads(raw).get("metadata") or {}).get("odpo_job_id") if raw else None
+        _write_atomic(os.path.join(self.path, "job.json"), json.dumps({"job_id": job_id, "pid": os.getpid()}))
+
     def write_placement(self, nodes: dict[str, dict[str, str]]) -> None:
         """placement.json: pool -> actor name -> node id, as of the last round."""
         _write_atomic(os.path.join(self.path, "placement.json"), json.dumps(nodes, indent=1))

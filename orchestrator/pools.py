@@ -8,6 +8,7 @@ torch.distributed group and fans calls out to them, returning object refs (`asyn
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,7 @@ class ActorPool:
                  start_timeout_s: float | None = None, gang: bool = False):
         self.name, self.cls, self.placement, self.args_for_rank, self.gang = name, cls, placement, args_for_rank, gang
         self.max_restarts, self.restarts, self.dropped = max_restarts, 0, 0
+        self.no_room_until = 0.0
         self.call_timeout_s, self.start_timeout_s = call_timeout_s, start_timeout_s
         self.weights_ref: ray.ObjectRef | None = None
         """The weights a new or replacement actor loads before it serves (generators; set by the driver)."""
@@ -140,9 +142,16 @@ class ActorPool:
         before = len(self.slots)
         if size > before:
             new = self._place(size - before, self.placement.timeout_s)
-            for slot in new:
-                self._start(slot)
-            self._serve(new, f"starting {len(new)} new actor(s)")
+            try:
+                for slot in new:
+                    self._start(slot)
+                self._serve(new, f"starting {len(new)} new actor(s)")
+            except BaseException:  # nothing half-started stays behind: the pool keeps its size
+                for slot in new:
+                    if slot.actor is not None:
+                        ray.kill(slot.actor, no_restart=True)
+                    remove_placement_group(slot.pg)
+                raise
             self.slots += new
         while len(self.slots) > size:
             self._remove(self.slots.pop())
@@ -158,22 +167,28 @@ class ActorPool:
         is room. False: no room came within the replace timeout and the pool goes on without it."""
         assert not self.gang, "a gang pool (the learner group) is rebuilt as a whole, never one actor"
         old_name = slot.name(self.name)
-        if self.restarts >= self.max_restarts:
-            raise PoolExhausted(f"pool `{self.name}`: actor {old_name} {reason}, and the pool's restart budget "
-                                f"({self.max_restarts}) is spent")
-        self.restarts += 1
-        print(f"odpo: {old_name} {reason}; replacing it ({self.restarts}/{self.max_restarts})", file=sys.stderr)
+        print(f"odpo: {old_name} {reason}", file=sys.stderr)
         self._remove(slot)
+        # Right after a replacement found no room (a node left), its neighbours' replacements look only briefly:
+        # losing a node with k actors must not stall the round k times the replace timeout.
+        timeout_s = self.placement.replace_timeout_s if time.monotonic() >= self.no_room_until else 1.0
         try:
-            (placed,) = self._place(1, self.placement.replace_timeout_s, ids=[slot.id])
+            (placed,) = self._place(1, timeout_s, ids=[slot.id])
         except PlacementError as e:
             if len(self.slots) == 1:
                 raise PoolExhausted(f"pool `{self.name}`: its last actor {old_name} {reason} and {e}") from None
             self.slots.remove(slot)
             self.dropped += 1
-            print(f"odpo: no room for a new {self.name} within {self.placement.replace_timeout_s:.0f}s (its node "
-                  f"left?); going on with {len(self.slots)} {self.name}(s)", file=sys.stderr)
+            self.no_room_until = time.monotonic() + self.placement.replace_timeout_s
+            print(f"odpo: no room for a new {self.name} within {timeout_s:.0f}s (its node left?); going on with "
+                  f"{len(self.slots)} {self.name}(s)", file=sys.stderr)
             return False
+        if self.restarts >= self.max_restarts:  # only replacements count: an actor given up costs nothing
+            remove_placement_group(placed.pg)
+            raise PoolExhausted(f"pool `{self.name}`: actor {old_name} {reason}, and the pool's restart budget "
+                                f"({self.max_restarts}) is spent")
+        self.restarts += 1
+        print(f"odpo: replacing {old_name} ({self.restarts}/{self.max_restarts})", file=sys.stderr)
         slot.pg, slot.bundle_index, slot.incarnation = placed.pg, 0, slot.incarnation + 1
         self._start(slot)
         self._serve([slot], "starting")

@@ -99,6 +99,18 @@ class Cluster:
         req = urllib.request.Request(self.dashboard + path, headers={"authorization": f"Bearer {self.token.read_text()}"})
         return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
+    def wait_for_job_agent(self) -> None:
+        """The head's job agent answers a little after the node is up; the plain `ray job submit` does not
+        wait for it (odpo submit does)."""
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--", "true"],
+                                   env=self.env, capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                return
+            assert time.monotonic() < deadline, probe.stderr[-2000:]
+            time.sleep(2)
+
     def kill(self, name: str) -> None:
         """The node's raylet and everything it started, at once (SIGKILL to its process group)."""
         try:
@@ -123,6 +135,7 @@ def cluster(tmp_path_factory):
     try:
         c.head_id = c.start_node("head", True, 4, {"trainer": 1}, "odpo-role=train")
         c.rollout_id = c.start_node("rollout", False, 2, {"rollout": 2}, "odpo-role=rollout")
+        c.wait_for_job_agent()
         yield c
     finally:
         c.shutdown()
@@ -177,7 +190,7 @@ def submitted(cluster, tmp_path_factory):
             pass
         done = read_metrics(run_dir)
         if done and record["scaled_after"] is None:
-            scale = cluster.odpo("scale", job_id, "--generators", "2")
+            scale = cluster.odpo("scale", job_id, "--generators", "2", "--via-cluster")  # as from another machine
             assert scale.returncode == 0, scale.stderr
             record["scaled_after"] = len(done)
         status = job_status(cluster, job_id)
@@ -253,11 +266,13 @@ def test_custom_metrics_on_the_prometheus_endpoint(submitted):
 def test_losing_a_rollout_node_mid_run_completes_on_the_rest(cluster, tmp_path):
     """Plain `ray job submit -- python -m orchestrator.cli run ...`; three generators fill the rollout
     capacity of two nodes (2 + 1). The first node's processes are SIGKILLed mid-run: its generators'
-    replacements find no room, the pool goes on with the one left, and every round completes."""
+    replacements find no room, the pool goes on with the one left, and every round completes. Giving an
+    actor up is not a restart: a budget of 1 is not spent by losing 2."""
     spare_id = cluster.start_node("spare", False, 1, {"rollout": 1}, "odpo-role=rollout")
     run_dir = tmp_path / "lost"
     args = ["configs/tiny.yaml", *TINY, "run.rounds=3", "run.name=lost", f"run.output_dir={tmp_path}",
-            "generator.num_actors=3", "generator.resources={rollout: 1}", "ray.replace_placement_timeout_s=5"]
+            "generator.num_actors=3", "generator.resources={rollout: 1}", "ray.replace_placement_timeout_s=5",
+            "generator.max_restarts=1"]
     sub = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--no-wait",
                           "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".cache", ".git"]}),
                           "--", "python", "-m", "orchestrator.cli", "run", *args],
@@ -300,6 +315,7 @@ def test_stop_keeps_committed_rounds_and_submitting_again_resumes(cluster, tmp_p
     stop = cluster.odpo("stop", job_id)
     assert stop.returncode == 0, stop.stderr
     assert job_status(cluster, job_id) == "STOPPED"
+    assert "odpo: stopped by SIGTERM; the pools are shut down" in cluster.odpo("logs", job_id).stdout  # it unwound
     done = json.loads((run_dir / "state.json").read_text())["completed_rounds"]
     assert 1 <= done < 3
     alive = cluster.api("/api/v0/actors?limit=1000")["data"]["result"]["result"]

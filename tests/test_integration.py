@@ -128,11 +128,11 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path):
 
 def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_pool_size(ray_cluster, tmp_path,
                                                                                      monkeypatch):
-    """Two generators finish chunks in varying order; pairs, losses and checkpoints must not change. Nor
-    when the run starts with one generator and resumes with three (the pool resized on resume)."""
+    """Generators finish chunks in varying order, and run c starts with one generator and resumes with
+    three (the pool resized on resume): pairs, losses and checkpoints must not change."""
     monkeypatch.chdir(REPO)
     outputs = []
-    for name, sizes in (("a", (2,)), ("b", (2,)), ("c", (1, 3))):
+    for name, sizes in (("a", (2,)), ("c", (1, 3))):
         for rounds, actors in enumerate(sizes, start=3 - len(sizes)):  # c: round 0 with 1, resumed with 3
             cfg = load_config("configs/tiny.yaml", [
                 f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "data.prompts_per_round=32",
@@ -149,7 +149,7 @@ def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_poo
         outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"]) for m in metrics], pairs, weights))
         assert [(m["pool/generators"], m["gen/actors_used"]) for m in metrics] == [
             (sizes[0], sizes[0]), (sizes[-1], sizes[-1])]
-    (m_a, p_a, w_a), (m_b, p_b, w_b), (m_c, p_c, w_c) = outputs
-    assert m_a == m_b == m_c
-    assert p_a == p_b == p_c
-    assert all(torch.equal(w_a[k], w_b[k]) and torch.equal(w_a[k], w_c[k]) for k in w_a)
+    (m_a, p_a, w_a), (m_c, p_c, w_c) = outputs
+    assert m_a == m_c
+    assert p_a == p_c
+    assert all(torch.equal(w_a[k], w_c[k]) for k in w_a)

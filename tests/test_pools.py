@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import pytest
 from conftest import REPO
@@ -65,7 +66,10 @@ def test_custom_resources_that_no_node_offers_fail_placement_naming_them(ray_clu
     with pytest.raises(PlacementError, match=r"on nodes labelled \{'odpo-role': 'rollout'\}"):
         ActorPool("holder-y", Holder, 1, Placement(0.25, labels={"odpo-role": "rollout"}, timeout_s=2),
                   lambda r: (f"holder-y-{r}",), gang=True)
-    assert ray_cluster.available_resources().get("CPU") == ray_cluster.cluster_resources()["CPU"]  # nothing held
+    deadline = time.monotonic() + 20  # Ray frees removed placement groups asynchronously
+    while ray_cluster.available_resources().get("CPU") != ray_cluster.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray_cluster.available_resources()  # nothing held
+        time.sleep(0.2)
 
 
 def test_placement_config_is_validated(monkeypatch):
@@ -94,6 +98,21 @@ def test_scale_requests_merge_and_are_taken_once(tmp_path):
     assert take_scale_request(str(tmp_path)) == {"generator": 4, "scorer": 3}
     assert not (tmp_path / SCALE_FILE).exists()
     assert take_scale_request(str(tmp_path)) is None and read_scale_request(str(tmp_path)) is None
+    assert os.listdir(tmp_path / "control") == ["scale.json.lock"]  # nothing else left behind
+
+
+def test_a_request_older_than_the_driver_or_broken_is_dropped_not_applied(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    request_scale(str(tmp_path), {"generator": 2})
+    assert take_scale_request(str(tmp_path), written_after=time.time() + 5) is None
+    assert "written before this driver started" in capsys.readouterr().err
+    assert not (tmp_path / SCALE_FILE).exists()
+    request_scale(str(tmp_path), {"generator": 2})
+    assert take_scale_request(str(tmp_path), written_after=time.time() - 60) == {"generator": 2}  # a fresh one
+    for broken in ("{not json", '{"generator": 0}', '["generator"]'):
+        (tmp_path / SCALE_FILE).write_text(broken)
+        assert take_scale_request(str(tmp_path)) is None
+        assert "ignoring" in capsys.readouterr().err
 
 
 def test_cli_scale_on_a_run_directory(tmp_path):
@@ -149,14 +168,17 @@ def test_submit_refuses_a_config_outside_the_working_dir_and_bad_values_before_u
 def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch):
     from orchestrator.jobs import runtime_env
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", ".cache/ext")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", ".cache/ext")  # a path on this machine: not sent
+    monkeypatch.setenv("WANDB_API_KEY", "secret")  # a secret: not put where the job API shows it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     extra = tmp_path / "env.yaml"
     extra.write_text("env_vars: {WANDB_MODE: online, FOO: 1}\nexcludes: [data/big]\n")
     env = runtime_env(str(REPO), str(extra))
     assert env["working_dir"] == str(REPO)
     assert {".venv", "runs", ".cache", ".git", "data/big"} <= set(env["excludes"])
     assert env["env_vars"]["WANDB_MODE"] == "online" and env["env_vars"]["FOO"] == "1"
-    assert os.path.isabs(env["env_vars"]["TORCH_EXTENSIONS_DIR"])
+    assert "TORCH_EXTENSIONS_DIR" not in env["env_vars"] and "WANDB_API_KEY" not in env["env_vars"]
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "30"
 
 
