@@ -273,7 +273,7 @@ def test_losing_a_rollout_node_mid_run_completes_on_the_rest(cluster, tmp_path):
     actor up is not a restart: a budget of 1 is not spent by losing 2."""
     spare_id = cluster.start_node("spare", False, 1, {"rollout": 1}, "odpo-role=rollout")
     run_dir = tmp_path / "lost"
-    args = ["configs/tiny.yaml", *TINY, "run.rounds=3", "run.name=lost", f"run.output_dir={tmp_path}",
+    args = ["configs/tiny.yaml", *TINY, "run.rounds=4", "run.name=lost", f"run.output_dir={tmp_path}",
             "generator.num_actors=3", "generator.resources={rollout: 1}", "ray.replace_placement_timeout_s=5",
             "generator.max_restarts=1"]
     sub = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--no-wait",
@@ -297,7 +297,7 @@ def test_losing_a_rollout_node_mid_run_completes_on_the_rest(cluster, tmp_path):
     logs = cluster.odpo("logs", job_id).stdout
     assert killed and status == "SUCCEEDED", logs[-4000:]
     metrics = read_metrics(run_dir)
-    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
     assert metrics[0]["pool/generators"] == 3 and metrics[-1]["pool/generators"] == 1, metrics
     assert metrics[-1]["pool/generators_dropped"] == 2
     assert set(json.loads((run_dir / "placement.json").read_text())["generator"].values()) == {spare_id}
