@@ -23,3 +23,9 @@ def lowercase_ratio(messages: Messages, response: str) -> float:
 def response_length(messages: Messages, response: str) -> float:
     """Length of the response in characters (a reward that length penalties push against)."""
     return float(len(response))
+
+
+def prefer_lowercase(messages: Messages, response_a: str, response_b: str) -> float:
+    """Pairwise judge (scorer.type=pairwise): the probability that `response_a` is better, from the
+    difference of their lowercase ratios (0.5 when equal)."""
+    return 0.5 + (lowercase_ratio(messages, response_a) - lowercase_ratio(messages, response_b)) / 2

@@ -1,8 +1,12 @@
-"""Scorer actor: one scalar reward per (prompt, response).
+"""Scorer actor: one scalar reward per (prompt, response), or the best and worst of each prompt's n.
 
-Either a Bradley-Terry reward model (a sequence classifier with one label; the raw logit, no sigmoid,
-over the reward model's own chat template of prompt + assistant response) or a Python reward function
-named `module:function`, called as fn(messages, response) -> float, for rule-based tasks.
+- a Bradley-Terry reward model (a sequence classifier with one label; the raw logit, no sigmoid, over the
+  reward model's own chat template of prompt + assistant response);
+- a Python reward function named `module:function`, called as fn(messages, response) -> float;
+- a pairwise preference judge (type `pairwise`): a function fn(messages, a, b) -> P(a better), or a
+  sequence classifier whose logit over `PAIRWISE_TEMPLATE` is the log-odds that A is better. The best
+  and the worst of n come from a knockout tournament (actors/tournament.py), all prompts of a chunk
+  batched per tournament round.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from collections.abc import Callable
 import torch
 
 from actors.models import load_reward_model, load_tokenizer, own_process_ids, prepare_worker
+from actors.tournament import Match, best_and_worst
 from actors.types import Messages, RolloutChunk, ScoredChunk
 from orchestrator.config import ScorerConfig
+
+PAIRWISE_TEMPLATE = "{context}\n[RESPONSE A]\n{a}\n[RESPONSE B]\n{b}\n[WHICH IS BETTER?]"
+"""What a pairwise preference model reads: the prompt in the tokenizer's chat template, then both responses."""
 
 
 def import_function(spec: str) -> Callable:
@@ -37,7 +45,7 @@ class Scorer:
         self.cfg = cfg
         self.name = name
         self.fn: Callable | None = None
-        if cfg.type == "function":
+        if cfg.type == "function" or (cfg.type == "pairwise" and model_path is None and cfg.model_path is None):
             self.fn = import_function(cfg.function or "")
             return
         location = model_path or cfg.model_path
@@ -56,6 +64,8 @@ class Scorer:
         return own_process_ids()
 
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
+        if self.cfg.type == "pairwise":
+            return self.pick(chunk)
         start = time.perf_counter()
         items = [(ro.prompt.messages, r.text) for ro in chunk.rollouts for r in ro.responses]
         flat = [float(self.fn(m, t)) for m, t in items] if self.fn is not None else self.score_texts(items)
@@ -70,11 +80,53 @@ class Scorer:
             scores.append(row)
         return ScoredChunk(rollouts=chunk, scores=scores, actor=self.name, seconds=time.perf_counter() - start)
 
+    def pick(self, chunk: RolloutChunk) -> ScoredChunk:
+        """Best and worst response of every prompt by knockout; `scores` count the comparisons each won."""
+        start = time.perf_counter()
+        rollouts = chunk.rollouts
+        wins = [[0.0] * len(ro.responses) for ro in rollouts]
+        calls = 0
+
+        def judge(matches: list[Match]) -> list[bool]:
+            nonlocal calls
+            items = [(rollouts[k].prompt.messages, rollouts[k].responses[a].text, rollouts[k].responses[b].text)
+                     for k, a, b in matches]
+            probs = self.prefer(items)
+            calls += len(items)
+            if self.cfg.pairwise_both_orders:  # cancel a judge's taste for one position
+                swapped = self.prefer([(m, b, a) for m, a, b in items])
+                calls += len(items)
+                probs = [(p + 1.0 - q) / 2 for p, q in zip(probs, swapped)]
+            out = []
+            for (k, a, b), p in zip(matches, probs):
+                if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                    raise ValueError(f"{self.name}: pairwise judge gave {p} (not a probability) for prompt uid "
+                                     f"{rollouts[k].prompt.uid}, responses {a} and {b}")
+                out.append(p >= 0.5)  # a tie goes to the first: deterministic
+                wins[k][a if p >= 0.5 else b] += 1
+            return out
+
+        picks, _ = best_and_worst([len(ro.responses) for ro in rollouts], judge)
+        return ScoredChunk(rollouts=chunk, scores=wins, actor=self.name, seconds=time.perf_counter() - start,
+                           picks=picks, comparisons=calls)
+
+    def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:
+        """P(a is better than b) for each (messages, a, b)."""
+        if self.fn is not None:
+            return [float(self.fn(m, a, b)) for m, a, b in items]
+        texts = [PAIRWISE_TEMPLATE.format(context=self.tokenizer.apply_chat_template(m, tokenize=False), a=a, b=b)
+                 for m, a, b in items]
+        return [0.5 * (1.0 + math.tanh(x / 2)) for x in self._logits(texts)]  # sigmoid, no overflow
+
     @torch.no_grad()
     def score_texts(self, items: list[tuple[Messages, str]]) -> list[float]:
         """Raw reward-model logits for (messages, response) pairs, batched and truncated on the left."""
         texts = [self.tokenizer.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
                  for m, r in items]
+        return self._logits(texts)
+
+    @torch.no_grad()
+    def _logits(self, texts: list[str]) -> list[float]:
         out: list[float] = []
         for b in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[b: b + self.cfg.batch_size], add_special_tokens=False, padding=True,

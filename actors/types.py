@@ -82,9 +82,13 @@ class RolloutMeta:
 class ScoredChunk:
     rollouts: RolloutChunk
     scores: list[list[float]]
-    """scores[i][j]: reward of rollouts.rollouts[i].responses[j]."""
+    """scores[i][j]: reward of rollouts.rollouts[i].responses[j] (pairwise: comparisons it won)."""
     actor: str
     seconds: float
+    picks: list[tuple[int, int]] | None = None
+    """Pairwise: (best, worst) response index per prompt, found by the tournament."""
+    comparisons: int = 0
+    """Pairwise: judge comparisons made for this chunk."""
 
 
 @dataclass

@@ -163,9 +163,12 @@ class GeneratorConfig:
 @dataclass
 class ScorerConfig:
     type: str = "function"
-    """`function` (a Python reward function) or `reward_model` (a Bradley-Terry sequence classifier)."""
+    """`function` (a Python reward function), `reward_model` (a Bradley-Terry sequence classifier), or
+    `pairwise` (a preference judge of two responses; the best and worst of n are found by a knockout
+    tournament in n + ceil(n/2) - 2 comparisons instead of n(n-1)/2; needs pairs.strategy=max_min)."""
     function: str | None = None
-    """Reward function as `module:function`, called as fn(messages, response) -> float."""
+    """Reward function as `module:function`, called as fn(messages, response) -> float; with type `pairwise`,
+    a judge called as fn(messages, response_a, response_b) -> probability that a is better."""
     model_path: str | None = None
     """Reward model: a local directory, a hub id, or `builtin:tiny-llama-rm` (random, for tests)."""
     tokenizer: str | None = None
@@ -196,6 +199,9 @@ class ScorerConfig:
     """Scorer actors that may die or hang per run before the run stops (each is replaced, its chunks redone)."""
     call_timeout_s: float = 600.0
     """Seconds a scorer may hold work without finishing a chunk before it counts as hung (then replaced)."""
+    pairwise_both_orders: bool = True
+    """Pairwise: judge every comparison as (a, b) and (b, a) and average, so a judge's preference for the
+    first (or second) position cancels out (two judge calls per comparison)."""
 
 
 @dataclass
@@ -486,12 +492,16 @@ def validate(cfg: OdpoConfig) -> None:
                        ("learner.gpus_per_rank", lr.gpus_per_rank)):
         _require(value >= 0, key, f"must be >= 0, got {value}")
 
-    _require(s.type in ("function", "reward_model"), "scorer.type", f"function or reward_model, got {s.type!r}")
-    if s.type == "function":
+    _require(s.type in ("function", "reward_model", "pairwise"), "scorer.type",
+             f"function, reward_model or pairwise, got {s.type!r}")
+    if s.type == "function" or (s.type == "pairwise" and s.model_path is None):
         _require(bool(s.function) and re.fullmatch(r"[\w.]+:[\w]+", s.function or "") is not None,
-                 "scorer.function", f"give `module:function`, got {s.function!r}")
+                 "scorer.function", f"give `module:function`, got {s.function!r}"
+                 + (" (or scorer.model_path, a pairwise preference model)" if s.type == "pairwise" else ""))
     else:
         check_model_location("scorer.model_path", s.model_path, BUILTIN_MODELS)
+    _require(s.type != "pairwise" or p.strategy == "max_min", "pairs.strategy",
+             f"a pairwise scorer picks the best and the worst response (max_min); got {p.strategy!r}")
     _require(s.dtype in DTYPES, "scorer.dtype", f"one of {DTYPES}")
     _require(s.num_actors >= 1, "scorer.num_actors", "must be >= 1")
     _require(s.batch_size >= 1, "scorer.batch_size", "must be >= 1")

@@ -189,7 +189,7 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     policy = cfg.policy.path
     if is_builtin(policy):
         policy = built(policy, "policy", cfg.run.seed)
-    reward = cfg.scorer.model_path if cfg.scorer.type == "reward_model" else None
+    reward = cfg.scorer.model_path if cfg.scorer.type in ("reward_model", "pairwise") else None
     if reward is not None and is_builtin(reward):
         reward = built(reward, "reward", cfg.run.seed + 1)
     return policy, cfg.policy.tokenizer or policy, reward
@@ -345,6 +345,7 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "stream/first_scored_s": stream.first_scored_s, "stream/first_train_s": stream.first_train_s,
         "stream/overlap": (sum(stream.busy.values()) / stream.wall_s) if stream.wall_s else float("nan"),
         "gen/actors_used": len(stream.chunks_by_actor), "stream/chunks": stream.chunks,
+        "score/comparisons": stream.comparisons,
         "stream/dispatched_at_first_score": stream.dispatched_at_first_score,
         "stream/released_at_first_train": stream.released_at_first_train,
     }

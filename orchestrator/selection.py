@@ -53,14 +53,21 @@ def pair_rng(seed: int, round_index: int, uid: int) -> np.random.Generator:
 
 
 def make_pairs(
-    rollouts: list[Rollout], scores: list[list[float]], strategy: str, length_penalty: float, seed: int, round_index: int
+    rollouts: list[Rollout], scores: list[list[float]], strategy: str, length_penalty: float, seed: int, round_index: int,
+    picks: list[tuple[int, int]] | None = None,
 ) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs for the prompts that form one, and the count of dropped prompts by reason."""
+    """Pairs for the prompts that form one, and the count of dropped prompts by reason. `picks`: (best,
+    worst) per prompt from a pairwise tournament, used instead of `strategy` over the scores."""
     pairs: list[Pair] = []
     drops = dict.fromkeys(DROP_REASONS, 0)
-    for rollout, prompt_scores in zip(rollouts, scores):
+    for k, (rollout, prompt_scores) in enumerate(zip(rollouts, scores)):
         texts = [r.text for r in rollout.responses]
-        picked = select_indices(texts, prompt_scores, strategy, length_penalty, pair_rng(seed, round_index, rollout.prompt.uid))
+        if picks is not None:
+            best, worst = picks[k]
+            picked = DROP_IDENTICAL if texts[best] == texts[worst] else (best, worst)
+        else:
+            picked = select_indices(texts, prompt_scores, strategy, length_penalty,
+                                    pair_rng(seed, round_index, rollout.prompt.uid))
         if isinstance(picked, str):
             drops[picked] += 1
             continue

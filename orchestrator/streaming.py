@@ -47,6 +47,8 @@ class RoundStream:
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("generator_restarts", "scorer_restarts", "regenerated_chunks"), 0))
     chunks: int = 0
+    comparisons: int = 0
+    """Pairwise scorer: judge calls made (a reward scorer makes none)."""
     dispatched_at_first_score: int = 0
     """Chunks sent to generators when the first chunk went to a scorer (< chunks: scoring did not wait)."""
     released_at_first_train: int = 0
@@ -248,7 +250,8 @@ def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: in
     out.rewards.extend(s for row in sc.scores for s in row)
     out.response_chars.extend(len(r.text) for ro in chunk.rollouts for r in ro.responses)
     pairs, drops = make_pairs(chunk.rollouts, sc.scores, cfg.pairs.strategy, cfg.pairs.length_penalty,
-                              cfg.run.seed, round_index)
+                              cfg.run.seed, round_index, sc.picks)
+    out.comparisons += sc.comparisons
     for reason, count in drops.items():
         out.drops[reason] += count
     out.pairs.extend(pairs)
