@@ -61,16 +61,14 @@ class Learner:
                                    timeout=timedelta(seconds=self.cfg.dist_timeout_s), rank=self.rank,
                                    world_size=self.world_size, verbose=False)
         device = torch.device("cuda", 0) if self.use_cuda else torch.device("cpu")
-        # The reference is loaded before HfDeepSpeedConfig exists, so it is never ZeRO-3-partitioned.
-        self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code).to(device).eval()
-        self.reference.requires_grad_(False)
+        self._build_reference(device)  # before HfDeepSpeedConfig exists, so never ZeRO-3-partitioned
 
         ds_config = self.deepspeed_config()
         if self.cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
-        model = load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
+        model = self._load_trained_model()
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -79,6 +77,13 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+
+    def _build_reference(self, device: torch.device) -> None:
+        self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code).to(device).eval()
+        self.reference.requires_grad_(False)
+
+    def _load_trained_model(self):
+        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
 
     def deepspeed_config(self) -> dict:
         c = self.cfg
@@ -227,3 +232,47 @@ def _innermost_optimizer(opt):
     while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
         opt = opt.optimizer
     return opt
+
+
+class RewardLearner(Learner):
+    """A learner rank training a Bradley-Terry reward model (`odpo train-rm`): the same DeepSpeed engine,
+    schedule and batching as DPO, with loss -log sigmoid(r_chosen - r_rejected) and no reference model.
+    A pair's `chosen_ids` / `rejected_ids` are whole (prompt + response) sequences in the reward model's
+    chat template, as the scorer reads them; `prompt_ids` is empty."""
+
+    def _build_reference(self, device: torch.device) -> None:
+        self.reference = None
+
+    def _load_trained_model(self):
+        from actors.models import load_reward_model
+
+        model = load_reward_model(self.policy_path, "float32", self.trust_remote_code)
+        model.config.pad_token_id = self.pad_id  # the score is read at the last non-pad token
+        return model
+
+    def ready(self) -> str:
+        return f"rm-learner-{self.rank}"
+
+    def _rewards(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+        ids, attn, _ = (t.to(self.device) for t in build_sequences([[]] * len(seqs), seqs, self.pad_id,
+                                                                    self.cfg.max_length))
+        r = self.engine(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+        return r[: len(pairs)], r[len(pairs):]
+
+    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen, rejected = self._rewards(pairs)
+        return -torch.nn.functional.logsigmoid(chosen - rejected), chosen, rejected
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list[Pair]) -> dict:
+        """Held-out sums over this rank's slice: pairs ranked right, loss, count."""
+        self.engine.eval()
+        correct, loss = 0, 0.0
+        m = self.cfg.micro_batch_size
+        for s in range(0, len(pairs), m):
+            chosen, rejected = self._rewards(pairs[s: s + m])
+            correct += int((chosen > rejected).sum())
+            loss += float(-torch.nn.functional.logsigmoid(chosen - rejected).sum())
+        self.engine.train()
+        return {"correct": correct, "loss": loss, "pairs": len(pairs)}

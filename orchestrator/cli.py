@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p_val.add_argument("config")
     p_val.add_argument("overrides", nargs="*")
     sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
+    p_rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model (reward_training section) on "
+                          "the learner group; the scorer loads the result")
+    p_rm.add_argument("config")
+    p_rm.add_argument("overrides", nargs="*")
 
     address = dict(metavar="URL", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_DASHBOARD_ADDRESS, "
                    "else $RAY_ADDRESS if it is an http URL, else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.command == "validate":
             print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "train-rm":
+            from orchestrator.reward_training import train_reward_model
+
+            train_reward_model(cfg)
             return 0
         from orchestrator.driver import run
 

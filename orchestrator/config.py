@@ -283,6 +283,24 @@ class MetricsConfig:
 
 
 @dataclass
+class RewardTrainingConfig:
+    data_path: str = "builtin:lowercase-pairs"
+    """`odpo train-rm`: preference data with `prompt`, `chosen`, `rejected` (strings or chat message lists;
+    a local json/jsonl/parquet file, a saved dataset, or a hub id), or `builtin:lowercase-pairs`: pairs
+    made in code and labelled by the lowercase-ratio rule (the tiny workflow's stand-in for human labels)."""
+    num_pairs: int | None = 2048
+    """Pairs to use (the builtin makes this many); null uses the whole dataset."""
+    base_model: str = "builtin:tiny-llama-rm"
+    """Sequence classifier (one label) to start from: a local path, a hub id, or a builtin."""
+    eval_fraction: float = 0.1
+    """Share of the pairs held out; pairwise accuracy on them is reported before training and after each epoch."""
+    epochs: int = 1
+    """Passes over the training pairs (the recipe: 1)."""
+    max_length: int = 512
+    """Tokens of prompt + response per sequence; longer ones keep their last tokens, as the scorer does."""
+
+
+@dataclass
 class OdpoConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -293,6 +311,7 @@ class OdpoConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +505,18 @@ def validate(cfg: OdpoConfig) -> None:
     for key, value in (("generator.cpus_per_actor", g.cpus_per_actor), ("scorer.cpus_per_actor", s.cpus_per_actor),
                        ("learner.cpus_per_rank", lr.cpus_per_rank)):
         _require(value > 0, key, f"must be > 0 (each actor's placement bundle reserves it), got {value}")
+    rt = cfg.reward_training
+    if not rt.data_path.startswith(BUILTIN_PREFIX):
+        _require(os.path.exists(rt.data_path) or bool(_HUB_ID.match(rt.data_path)), "reward_training.data_path",
+                 f"path does not exist: {rt.data_path}")
+    else:
+        _require(rt.data_path == "builtin:lowercase-pairs", "reward_training.data_path",
+                 "the builtin is builtin:lowercase-pairs")
+    check_model_location("reward_training.base_model", rt.base_model, BUILTIN_MODELS)
+    _require(rt.num_pairs is None or rt.num_pairs >= 4, "reward_training.num_pairs", "must be >= 4 (or null)")
+    _require(0.0 < rt.eval_fraction < 1.0, "reward_training.eval_fraction", f"must be in (0, 1), got {rt.eval_fraction}")
+    _require(rt.epochs >= 1, "reward_training.epochs", "must be >= 1")
+    _require(rt.max_length >= 2, "reward_training.max_length", "must be >= 2")
     for section, pool in (("generator", g), ("scorer", s), ("learner", lr)):
         check_placement(section, pool.resources, pool.node_labels)
     for key, value in (("generator.gpus_per_actor", g.gpus_per_actor), ("scorer.gpus_per_actor", s.gpus_per_actor),

@@ -1,0 +1,187 @@
+"""`odpo train-rm CONFIG`: train a Bradley-Terry reward model on preference pairs with the same Ray
+learner group and DeepSpeed machinery as the DPO loop (`RewardLearner`: loss -log sigmoid(r_chosen -
+r_rejected), the `learner` section's lr, warmup + cosine schedule, batch sizes, ZeRO stage and ranks).
+
+Pairs come from a dataset (`prompt`, `chosen`, `rejected`; strings or chat message lists) or, for the
+tiny workflow, are made in code and labelled by a rule (`builtin:lowercase-pairs`). A seeded share is
+held out; pairwise accuracy on it is reported before training and after every epoch. The result is a
+Hugging Face sequence classifier in `<run dir>/reward_model/`, which `scorer.type=reward_model` loads:
+
+    <output_dir>/<name>/metrics.jsonl        one line per epoch (epoch -1: before training)
+    <output_dir>/<name>/reward_model/        config.json, model.safetensors, tokenizer files
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import ray
+
+from actors.learner import RewardLearner
+from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
+from actors.rewards import lowercase_ratio
+from actors.types import Messages, Pair
+from orchestrator.config import OdpoConfig
+from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+
+LOWERCASE_PROMPTS = ("Tell me about item {}.", "Describe thing number {}.", "What is {}?", "Write about {}.")
+
+
+def rule_pairs(count: int, seed: int) -> list[tuple[Messages, str, str]]:
+    """Preference pairs labelled by the lowercase-ratio rule: byte strings like a random byte-level policy
+    writes, each with its own share of lowercase letters; the higher share is chosen (ties are not kept)."""
+    rng = random.Random(seed)
+
+    def response() -> str:
+        share, length = rng.random(), rng.randint(4, 32)
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") if rng.random() < share
+                       else rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!?#.,") for _ in range(length))
+
+    out = []
+    while len(out) < count:
+        a, b = response(), response()
+        ra, rb = lowercase_ratio([], a), lowercase_ratio([], b)
+        if ra != rb:
+            messages = [{"role": "user", "content": rng.choice(LOWERCASE_PROMPTS).format(len(out))}]
+            out.append((messages, a, b) if ra > rb else (messages, b, a))
+    return out
+
+
+def _as_messages(prompt) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _response_text(value, where: str) -> tuple[Messages | None, str]:
+    """A response given as a string, or as a chat whose last turn is the assistant's (and whose earlier
+    turns, if any, are the prompt)."""
+    if isinstance(value, str):
+        return None, value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return (list(value[:-1]) or None), str(value[-1].get("content", ""))
+    raise ValueError(f"{where}: a response is a string or a chat list ending with an assistant turn")
+
+
+def load_preferences(path: str, limit: int | None) -> list[tuple[Messages, str, str]]:
+    from orchestrator.data import load_dataset_any
+
+    rows = load_dataset_any(path, "train")
+    out = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ("chosen", "rejected") if k not in row]
+        if missing:
+            raise ValueError(f"reward_training.data_path row {i}: no {missing[0]!r} column (have {sorted(row)})")
+        chosen_ctx, chosen = _response_text(row["chosen"], f"row {i} chosen")
+        _, rejected = _response_text(row["rejected"], f"row {i} rejected")
+        prompt = row.get("prompt") or chosen_ctx
+        if not prompt:
+            raise ValueError(f"reward_training.data_path row {i}: no prompt (a `prompt` column, or chat lists)")
+        out.append((_as_messages(prompt), chosen, rejected))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int) -> list[Pair]:
+    """Whole sequences (prompt + response in the reward model's chat template, last `max_length` tokens),
+    exactly what the scorer feeds the model."""
+    def ids(messages: Messages, response: str) -> list[int]:
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
+
+    return [Pair(uid=i, round=0, weight_version=0, prompt_messages=m, prompt_text="", prompt_ids=[], chosen=c,
+                 rejected=r, chosen_ids=ids(m, c), rejected_ids=ids(m, r), chosen_score=1.0, rejected_score=0.0)
+            for i, (m, c, r) in enumerate(items)]
+
+
+def train_reward_model(cfg: OdpoConfig) -> str:
+    """Train, evaluate each epoch, save; returns the saved reward model's directory."""
+    from orchestrator.driver import start_ray
+    from orchestrator.outputs import _write_atomic
+
+    quiet_libraries()
+    rt, lc = cfg.reward_training, cfg.learner
+    run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
+    if os.path.exists(run_dir):
+        if not cfg.run.overwrite:
+            raise FileExistsError(f"{run_dir} exists; set run.overwrite=true or choose another run.name")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    base = rt.base_model
+    if is_builtin(base):
+        base = materialize_builtin(base, os.path.join(run_dir, "base_model"), cfg.run.seed + 1)
+    tokenizer = load_tokenizer(base)
+    tokenizer.truncation_side = "left"
+    items = (rule_pairs(rt.num_pairs or 2048, cfg.run.seed) if rt.data_path.startswith("builtin:")
+             else load_preferences(rt.data_path, rt.num_pairs))
+    pairs = to_pairs(items, tokenizer, rt.max_length)
+    order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))
+    held = max(1, int(round(rt.eval_fraction * len(pairs))))
+    held_out, train = [pairs[i] for i in order[:held]], [pairs[i] for i in order[held:]]
+    print(f"odpo: reward model from {rt.base_model}: {len(train)} training pairs, {len(held_out)} held out",
+          file=sys.stderr)
+
+    started_ray = start_ray(cfg)
+    pool = None
+    try:
+        from orchestrator.driver import placement
+
+        pool = ActorPool("rm-learner", RewardLearner, lc.num_ranks,
+                         placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
+                         lambda r: (lc, base, "float32", r, lc.num_ranks, tokenizer.pad_token_id), gang=True)
+        group = LearnerGroup(pool, lc.step_timeout_s)
+        group.setup()
+        history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0)]
+        g = lc.global_batch_size
+        steps_per_epoch = math.ceil(len(train) / g)
+        group.start_round(0, steps_per_epoch * rt.epochs)  # one warmup + cosine over the whole training
+        for epoch in range(rt.epochs):
+            start = time.perf_counter()
+            shuffled = [train[i] for i in np.random.default_rng([cfg.run.seed, epoch]).permutation(len(train))]
+            steps = [combine_step(group.get(group.async_train_step_refs(shuffled[s: s + g]), "a training step"))
+                     for s in range(0, len(shuffled), g)]
+            seen = sum(s.pairs for s in steps)
+            train_loss = sum(s.loss * s.pairs for s in steps) / seen
+            history.append(evaluate(group, held_out, epoch, len(steps), train_loss, time.perf_counter() - start))
+        _write_atomic(os.path.join(run_dir, "metrics.jsonl"), "".join(f"{_json(m)}\n" for m in history))
+        bundle = group.get(group.async_export_refs(1), "the weight export")[0]
+        out = os.path.join(run_dir, "reward_model")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base)
+        config.pad_token_id = tokenizer.pad_token_id
+        os.makedirs(out)
+        config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        with open(os.path.join(out, "model.safetensors"), "wb") as f:
+            f.write(bundle.payload)
+        print(f"odpo: reward model saved to {out} (scorer.type=reward_model scorer.model_path={out})")
+        return out
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def evaluate(group: LearnerGroup, held_out: list[Pair], epoch: int, steps: int, train_loss: float,
+             seconds: float) -> dict:
+    """Held-out pairwise accuracy (every rank runs the whole set: ZeRO-3 forwards are collective)."""
+    result = group.get([r.evaluate.remote(held_out) for r in group.ranks], "the held-out evaluation")[0]
+    m = {"epoch": epoch, "steps": steps, "train/loss": train_loss, "eval/accuracy": result["correct"] / result["pairs"],
+         "eval/loss": result["loss"] / result["pairs"], "eval/pairs": result["pairs"], "timing/epoch": seconds}
+    label = "before training" if epoch < 0 else f"epoch {epoch + 1}"
+    print(f"odpo: reward model {label}: held-out accuracy {m['eval/accuracy']:.3f}, loss {m['eval/loss']:.4f}"
+          + ("" if epoch < 0 else f", train loss {train_loss:.4f}, {steps} steps, {seconds:.1f}s"), file=sys.stderr)
+    return m
+
+
+def _json(m: dict) -> str:
+    import json
+
+    return json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()})
