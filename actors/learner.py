@@ -183,6 +183,22 @@ class Learner:
                     seconds=time.perf_counter() - start, tokens=tokens)
         return sums
 
+    @torch.no_grad()
+    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        """log pi(y|x) - log pi_ref(y|x) per (prompt, response): its mean estimates KL(pi || pi_ref) on samples
+        of pi. Every rank must get the same lists (ZeRO-3 forwards are collective)."""
+        self.engine.eval()
+        out: list[float] = []
+        m = self.cfg.micro_batch_size
+        for s in range(0, len(prompts), m):
+            ids, attn, resp = (t.to(self.device) for t in build_sequences(prompts[s: s + m], responses[s: s + m],
+                                                                            self.pad_id, self.cfg.max_length))
+            policy = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
+            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
+            out.extend((policy - ref).tolist())
+        self.engine.train()
+        return out
+
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prompts = [p.prompt_ids for p in pairs] * 2
         responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]

@@ -110,6 +110,19 @@ class Scorer:
         return ScoredChunk(rollouts=chunk, scores=wins, actor=self.name, seconds=time.perf_counter() - start,
                            picks=picks, comparisons=calls)
 
+    def compare(self, items: list[tuple[Messages, str, str]]) -> list[float]:
+        """P(a is better than b): the pairwise judge (both orders when configured), or for a reward scorer 1,
+        0.5 or 0 as a's reward is above, equal to or below b's."""
+        if self.cfg.type == "pairwise":
+            probs = self.prefer(items)
+            if self.cfg.pairwise_both_orders:
+                probs = [(p + 1.0 - q) / 2 for p, q in zip(probs, self.prefer([(m, b, a) for m, a, b in items]))]
+            return probs
+        rewards = (lambda pairs: [float(self.fn(m, t)) for m, t in pairs]) if self.fn else self.score_texts
+        a_scores = rewards([(m, a) for m, a, _ in items])
+        b_scores = rewards([(m, b) for m, _, b in items])
+        return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a_scores, b_scores)]
+
     def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:
         """P(a is better than b) for each (messages, a, b)."""
         if self.fn is not None:

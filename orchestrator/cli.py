@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                           "the learner group; the scorer loads the result")
     p_rm.add_argument("config")
     p_rm.add_argument("overrides", nargs="*")
+    p_eval = sub.add_parser("eval", help="held-out metrics of a saved policy against the initial one (eval section)")
+    p_eval.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/tiny/checkpoints/round_5")
+    p_eval.add_argument("config", help="the run's config (its data, scorer, eval and initial policy)")
+    p_eval.add_argument("overrides", nargs="*")
 
     address = dict(metavar="URL", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_DASHBOARD_ADDRESS, "
                    "else $RAY_ADDRESS if it is an http URL, else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
@@ -74,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.command == "validate":
             print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "eval":
+            import json
+
+            from orchestrator.evaluation import evaluate_checkpoint
+
+            print(json.dumps(evaluate_checkpoint(args.checkpoint, cfg), indent=1))
             return 0
         if args.command == "train-rm":
             from orchestrator.reward_training import train_reward_model

@@ -283,6 +283,16 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: int = 0
+    """Held-out prompts evaluated after every round (0: no evaluation). They come after every round's
+    prompts in the shuffled dataset, so training never sees them."""
+    gold_reward: str | None = None
+    """A `module:function` reward used only to evaluate (the "gold" reward, e.g. the rule behind a proxy
+    reward model), reported next to the scorer's reward; null: none."""
+
+
+@dataclass
 class RewardTrainingConfig:
     data_path: str = "builtin:lowercase-pairs"
     """`odpo train-rm`: preference data with `prompt`, `chosen`, `rejected` (strings or chat message lists;
@@ -312,6 +322,7 @@ class OdpoConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +516,10 @@ def validate(cfg: OdpoConfig) -> None:
     for key, value in (("generator.cpus_per_actor", g.cpus_per_actor), ("scorer.cpus_per_actor", s.cpus_per_actor),
                        ("learner.cpus_per_rank", lr.cpus_per_rank)):
         _require(value > 0, key, f"must be > 0 (each actor's placement bundle reserves it), got {value}")
+    _require(cfg.eval.prompts >= 0, "eval.prompts", f"must be >= 0, got {cfg.eval.prompts}")
+    if cfg.eval.gold_reward is not None:
+        _require(re.fullmatch(r"[\w.]+:[\w]+", cfg.eval.gold_reward) is not None, "eval.gold_reward",
+                 f"give `module:function`, got {cfg.eval.gold_reward!r}")
     rt = cfg.reward_training
     if not rt.data_path.startswith(BUILTIN_PREFIX):
         _require(os.path.exists(rt.data_path) or bool(_HUB_ID.match(rt.data_path)), "reward_training.data_path",

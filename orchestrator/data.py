@@ -62,16 +62,20 @@ class PromptSource:
     data.overlong_prompt=skip) are counted as drops of the round whose slice they were in.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, rounds: int):
+    def __init__(self, cfg: DataConfig, seed: int, rounds: int, eval_prompts: int = 0):
         ds = load_dataset_any(cfg.path, cfg.split)
         if cfg.prompt_field not in ds.column_names:
             raise ConfigError("data.prompt_field", f"{cfg.path} has no column {cfg.prompt_field!r}; columns: {ds.column_names}")
         needed = cfg.prompts_per_round * rounds
-        if len(ds) < needed:
-            raise ConfigError("data.prompts_per_round", f"{rounds} rounds x {cfg.prompts_per_round} fresh prompts need "
-                              f"{needed}, but {cfg.path} has {len(ds)} rows")
+        if len(ds) < needed + eval_prompts:
+            raise ConfigError("data.prompts_per_round", f"{rounds} rounds x {cfg.prompts_per_round} fresh prompts"
+                              + (f" and {eval_prompts} held-out eval prompts" if eval_prompts else "")
+                              + f" need {needed + eval_prompts}, but {cfg.path} has {len(ds)} rows")
         order = np.random.default_rng(seed).permutation(len(ds)) if cfg.shuffle else np.arange(len(ds))
         self.order = order[:needed].tolist()
+        held = order[needed: needed + eval_prompts].tolist()  # after every round's slice: never trained on
+        self.eval = [Prompt(uid=int(u), messages=to_messages(v, int(u), cfg.prompt_field))
+                     for u, v in zip(held, ds.select(held)[cfg.prompt_field])] if held else []
         self.per_round = cfg.prompts_per_round
         self.drops: list[dict[str, int]] = [{"bad_prompt": 0, "overlong": 0} for _ in range(rounds)]
         self.truncated = [0] * rounds
@@ -105,6 +109,9 @@ class PromptSource:
                     self.truncated[r] += 1  # the generators keep its last max_prompt_length tokens
                     kept.append(p)
             self.rounds[r] = kept
+        self.eval = [p for p in self.eval  # held-out prompts too long for the template are left out of eval
+                     if len(tokenizer(render_prompt(tokenizer, p.messages), add_special_tokens=False)["input_ids"])
+                     <= cfg.max_prompt_length or cfg.overlong_prompt == "truncate"]
 
     @property
     def prompts(self) -> list[Prompt]:

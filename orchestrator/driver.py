@@ -23,6 +23,7 @@ from actors.generator import generator_class, resolve_backend
 from actors.learner import Learner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.scorer import Scorer
+from orchestrator import evaluation
 from orchestrator.config import OdpoConfig
 from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
@@ -41,7 +42,7 @@ WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS
 def run(cfg: OdpoConfig) -> str:
     """Run (or resume) every round of online iterative DPO; returns the run directory."""
     quiet_libraries()
-    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)  # bad data stops us before Ray starts
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)  # bad data stops us here
     out = RunDir(cfg)  # a new run directory, or one to resume after its `out.completed` rounds
     policy_path, tokenizer_path, reward_path = resolve_models(cfg, out)
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
@@ -55,6 +56,8 @@ def run(cfg: OdpoConfig) -> str:
         generators, scorers = build_rollout_pools(cfg, policy_path, tokenizer_path, reward_path, pools)
         learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools)
         version = out.completed  # weight version = rounds done
+        # the initial policy's answers to the held-out prompts, before a resume loads later weights
+        initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
         if version:
             print(f"odpo: resuming {out.path} after round {version - 1}", file=sys.stderr)
             generators.weights_ref = ray.put(out.read_checkpoint(version - 1, version))
@@ -76,7 +79,7 @@ def run(cfg: OdpoConfig) -> str:
             for attempt in range(cfg.learner.max_round_retries + 1):
                 try:
                     metrics, pairs, bundle_ref = run_round(r, version, cfg, source, generators, scorers, learners, nccl,
-                                                           telemetry)
+                                                           telemetry, initial)
                     break
                 except LearnerFailure as e:
                     if attempt == cfg.learner.max_round_retries or nccl:
@@ -117,8 +120,8 @@ def run(cfg: OdpoConfig) -> str:
 
 
 def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
-              scorers: ActorPool, learners: LearnerGroup, nccl: bool,
-              telemetry: Telemetry | None = None) -> tuple[dict, list, ray.ObjectRef]:
+              scorers: ActorPool, learners: LearnerGroup, nccl: bool, telemetry: Telemetry | None = None,
+              eval_initial: evaluation.Samples | None = None) -> tuple[dict, list, ray.ObjectRef]:
     """One round: stream, replay epochs, sync the new weights to the generators. Returns the round's
     metrics, pairs and the new weights (a ref)."""
     round_start = time.perf_counter()
@@ -143,6 +146,12 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
                             source.drops[r], source.truncated[r])
     metrics.update({"pool/generators": len(generators), "pool/scorers": len(scorers),
                     "pool/generators_dropped": generators.dropped, "pool/scorers_dropped": scorers.dropped})
+    if eval_initial is not None:  # held-out prompts, with the weights just synced
+        start = time.perf_counter()
+        now = evaluation.sample(source.eval, cfg, generators, scorers, version + 1)
+        metrics.update(evaluation.metrics(now, eval_initial, cfg, scorers, learners))
+        metrics["timing/eval"] = time.perf_counter() - start
+        evaluation.report(metrics, f"round {r + 1}/{cfg.run.rounds}")
     return metrics, stream.pairs, export_refs[0]
 
 
@@ -354,13 +363,15 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
 TABLE_COLUMNS = (("round", "round", "{:d}"), ("reward/mean", "reward mean", "{:.4f}"),
                  ("reward/max", "reward max", "{:.4f}"), ("pairs/count", "pairs", "{:d}"),
                  ("train/loss", "loss", "{:.4f}"), ("train/accuracy", "accuracy", "{:.3f}"),
-                 ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("timing/round", "seconds", "{:.1f}"))
+                 ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("eval/gold_mean", "eval gold", "{:.4f}"),
+                 ("eval/win_rate", "eval win", "{:.3f}"), ("timing/round", "seconds", "{:.1f}"))
 
 
 def format_table(history: list[dict]) -> str:
-    header = [title for _, title, _ in TABLE_COLUMNS]
-    rows = [[fmt.format(m[key]) if m[key] is not None and not (isinstance(m[key], float) and math.isnan(m[key]))
-             else "-" for key, _, fmt in TABLE_COLUMNS] for m in history]
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in m for m in history)]  # eval columns when evaluated
+    header = [title for _, title, _ in columns]
+    rows = [[fmt.format(m[key]) if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key]))
+             else "-" for key, _, fmt in columns] for m in history]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
