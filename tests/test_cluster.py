@@ -64,11 +64,16 @@ class Cluster:
     def start_node(self, name: str, head: bool, cpus: int, resources: dict, labels: str) -> str:
         """`ray start` in its own process group; returns the new node's id."""
         port = self.metrics_ports[name] = free_port()
+        # every port its own: another Ray cluster on this machine (the session's, a user's) must not collide
         cmd = [str(BIN / "ray"), "start", f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
-               f"--labels={labels}", f"--metrics-export-port={port}", "--disable-usage-stats", "--block"]
+               f"--labels={labels}", f"--metrics-export-port={port}", "--disable-usage-stats", "--block",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+               f"--object-manager-port={free_port()}"]
         if head:
             cmd += ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-                    "--dashboard-host=127.0.0.1", f"--temp-dir={self.ray_tmp}"]
+                    "--dashboard-host=127.0.0.1", f"--temp-dir={self.ray_tmp}",
+                    f"--ray-client-server-port={free_port()}"]
         else:
             cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
         before = set(self.alive_nodes())
