@@ -91,17 +91,10 @@ class Scorer:
             nonlocal calls
             items = [(rollouts[k].prompt.messages, rollouts[k].responses[a].text, rollouts[k].responses[b].text)
                      for k, a, b in matches]
-            probs = self.prefer(items)
-            calls += len(items)
-            if self.cfg.pairwise_both_orders:  # cancel a judge's taste for one position
-                swapped = self.prefer([(m, b, a) for m, a, b in items])
-                calls += len(items)
-                probs = [(p + 1.0 - q) / 2 for p, q in zip(probs, swapped)]
+            probs = self.compare(items)
+            calls += len(items) * (2 if self.cfg.pairwise_both_orders else 1)
             out = []
             for (k, a, b), p in zip(matches, probs):
-                if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-                    raise ValueError(f"{self.name}: pairwise judge gave {p} (not a probability) for prompt uid "
-                                     f"{rollouts[k].prompt.uid}, responses {a} and {b}")
                 out.append(p >= 0.5)  # a tie goes to the first: deterministic
                 wins[k][a if p >= 0.5 else b] += 1
             return out
@@ -115,7 +108,7 @@ class Scorer:
         0.5 or 0 as a's reward is above, equal to or below b's."""
         if self.cfg.type == "pairwise":
             probs = self.prefer(items)
-            if self.cfg.pairwise_both_orders:
+            if self.cfg.pairwise_both_orders:  # cancel a judge's taste for one position
                 probs = [(p + 1.0 - q) / 2 for p, q in zip(probs, self.prefer([(m, b, a) for m, a, b in items]))]
             return probs
         rewards = (lambda pairs: [float(self.fn(m, t)) for m, t in pairs]) if self.fn else self.score_texts
@@ -126,7 +119,12 @@ class Scorer:
     def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:
         """P(a is better than b) for each (messages, a, b)."""
         if self.fn is not None:
-            return [float(self.fn(m, a, b)) for m, a, b in items]
+            probs = [float(self.fn(m, a, b)) for m, a, b in items]
+            for (m, a, b), p in zip(items, probs):
+                if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                    raise ValueError(f"{self.name}: pairwise judge gave {p} (not a probability) for prompt "
+                                     f"{m[-1]['content'][:80]!r}, responses {a[:40]!r} and {b[:40]!r}")
+            return probs
         texts = [PAIRWISE_TEMPLATE.format(context=self.tokenizer.apply_chat_template(m, tokenize=False), a=a, b=b)
                  for m, a, b in items]
         return [0.5 * (1.0 + math.tanh(x / 2)) for x in self._logits(texts)]  # sigmoid, no overflow

@@ -130,10 +130,10 @@ def jobs_command(args) -> int:
             print(f"odpo: {args.target}: the driver resizes to {pending} before its next round", file=sys.stderr)
             return 0
         return jobs.scale_job(jobs.client(args.address), args.target, sizes, args.via_cluster)
-    c = jobs.client(args.address)
-    if args.command == "submit":
+    if args.command == "submit":  # validates the config before it connects to anything
         return jobs.submit(args.config, args.overrides, args.address, args.working_dir, args.runtime_env,
                            args.output_dir, args.job_id, args.follow)
+    c = jobs.client(args.address)
     if args.command == "status":
         print(jobs.status_table(c))
         return 0

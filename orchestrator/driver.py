@@ -34,13 +34,13 @@ from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 from orchestrator.telemetry import Telemetry
 
-DRIVER_STARTED = time.time()  # scale requests older than this process were meant for an earlier driver
 # Passed to every worker so actors find the same caches and stay offline like the driver.
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
 
 
 def run(cfg: OdpoConfig) -> str:
     """Run (or resume) every round of online iterative DPO; returns the run directory."""
+    started = time.time()  # scale requests older than this were meant for an earlier driver
     quiet_libraries()
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)  # bad data stops us here
     out = RunDir(cfg)  # a new run directory, or one to resume after its `out.completed` rounds
@@ -48,7 +48,7 @@ def run(cfg: OdpoConfig) -> str:
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
     out.save_policy_files(policy_path, tokenizer)
-    take_scale_request(out.path, written_after=DRIVER_STARTED)  # one left by an earlier driver is dropped
+    take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
     out.write_job_marker()
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []

@@ -163,6 +163,9 @@ def test_submit_refuses_a_config_outside_the_working_dir_and_bad_values_before_u
     with pytest.raises(ConfigError) as e:
         jobs.submit("configs/tiny.yaml", ["learner.lr=-1"], "http://127.0.0.1:9")
     assert e.value.key == "learner.lr"
+    from orchestrator.cli import main  # the CLI too: the config error, not a failed connection
+
+    assert main(["submit", "configs/tiny.yaml", "learner.lr=-1", "--address", "http://127.0.0.1:9"]) == 2
 
 
 def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch):
