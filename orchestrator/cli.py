@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-rm":
             from orchestrator.reward_training import train_reward_model
 
-            train_reward_model(cfg)
+            print(train_reward_model(cfg))
             return 0
         from orchestrator.driver import run
 

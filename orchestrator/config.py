@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm")
+TRAINED_REWARD_MODEL = "reward_training"
+"""scorer.model_path value: the run trains its reward model first (the reward_training section)."""
 PAIR_STRATEGIES = ("max_min", "max_random", "random", "max_min_p")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,6 +52,10 @@ class RunConfig:
     re-submitted). Off: an existing run directory stops the run."""
     rounds: int = 3
     """Number of online iterations (generate -> score -> pair -> train -> sync)."""
+    mode: str = "online"
+    """`online`: iterative DPO, each round's pairs drawn from the policy of that round. `offline`: the DPO
+    baseline on a fixed pair set (the `offline` section), with the same rounds, learner, steps, sync and evaluation,
+    so the two differ only in where the pairs come from."""
     seed: int = 42
     """Seed of every random stream (prompt order, sampling, pair choice, model init)."""
 
@@ -170,7 +176,9 @@ class ScorerConfig:
     """Reward function as `module:function`, called as fn(messages, response) -> float; with type `pairwise`,
     a judge called as fn(messages, response_a, response_b) -> probability that a is better."""
     model_path: str | None = None
-    """Reward model: a local directory, a hub id, or `builtin:tiny-llama-rm` (random, for tests)."""
+    """Reward model: a local directory, a hub id, `builtin:tiny-llama-rm` (random, for tests), or
+    `reward_training`: trained first by the run itself from the `reward_training` section (as `odpo train-rm`),
+    into `<run dir>/reward_model/`, once (a resumed run reuses it)."""
     tokenizer: str | None = None
     """Reward model tokenizer if not the model's own."""
     dtype: str = "float32"
@@ -285,8 +293,8 @@ class MetricsConfig:
 @dataclass
 class EvalConfig:
     prompts: int = 0
-    """Held-out prompts evaluated after every round (0: no evaluation). They come after every round's
-    prompts in the shuffled dataset, so training never sees them."""
+    """Held-out prompts evaluated after every round (0: no evaluation). They are the last ones of the shuffled
+    dataset, apart from every round's prompts (training never sees them) and the same set whatever run.rounds."""
     gold_reward: str | None = None
     """A `module:function` reward used only to evaluate (the "gold" reward, e.g. the rule behind a proxy
     reward model), reported next to the scorer's reward; null: none."""
@@ -311,6 +319,15 @@ class RewardTrainingConfig:
 
 
 @dataclass
+class OfflineConfig:
+    dataset: str | None = None
+    """With run.mode=offline: null draws every round's pairs from the initial policy, all before training starts
+    (the same generators, scorer and pair choice as online, on the same prompts); or a preference dataset
+    (`prompt`, `chosen`, `rejected`: strings or chat lists; a local file, a saved dataset or a hub id) whose rows
+    are trained on exactly, data.prompts_per_round per round in file order."""
+
+
+@dataclass
 class OdpoConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -323,6 +340,7 @@ class OdpoConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +478,11 @@ def validate(cfg: OdpoConfig) -> None:
     r, g, s, p, lr, d = cfg.run, cfg.generator, cfg.scorer, cfg.pairs, cfg.learner, cfg.data
     _require(bool(re.fullmatch(r"[\w.-]+", r.name)), "run.name", "letters, digits, '_', '-', '.' only")
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
+    _require(r.mode in ("online", "offline"), "run.mode", f"online or offline, got {r.mode!r}")
+    if cfg.offline.dataset is not None:
+        _require(r.mode == "offline", "offline.dataset", "only used with run.mode=offline")
+        _require(os.path.exists(cfg.offline.dataset) or bool(_HUB_ID.match(cfg.offline.dataset)), "offline.dataset",
+                 f"path does not exist: {cfg.offline.dataset}")
 
     check_model_location("policy.path", cfg.policy.path, BUILTIN_MODELS)
     if cfg.policy.tokenizer is not None:
@@ -544,6 +567,9 @@ def validate(cfg: OdpoConfig) -> None:
         _require(bool(s.function) and re.fullmatch(r"[\w.]+:[\w]+", s.function or "") is not None,
                  "scorer.function", f"give `module:function`, got {s.function!r}"
                  + (" (or scorer.model_path, a pairwise preference model)" if s.type == "pairwise" else ""))
+    elif s.model_path == TRAINED_REWARD_MODEL:
+        _require(s.type == "reward_model", "scorer.model_path",
+                 "`reward_training` trains a Bradley-Terry reward model: it needs scorer.type=reward_model")
     else:
         check_model_location("scorer.model_path", s.model_path, BUILTIN_MODELS)
     _require(s.type != "pairwise" or p.strategy == "max_min", "pairs.strategy",

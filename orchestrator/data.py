@@ -73,7 +73,8 @@ class PromptSource:
                               + f" need {needed + eval_prompts}, but {cfg.path} has {len(ds)} rows")
         order = np.random.default_rng(seed).permutation(len(ds)) if cfg.shuffle else np.arange(len(ds))
         self.order = order[:needed].tolist()
-        held = order[needed: needed + eval_prompts].tolist()  # after every round's slice: never trained on
+        # the tail of the shuffled order: never trained on, and the same set whatever run.rounds (a resume may add rounds)
+        held = order[len(order) - eval_prompts:].tolist() if eval_prompts else []
         self.eval = [Prompt(uid=int(u), messages=to_messages(v, int(u), cfg.prompt_field))
                      for u, v in zip(held, ds.select(held)[cfg.prompt_field])] if held else []
         self.per_round = cfg.prompts_per_round

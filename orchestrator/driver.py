@@ -1,10 +1,14 @@
 """The driver: `run(cfg)` is the algorithm, one round at a time, readable top to bottom.
 
+    train the reward model first if the scorer asks for it (scorer.model_path=reward_training)
+    sample the held-out eval prompts with the initial policy (eval.prompts)
+    offline baseline (run.mode=offline): fix every round's pairs now (orchestrator/offline.py)
     for each round:
         apply a pending `odpo scale` request (rollout pools only; new actors load the current weights)
-        stream prompts -> generators -> scorers -> pairs -> learner (first epoch)
+        stream prompts -> generators -> scorers -> pairs -> learner (first epoch; offline: the round's fixed pairs)
         replay the round's pairs for the remaining epochs
         export the policy once, load it into every generator (weight version + 1)
+        evaluate on the held-out prompts
         write the checkpoint, the pairs and the metrics; redraw plots/rounds.png
 """
 
@@ -23,8 +27,8 @@ from actors.generator import generator_class, resolve_backend
 from actors.learner import Learner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.scorer import Scorer
-from orchestrator import evaluation
-from orchestrator.config import OdpoConfig
+from orchestrator import evaluation, offline
+from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
 from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir
@@ -53,11 +57,16 @@ def run(cfg: OdpoConfig) -> str:
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
+        if reward_path == out.sub("reward_model") and not os.path.isdir(reward_path):  # scorer.model_path=reward_training
+            from orchestrator.reward_training import fit_reward_model
+
+            fit_reward_model(cfg, reward_path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
         generators, scorers = build_rollout_pools(cfg, policy_path, tokenizer_path, reward_path, pools)
         learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools)
         version = out.completed  # weight version = rounds done
         # the initial policy's answers to the held-out prompts, before a resume loads later weights
         initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
+        fixed = offline.pair_set(cfg, out, source, generators, scorers, tokenizer) if cfg.run.mode == "offline" else None
         if version:
             print(f"odpo: resuming {out.path} after round {version - 1}", file=sys.stderr)
             generators.weights_ref = ray.put(out.read_checkpoint(version - 1, version))
@@ -79,7 +88,7 @@ def run(cfg: OdpoConfig) -> str:
             for attempt in range(cfg.learner.max_round_retries + 1):
                 try:
                     metrics, pairs, bundle_ref = run_round(r, version, cfg, source, generators, scorers, learners, nccl,
-                                                           telemetry, initial)
+                                                           telemetry, initial, fixed[r] if fixed else None)
                     break
                 except LearnerFailure as e:
                     if attempt == cfg.learner.max_round_retries or nccl:
@@ -121,15 +130,19 @@ def run(cfg: OdpoConfig) -> str:
 
 def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
               scorers: ActorPool, learners: LearnerGroup, nccl: bool, telemetry: Telemetry | None = None,
-              eval_initial: evaluation.Samples | None = None) -> tuple[dict, list, ray.ObjectRef]:
-    """One round: stream, replay epochs, sync the new weights to the generators. Returns the round's
-    metrics, pairs and the new weights (a ref)."""
+              eval_initial: evaluation.Samples | None = None, fixed: RoundStream | None = None
+              ) -> tuple[dict, list, ray.ObjectRef]:
+    """One round: stream (offline: train the `fixed` pairs' first epoch), replay epochs, sync the new weights
+    to the generators, evaluate. Returns the round's metrics, pairs and the new weights (a ref)."""
     round_start = time.perf_counter()
     prompts = source.round_prompts(r)
     progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s, telemetry=telemetry)
     learners.start_round(r, planned_steps(len(prompts), cfg))
 
-    stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
+    if fixed is None:
+        stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
+    else:
+        stream = offline.train_round(r, fixed, cfg, learners, progress)
     progress.set_stage("epochs")
     replay_start = time.perf_counter()
     replay = replay_epochs(stream.pairs, cfg, r, learners, progress)
@@ -142,8 +155,9 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
     sync_weights(generators, learners, export_refs, version + 1, nccl)
     sync_s = time.perf_counter() - sync_start
     progress.close()
+    from_data = fixed is not None and cfg.offline.dataset is not None  # data.path's prompts were not used
     metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start,
-                            source.drops[r], source.truncated[r])
+                            {} if from_data else source.drops[r], 0 if from_data else source.truncated[r])
     metrics.update({"pool/generators": len(generators), "pool/scorers": len(scorers),
                     "pool/generators_dropped": generators.dropped, "pool/scorers_dropped": scorers.dropped})
     if eval_initial is not None:  # held-out prompts, with the weights just synced
@@ -199,7 +213,9 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     if is_builtin(policy):
         policy = built(policy, "policy", cfg.run.seed)
     reward = cfg.scorer.model_path if cfg.scorer.type in ("reward_model", "pairwise") else None
-    if reward is not None and is_builtin(reward):
+    if reward == TRAINED_REWARD_MODEL:  # trained by `run` once Ray is up, unless an earlier driver did
+        reward = out.sub("reward_model")
+    elif reward is not None and is_builtin(reward):
         reward = built(reward, "reward", cfg.run.seed + 1)
     return policy, cfg.policy.tokenizer or policy, reward
 
@@ -324,7 +340,7 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
     def pair_mean(attr: str) -> float:
         return sum(getattr(s, attr) * s.pairs for s in steps) / trained if trained else float("nan")
 
-    rewards = np.asarray(stream.rewards, dtype=np.float64)
+    rewards = np.asarray(stream.rewards or [math.nan], dtype=np.float64)  # offline.dataset pairs have none
     return {
         "round": r, "weight_version": version,
         "prompts/count": len(stream.pairs) + sum(stream.drops.values()) + sum(skipped.values()),
@@ -337,7 +353,7 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
         "score/tokens_per_s": stream.new_tokens / stream.wall_s if stream.wall_s else float("nan"),
         "train/tokens": sum(s.tokens for s in steps),
         "train/tokens_per_s": sum(s.tokens for s in steps) / (stream.wall_s + replay_s) if stream.wall_s else float("nan"),
-        "gen/response_chars_mean": float(np.mean(stream.response_chars)),
+        "gen/response_chars_mean": float(np.mean(stream.response_chars)) if stream.response_chars else math.nan,
         "train/loss": pair_mean("loss"), "train/accuracy": pair_mean("accuracy"),
         "train/chosen_reward": pair_mean("chosen_reward"), "train/rejected_reward": pair_mean("rejected_reward"),
         "train/margin": pair_mean("chosen_reward") - pair_mean("rejected_reward"),
@@ -363,7 +379,8 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
 TABLE_COLUMNS = (("round", "round", "{:d}"), ("reward/mean", "reward mean", "{:.4f}"),
                  ("reward/max", "reward max", "{:.4f}"), ("pairs/count", "pairs", "{:d}"),
                  ("train/loss", "loss", "{:.4f}"), ("train/accuracy", "accuracy", "{:.3f}"),
-                 ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("eval/gold_mean", "eval gold", "{:.4f}"),
+                 ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("eval/reward_mean", "eval proxy", "{:.4f}"),
+                 ("eval/gold_mean", "eval gold", "{:.4f}"),
                  ("eval/win_rate", "eval win", "{:.3f}"), ("timing/round", "seconds", "{:.1f}"))
 
 

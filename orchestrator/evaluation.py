@@ -1,6 +1,7 @@
 """Evaluation on held-out prompts (`eval.prompts`), after every round and by `odpo eval`.
 
-The held-out prompts come after every round's slice of the shuffled dataset. They are sampled as
+The held-out prompts are the tail of the shuffled dataset, apart from every round's slice and the same
+whatever run.rounds (a resumed run may add rounds). They are sampled as
 training samples are (n responses each, `generator.temperatures`), with the same seeds every time, so
 sample j of a prompt under the current policy faces sample j under the initial policy. The metrics:
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from actors.scorer import import_function
 from actors.types import Prompt, RolloutChunk
-from orchestrator.config import OdpoConfig
+from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup
 from orchestrator.streaming import make_chunks
 
@@ -136,6 +137,10 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
 
     policy = built(cfg.policy.path, "policy")
     reward = built(cfg.scorer.model_path, "reward") if cfg.scorer.type in ("reward_model", "pairwise") else None
+    if reward == TRAINED_REWARD_MODEL:  # the reward model the run trained for itself
+        reward = os.path.join(run_dir, "reward_model")
+        if not os.path.isdir(reward):
+            raise FileNotFoundError(f"scorer.model_path=reward_training: the run's reward model is not at {reward}")
     tokenizer_path = cfg.policy.tokenizer or policy
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)

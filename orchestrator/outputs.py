@@ -24,7 +24,7 @@ BASE_FILES_DIR = "base"
 STATE_FILE = "state.json"
 # Changing these between a run and its resume would make the resumed rounds inconsistent with the done ones.
 RESUME_FIXED_KEYS = ("run.seed", "policy.path", "data.path", "data.prompt_field", "data.prompts_per_round",
-                     "data.shuffle")
+                     "data.shuffle", "run.mode", "offline.dataset")
 
 
 class RunDir:
@@ -69,7 +69,7 @@ class RunDir:
         for key in RESUME_FIXED_KEYS:
             section, name = key.split(".")
             now = getattr(getattr(cfg, section), name)
-            if state["fixed"].get(key) != now:
+            if key in state["fixed"] and state["fixed"][key] != now:  # a key newer than the run is not checked
                 raise ValueError(f"cannot resume {self.path}: `{key}` was {state['fixed'].get(key)!r} and is now "
                                  f"{now!r}; keep it, or start a new run (run.name) or overwrite (run.overwrite=true)")
         self.completed, self.wandb_id = state["completed_rounds"], state.get("wandb_id")
@@ -143,7 +143,7 @@ class RunDir:
         path = self.sub("pairs", f"round_{round_index}.jsonl")
         lines = [json.dumps({
             "prompt": p.prompt_text, "prompt_messages": p.prompt_messages, "chosen": p.chosen,
-            "rejected": p.rejected, "chosen_score": p.chosen_score, "rejected_score": p.rejected_score,
+            "rejected": p.rejected, "chosen_score": _finite(p.chosen_score), "rejected_score": _finite(p.rejected_score),
             "round": p.round, "weight_version": p.weight_version, "uid": p.uid,
         }, ensure_ascii=False) for p in pairs]
         _write_atomic(path, "".join(line + "\n" for line in lines))
@@ -161,6 +161,11 @@ class RunDir:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a pair without scores (an offline.dataset row) writes null."""
+    return x if math.isfinite(x) else None
 
 
 def _plain(cfg: OdpoConfig) -> dict:

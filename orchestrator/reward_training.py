@@ -67,7 +67,8 @@ def _response_text(value, where: str) -> tuple[Messages | None, str]:
     raise ValueError(f"{where}: a response is a string or a chat list ending with an assistant turn")
 
 
-def load_preferences(path: str, limit: int | None) -> list[tuple[Messages, str, str]]:
+def load_preferences(path: str, limit: int | None, key: str = "reward_training.data_path"
+                     ) -> list[tuple[Messages, str, str]]:
     from orchestrator.data import load_dataset_any
 
     rows = load_dataset_any(path, "train")
@@ -75,12 +76,12 @@ def load_preferences(path: str, limit: int | None) -> list[tuple[Messages, str, 
     for i, row in enumerate(rows):
         missing = [k for k in ("chosen", "rejected") if k not in row]
         if missing:
-            raise ValueError(f"reward_training.data_path row {i}: no {missing[0]!r} column (have {sorted(row)})")
-        chosen_ctx, chosen = _response_text(row["chosen"], f"row {i} chosen")
-        _, rejected = _response_text(row["rejected"], f"row {i} rejected")
+            raise ValueError(f"{key} row {i}: no {missing[0]!r} column (have {sorted(row)})")
+        chosen_ctx, chosen = _response_text(row["chosen"], f"{key} row {i} chosen")
+        _, rejected = _response_text(row["rejected"], f"{key} row {i} rejected")
         prompt = row.get("prompt") or chosen_ctx
         if not prompt:
-            raise ValueError(f"reward_training.data_path row {i}: no prompt (a `prompt` column, or chat lists)")
+            raise ValueError(f"{key} row {i}: no prompt (a `prompt` column, or chat lists)")
         out.append((_as_messages(prompt), chosen, rejected))
         if limit is not None and len(out) >= limit:
             break
@@ -100,21 +101,28 @@ def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int)
 
 
 def train_reward_model(cfg: OdpoConfig) -> str:
-    """Train, evaluate each epoch, save; returns the saved reward model's directory."""
-    from orchestrator.driver import start_ray
-    from orchestrator.outputs import _write_atomic
-
-    quiet_libraries()
-    rt, lc = cfg.reward_training, cfg.learner
+    """`odpo train-rm`: a run directory of its own; returns the saved reward model's directory."""
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     if os.path.exists(run_dir):
         if not cfg.run.overwrite:
             raise FileExistsError(f"{run_dir} exists; set run.overwrite=true or choose another run.name")
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
+    return fit_reward_model(cfg, os.path.join(run_dir, "reward_model"), os.path.join(run_dir, "metrics.jsonl"),
+                            os.path.join(run_dir, "base_model"))
+
+
+def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: str) -> str:
+    """Train, evaluate each epoch, save to `dest` (whole or not at all); uses the running Ray cluster if there
+    is one (the driver trains its reward model first this way), else starts one for itself."""
+    from orchestrator.driver import placement, start_ray
+    from orchestrator.outputs import _write_atomic
+
+    quiet_libraries()
+    rt, lc = cfg.reward_training, cfg.learner
     base = rt.base_model
     if is_builtin(base):
-        base = materialize_builtin(base, os.path.join(run_dir, "base_model"), cfg.run.seed + 1)
+        base = materialize_builtin(base, base_dir, cfg.run.seed + 1)
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
     items = (rule_pairs(rt.num_pairs or 2048, cfg.run.seed) if rt.data_path.startswith("builtin:")
@@ -129,8 +137,6 @@ def train_reward_model(cfg: OdpoConfig) -> str:
     started_ray = start_ray(cfg)
     pool = None
     try:
-        from orchestrator.driver import placement
-
         pool = ActorPool("rm-learner", RewardLearner, lc.num_ranks,
                          placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
                          lambda r: (lc, base, "float32", r, lc.num_ranks, tokenizer.pad_token_id), gang=True)
@@ -148,20 +154,23 @@ def train_reward_model(cfg: OdpoConfig) -> str:
             seen = sum(s.pairs for s in steps)
             train_loss = sum(s.loss * s.pairs for s in steps) / seen
             history.append(evaluate(group, held_out, epoch, len(steps), train_loss, time.perf_counter() - start))
-        _write_atomic(os.path.join(run_dir, "metrics.jsonl"), "".join(f"{_json(m)}\n" for m in history))
+        _write_atomic(metrics_path, "".join(f"{_json(m)}\n" for m in history))
         bundle = group.get(group.async_export_refs(1), "the weight export")[0]
-        out = os.path.join(run_dir, "reward_model")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(base)
         config.pad_token_id = tokenizer.pad_token_id
-        os.makedirs(out)
-        config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
             f.write(bundle.payload)
-        print(f"odpo: reward model saved to {out} (scorer.type=reward_model scorer.model_path={out})")
-        return out
+        os.replace(tmp, dest)
+        print(f"odpo: reward model saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
+              f"{history[-1]['eval/accuracy']:.3f}; scorer.type=reward_model scorer.model_path={dest})", file=sys.stderr)
+        return dest
     finally:
         if pool is not None:
             pool.shutdown()

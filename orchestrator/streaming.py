@@ -125,10 +125,11 @@ def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: 
 
 
 def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: OdpoConfig,
-                 generators: ActorPool, scorers: ActorPool, learners: LearnerGroup,
+                 generators: ActorPool, scorers: ActorPool, learners: LearnerGroup | None,
                  progress: RoundProgress) -> RoundStream:
     """Generate, score, pair and train (first epoch) one round's prompts; every prompt ends as a pair
-    or a counted drop. A generator or scorer that dies or hangs is replaced and its chunks are redone."""
+    or a counted drop. A generator or scorer that dies or hangs is replaced and its chunks are redone.
+    Without `learners` nothing is trained: the offline baseline draws its fixed pairs this way."""
     start = time.perf_counter()
     out = RoundStream()
     gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor, cfg.generator.call_timeout_s)
@@ -157,6 +158,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, c = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
+        if learners is None:
+            buffer = []  # the pairs are in out.pairs; nothing trains on them here
         while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT:
             submit_train(buffer[:batch_size])
             buffer = buffer[batch_size:]
@@ -259,12 +262,14 @@ def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: in
 
 
 def replay_epochs(pairs: list[Pair], cfg: OdpoConfig, round_index: int, learners: LearnerGroup,
-                  progress: RoundProgress) -> list[TrainStepStats]:
-    """Epochs 2..E over the round's pairs, reshuffled per epoch with a seeded stream."""
+                  progress: RoundProgress, first: int = 1, last: int | None = None) -> list[TrainStepStats]:
+    """Epochs first+1..last (default: 2..E) over the round's pairs, reshuffled per epoch with a seeded stream.
+    Epoch 1 (first=0, the offline baseline's) takes them in order, as streaming releases them online."""
     steps: list[TrainStepStats] = []
     g = cfg.learner.global_batch_size
-    for epoch in range(1, cfg.learner.epochs):
-        order = np.random.default_rng([cfg.run.seed, round_index, epoch]).permutation(len(pairs))
+    for epoch in range(first, cfg.learner.epochs if last is None else last):
+        rng = np.random.default_rng([cfg.run.seed, round_index, epoch])
+        order = rng.permutation(len(pairs)) if epoch else np.arange(len(pairs))
         shuffled = [pairs[i] for i in order]
         submitted = [learners.async_train_step_refs(shuffled[s: s + g]) for s in range(0, len(shuffled), g)]
         for refs in submitted:

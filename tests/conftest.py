@@ -55,5 +55,11 @@ def ray_cluster():
     ray.shutdown()
 
 
+RULE_LOOP = ["scorer.type=function", "eval.prompts=0"]
+"""configs/tiny.yaml's loop with the rule itself as the reward (not the reward model the default trains first)
+and no held-out evaluation: the fast form of the default that most end-to-end tests run. The default's whole
+workflow has its own test (test_offline.py)."""
+
+
 def chat_messages(i: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Tell me about item {i}."}]

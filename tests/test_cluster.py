@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, RULE_LOOP
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +167,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 
 ROUNDS = 6  # the submitted run: enough that a resize sent after round 0 (through a helper job) lands before the end
-TINY = ["generator.backend=hf", "data.prompts_per_round=24", "generator.max_new_tokens=24", "generator.n=4",
+TINY = [*RULE_LOOP, "generator.backend=hf", "data.prompts_per_round=24", "generator.max_new_tokens=24", "generator.n=4",
         "generator.temperatures=[1.0]", "generator.chunk_size=4", "learner.global_batch_size=8",
         "metrics.progress_interval_s=1", "metrics.wandb=false", "ray.placement_timeout_s=60",
         "generator.cpus_per_actor=0.5", "learner.resources={trainer: 1}", "scorer.node_labels={odpo-role: train}"]

@@ -70,7 +70,7 @@ def test_a_run_evaluates_every_round_and_odpo_eval_reproduces_the_last(ray_clust
 
     monkeypatch.chdir(REPO)
     cfg = load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.name=ev", "run.rounds=2", "data.prompts_per_round=24", "eval.prompts=12",
+        "scorer.type=function", f"run.output_dir={tmp_path}", "run.name=ev", "run.rounds=2", "data.prompts_per_round=24", "eval.prompts=12",
         "eval.gold_reward=actors.rewards:response_length", "generator.backend=hf", "generator.max_new_tokens=12",
         "metrics.wandb=false"])
     run_dir = run(cfg)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, chat_messages
+from conftest import REPO, RULE_LOOP, chat_messages
 from test_actors import make_chunk
 
 from orchestrator.config import load_config
@@ -32,7 +32,7 @@ def assert_no_run_actors_left(ray) -> None:
 def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.name=it", "run.rounds=2", "data.prompts_per_round=48",
+        *RULE_LOOP, f"run.output_dir={tmp_path}", "run.name=it", "run.rounds=2", "data.prompts_per_round=48",
         "generator.num_actors=2", "generator.cpus_per_actor=0.5", "generator.chunk_size=4",
         "generator.max_new_tokens=16", "scorer.cpus_per_actor=0.5", "learner.cpus_per_rank=1",
         "metrics.wandb=true",
@@ -94,7 +94,7 @@ def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkey
     data = str(tmp_path / "prompts.parquet")
     datasets.Dataset.from_dict({"context_messages": [chat_messages(i) for i in range(40)]}).to_parquet(data)
     cfg = load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.name=rm", "run.rounds=2", f"data.path={data}",
+        f"run.output_dir={tmp_path}", "run.name=rm", "run.rounds=2", f"data.path={data}", "eval.prompts=0",
         "data.prompt_field=context_messages", "data.prompts_per_round=16", "generator.n=4",
         "generator.temperatures=[1.0]", "generator.max_new_tokens=8", "generator.cpus_per_actor=0.5",
         "scorer.type=reward_model", "scorer.model_path=builtin:tiny-llama-rm", "scorer.max_length=256",
@@ -135,7 +135,7 @@ def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_poo
     for name, sizes in (("a", (2,)), ("c", (1, 3))):
         for rounds, actors in enumerate(sizes, start=3 - len(sizes)):  # c: round 0 with 1, resumed with 3
             cfg = load_config("configs/tiny.yaml", [
-                f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "data.prompts_per_round=32",
+                *RULE_LOOP, f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "data.prompts_per_round=32",
                 f"generator.num_actors={actors}", "generator.cpus_per_actor=0.5", "generator.chunk_size=2",
                 "generator.max_new_tokens=12", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
                 "run.overwrite=false", "run.resume=true",

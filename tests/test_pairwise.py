@@ -120,15 +120,18 @@ def test_a_pairwise_model_judges_through_its_logit(tiny_rm_dir):
 
 def test_pairwise_config_needs_a_judge_and_max_min(monkeypatch):
     monkeypatch.chdir(REPO)
-    ok = load_config("configs/tiny.yaml", ["scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase"])
+    judge = ["scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase", "scorer.model_path=null"]
+    ok = load_config("configs/tiny.yaml", judge)
     assert ok.scorer.type == "pairwise"
     with pytest.raises(ConfigError) as e:
-        load_config("configs/tiny.yaml", ["scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase",
-                                          "pairs.strategy=random"])
+        load_config("configs/tiny.yaml", [*judge, "pairs.strategy=random"])
     assert e.value.key == "pairs.strategy"
     with pytest.raises(ConfigError) as e:
-        load_config("configs/tiny.yaml", ["scorer.type=pairwise", "scorer.function=null"])
+        load_config("configs/tiny.yaml", ["scorer.type=pairwise", "scorer.function=null", "scorer.model_path=null"])
     assert e.value.key == "scorer.function"
+    with pytest.raises(ConfigError) as e:  # the tiny default's trained reward model is not a pairwise judge
+        load_config("configs/tiny.yaml", judge[:2])
+    assert e.value.key == "scorer.model_path" and "scorer.type=reward_model" in str(e.value)
 
 
 @pytest.mark.slow
@@ -139,7 +142,8 @@ def test_a_run_with_a_pairwise_judge_trains_on_its_picks(ray_cluster, tmp_path, 
     cfg = load_config("configs/tiny.yaml", [
         f"run.output_dir={tmp_path}", "run.name=pw", "run.rounds=2", "data.prompts_per_round=16",
         "generator.backend=hf", "generator.max_new_tokens=12", "generator.chunk_size=4", "metrics.wandb=false",
-        "scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase", "learner.global_batch_size=8",
+        "scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase", "scorer.model_path=null",
+        "learner.global_batch_size=8", "eval.prompts=0",
     ])
     run_dir = run(cfg)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

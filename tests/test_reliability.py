@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, RULE_LOOP
 
 from orchestrator.config import load_config
 from orchestrator.data import PromptSource
@@ -23,7 +23,7 @@ from orchestrator.pools import PlacementError, PoolExhausted
 
 pytestmark = pytest.mark.slow
 
-BASE = ["data.prompts_per_round=32", "generator.chunk_size=4", "generator.max_new_tokens=16",
+BASE = [*RULE_LOOP, "data.prompts_per_round=32", "generator.chunk_size=4", "generator.max_new_tokens=16",
         "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false"]
 
 

@@ -1,0 +1,129 @@
+"""The offline DPO baseline (`run.mode=offline`): the same rounds, learner, schedule, weight sync, checkpoints
+and evaluation as online iterative DPO, trained on a pair set fixed before the first step. The two modes
+differ only in where a round's pairs come from.
+
+    offline.dataset: null   every round's pairs are drawn from the initial policy (weight version 0) on that
+                            round's prompts, by the same generators, scorer and pair choice, all before
+                            training; round 0's pairs are exactly online round 0's
+    offline.dataset: PATH   a preference dataset (prompt, chosen, rejected), trained on exactly:
+                            data.prompts_per_round rows per round, in file order
+
+Each round trains its slice as an online round trains its pairs: epoch 1 in order (the order streaming
+releases them), epochs 2..E reshuffled with the same seeds. Each round's set is written to
+`<run dir>/offline/round_<k>.jsonl` (generation statistics, then the pairs with their token ids), so a
+resumed run trains on the same pairs and draws only the rounds it lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from actors.models import render_prompt
+from actors.types import Pair
+from orchestrator.config import OdpoConfig
+from orchestrator.data import PromptSource
+from orchestrator.outputs import RunDir, _write_atomic
+from orchestrator.pools import ActorPool
+from orchestrator.progress import RoundProgress
+from orchestrator.streaming import RoundStream, replay_epochs, stream_round
+
+SAVED_FIELDS = ("pairs", "drops", "rewards", "response_chars", "new_tokens", "comparisons", "chunks")
+"""What a drawn round keeps of its stream: its pairs and the generation statistics its metrics report."""
+
+
+def pair_set(cfg: OdpoConfig, out: RunDir, source: PromptSource, generators: ActorPool, scorers: ActorPool,
+             tokenizer) -> list[RoundStream]:
+    """Every round's fixed pairs (and generation statistics): a round an earlier driver already fixed is
+    loaded from the run directory, the others are made now (the generators must hold the initial weights)."""
+    folder = out.sub("offline")
+    os.makedirs(folder, exist_ok=True)
+    from_data = dataset_rounds(cfg, tokenizer) if cfg.offline.dataset is not None else None
+    rounds, made = [], 0
+    for r in range(cfg.run.rounds):
+        path = os.path.join(folder, f"round_{r}.jsonl")
+        if os.path.exists(path):
+            rounds.append(load_round(path))
+            continue
+        rounds.append(from_data[r] if from_data else draw_round(r, cfg, source, generators, scorers))
+        save_round(path, rounds[-1])
+        made += 1
+    origin = f"from {cfg.offline.dataset}" if from_data else "drawn from the initial policy"
+    print(f"odpo: offline: {sum(len(s.pairs) for s in rounds)} fixed pairs {origin} "
+          f"({', '.join(str(len(s.pairs)) for s in rounds)} per round; {cfg.run.rounds - made} round(s) loaded from "
+          f"{folder})", file=sys.stderr)
+    return rounds
+
+
+def draw_round(r: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
+               scorers: ActorPool) -> RoundStream:
+    """Round r's prompts through the generators (initial weights) and scorers, paired; nothing trained."""
+    prompts = source.round_prompts(r)
+    print(f"odpo: offline: drawing round {r + 1}/{cfg.run.rounds}'s pairs from the initial policy", file=sys.stderr)
+    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
+    stream = stream_round(r, prompts, 0, cfg, generators, scorers, None, progress)
+    progress.close()
+    position = {p.uid: i for i, p in enumerate(prompts)}
+    stream.pairs.sort(key=lambda p: position[p.uid])  # the order streaming releases them to the learner online
+    return stream
+
+
+def dataset_rounds(cfg: OdpoConfig, tokenizer) -> list[RoundStream]:
+    """The dataset's rows as pairs, tokenised as generated pairs are (the policy's chat template with the
+    generation prompt, cut to data.max_prompt_length from the left; a response ends with the EOS token)."""
+    from orchestrator.reward_training import load_preferences
+
+    items = load_preferences(cfg.offline.dataset, None, key="offline.dataset")
+    per, rounds = cfg.data.prompts_per_round, cfg.run.rounds
+    if len(items) < per * rounds:
+        raise ValueError(f"offline.dataset {cfg.offline.dataset} has {len(items)} pairs; run.rounds x "
+                         f"data.prompts_per_round = {rounds} x {per} = {rounds * per} are needed")
+    if len(items) > per * rounds:
+        print(f"odpo: offline: training on the first {per * rounds} of the {len(items)} pairs in "
+              f"{cfg.offline.dataset} (run.rounds x data.prompts_per_round)", file=sys.stderr)
+    eos = tokenizer.eos_token_id
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+    out = []
+    for r in range(rounds):
+        stream = RoundStream()
+        for uid in range(r * per, (r + 1) * per):
+            messages, chosen, rejected = items[uid]
+            text = render_prompt(tokenizer, messages)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"][-cfg.data.max_prompt_length:]
+            stream.pairs.append(Pair(uid=uid, round=r, weight_version=-1, prompt_messages=messages, prompt_text=text,
+                                     prompt_ids=prompt_ids, chosen=chosen, rejected=rejected, chosen_ids=ids(chosen),
+                                     rejected_ids=ids(rejected), chosen_score=math.nan, rejected_score=math.nan))
+            stream.response_chars += [len(chosen), len(rejected)]
+        out.append(stream)
+    return out
+
+
+def save_round(path: str, stream: RoundStream) -> None:
+    lines = [json.dumps({"stats": {k: getattr(stream, k) for k in SAVED_FIELDS if k != "pairs"}})]
+    lines += [json.dumps(dataclasses.asdict(p), ensure_ascii=False) for p in stream.pairs]
+    _write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def load_round(path: str) -> RoundStream:
+    with open(path) as f:
+        stats = json.loads(f.readline())["stats"]
+        pairs = [Pair(**json.loads(line)) for line in f]
+    return RoundStream(pairs=pairs, **stats)
+
+
+def train_round(r: int, fixed: RoundStream, cfg: OdpoConfig, learners, progress: RoundProgress) -> RoundStream:
+    """Round r's first epoch over its fixed pairs (in order); a RoundStream as an online round reports it."""
+    start = time.perf_counter()
+    stream = RoundStream(**{k: getattr(fixed, k) for k in SAVED_FIELDS})
+    stream.steps = replay_epochs(fixed.pairs, cfg, r, learners, progress, first=0, last=1)
+    stream.pairs = sorted(fixed.pairs, key=lambda p: p.uid)  # as a streamed round hands them to the later epochs
+    stream.busy["train"] = sum(s.seconds for s in stream.steps)
+    stream.wall_s = time.perf_counter() - start
+    return stream
