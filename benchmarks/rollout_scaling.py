@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--chunks-per-actor", type=int, default=8)
     ap.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     args = ap.parse_args()
-    cfg = load_config("configs/tiny.yaml", ["generator.chunk_size=4", "generator.n=4", "generator.temperatures=[1.0]",
+    cfg = load_config("configs/tiny.yaml", ["scorer.type=function", "eval.prompts=0", "generator.chunk_size=4", "generator.n=4", "generator.temperatures=[1.0]",
                                             "learner.global_batch_size=16", "scorer.max_inflight_per_actor=4"])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     print(f"chunk time {args.chunk_seconds}s, {args.chunks_per_actor} chunks per actor, "

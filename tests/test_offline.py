@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO, RULE_LOOP, chat_messages
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.data import PromptSource
 
 SMALL = ["generator.max_new_tokens=12", "generator.chunk_size=4", "generator.cpus_per_actor=0.5",
          "scorer.cpus_per_actor=0.5", "metrics.wandb=false"]
@@ -150,7 +154,8 @@ def test_offline_from_the_initial_policy_starts_exactly_as_online(ray_cluster, t
 def test_the_tiny_default_trains_its_reward_model_then_optimises_against_it(ray_cluster, tmp_path, monkeypatch,
                                                                             capsys):
     """configs/tiny.yaml as `make run` runs it, smaller: the reward model is trained first (once: a resumed run
-    reuses it), the loop's rewards are that model's, and the rule is reported as the gold reward beside it."""
+    reuses it), the loop's rewards are that model's, the rule is reported as the gold reward beside it, and
+    `odpo eval` reproduces a round's evaluation."""
     from actors.scorer import Scorer
     from orchestrator.driver import run
 
@@ -171,9 +176,26 @@ def test_the_tiny_default_trains_its_reward_model_then_optimises_against_it(ray_
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert len(metrics) == 2
     for m in metrics:
-        assert m["eval/prompts"] == 8
+        assert m["eval/prompts"] == 8 and 0.0 <= m["eval/win_rate"] <= 1.0
         assert math.isfinite(m["eval/reward_mean"]) and 0.0 <= m["eval/gold_mean"] <= 1.0  # proxy and gold side by side
-        assert m["eval/gold_initial"] == metrics[0]["eval/gold_initial"]
+        assert m["eval/kl"] > 0  # the policy moved away from its reference
+        for key in ("eval/gold_initial", "eval/reward_initial"):  # one baseline, the same set after the resume
+            assert m[key] == metrics[0][key]
+    assert metrics[-1]["eval/reward_mean"] > metrics[-1]["eval/reward_initial"]  # it learned what the proxy likes
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    held = {p.uid for p in PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts).eval}
+    for r in range(2):
+        assert not held & {json.loads(line)["uid"] for line in open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl"))}
+
+    # `odpo eval` of the last checkpoint: the same held-out samples, weights and seeds, the run's own figures
+    checkpoint = os.path.join(run_dir, "checkpoints", "round_1")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "eval", checkpoint,
+                           os.path.join(run_dir, "config.yaml")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(re.search(r"^\{$.*?^\}$", proc.stdout, re.M | re.S).group(0))  # between actors' log lines
+    assert result == json.load(open(os.path.join(checkpoint, "eval.json")))
+    assert result == {k: v for k, v in metrics[-1].items() if k.startswith("eval/")}
     from orchestrator.config import ScorerConfig
 
     scorer = Scorer(ScorerConfig(type="reward_model", model_path=rm_dir, max_length=128))
@@ -181,3 +203,28 @@ def test_the_tiny_default_trains_its_reward_model_then_optimises_against_it(ray_
     rewards = scorer.score_texts([(p["prompt_messages"], p["chosen"]) for p in pairs])
     # the loop's rewards are the trained model's (the rule would give a share in [0, 1])
     assert rewards == pytest.approx([p["chosen_score"] for p in pairs], abs=1e-3)
+
+
+def test_a_resumed_offline_run_trains_on_the_pairs_it_saved(tiny_policy_dir, tmp_path, monkeypatch):
+    """Rounds already fixed are loaded, not remade: a resume trains on the same pairs even if the dataset
+    file changed meanwhile (or, drawn from the policy, without generating again)."""
+    from actors.models import load_tokenizer
+    from orchestrator.offline import pair_set
+
+    class Dir:
+        def sub(self, *parts):
+            return os.path.join(tmp_path, "run", *parts)
+
+    monkeypatch.chdir(REPO)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
+    tokenizer = load_tokenizer(tiny_policy_dir)
+    cfg = load_config("configs/tiny.yaml", ["run.mode=offline", f"offline.dataset={data}", "run.rounds=2",
+                                            "data.prompts_per_round=4"])
+    first = pair_set(cfg, Dir(), None, None, None, tokenizer)
+    assert sorted(os.listdir(Dir().sub("offline"))) == ["round_0.jsonl", "round_1.jsonl"]
+    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8)[::-1])  # the file changes under the run
+    again = pair_set(cfg, Dir(), None, None, None, tokenizer)
+    assert [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in again] == \
+        [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in first]
+    drawn = load_config("configs/tiny.yaml", ["run.mode=offline", "run.rounds=2", "data.prompts_per_round=4"])
+    assert len(pair_set(drawn, Dir(), None, None, None, tokenizer)) == 2  # no generator needed: both rounds saved
