@@ -20,6 +20,14 @@ def lowercase_ratio(messages: Messages, response: str) -> float:
     return sum(1 for c in response if c == " " or "a" <= c <= "z") / len(response)
 
 
+def lowercase_half(messages: Messages, response: str) -> float:
+    """Closeness of the lowercase ratio to one half: 1 at 0.5, 0 at 0 or 1. Unlike `lowercase_ratio`, more is
+    not always better: which response is preferred depends on which side of 0.5 the responses are, so a
+    policy that improves moves into a region where the initial policy's pairs say nothing (the case that
+    online iterative DPO is for; benchmarks/online_vs_offline.py --rule)."""
+    return 1.0 - 2.0 * abs(lowercase_ratio(messages, response) - 0.5)
+
+
 def response_length(messages: Messages, response: str) -> float:
     """Length of the response in characters (a reward that length penalties push against)."""
     return float(len(response))

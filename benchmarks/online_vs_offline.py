@@ -12,6 +12,8 @@ length, KL, pairs and steps) and writes a PNG of the same.
 
     .venv/bin/python benchmarks/online_vs_offline.py                  # 3 seeds, 6 rounds (~8 min on 2 cores)
     .venv/bin/python benchmarks/online_vs_offline.py --seeds 42 --rounds 4
+    .venv/bin/python benchmarks/online_vs_offline.py --rule actors.rewards:lowercase_half   # more is not better
+    .venv/bin/python benchmarks/online_vs_offline.py --rule-scorer   # ablation: the rule scores, no proxy
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import os
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("online", "offline")
@@ -42,20 +46,53 @@ def odpo(args: list[str], log: str) -> None:
           f"{time.perf_counter() - start:.0f}s", file=sys.stderr)
 
 
-def run_seed(seed: int, rounds: int, out: str, extra: list[str]) -> dict[str, list[dict]]:
+def read_runs(seed: int, out: str) -> dict[str, list[dict]]:
+    history = {}
+    for mode in MODES:
+        with open(os.path.join(out, f"{mode}-{seed}", "metrics.jsonl")) as f:
+            history[mode] = [json.loads(line) for line in f]
+    return history
+
+
+def pair_table(seeds: list[int], rounds: int, out: str, rule: str) -> str:
+    """What each mode trained on, judged by the gold rule: the chosen responses' gold reward, and how often
+    the proxy's choice agrees with the gold rule (chosen has the higher gold reward)."""
+    from actors.scorer import import_function
+
+    gold_of = import_function(rule)
+    head = ["round", "chosen gold online", "chosen gold offline", "agree online", "agree offline"]
+    rows = []
+    for r in range(rounds):
+        cells = [str(r + 1)]
+        stats = {}
+        for mode in MODES:
+            pairs = []
+            for seed in seeds:
+                with open(os.path.join(out, f"{mode}-{seed}", "pairs", f"round_{r}.jsonl")) as f:
+                    pairs += [json.loads(line) for line in f]
+            gold = [(gold_of(p["prompt_messages"], p["chosen"]), gold_of(p["prompt_messages"], p["rejected"])) for p in pairs]
+            stats[mode] = (mean([c for c, _ in gold]), sum(c > rj for c, rj in gold) / len(gold))
+        cells += [fmt(stats[m][0]) for m in MODES] + [fmt(stats[m][1]) for m in MODES]
+        rows.append(cells)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows])
+
+
+def run_seed(seed: int, rounds: int, out: str, extra: list[str], rule_scorer: str | None) -> dict[str, list[dict]]:
     common = [f"run.output_dir={out}", f"run.seed={seed}", f"run.rounds={rounds}", "metrics.wandb=false",
               "run.overwrite=true", *extra]
     print(f"seed {seed}:", file=sys.stderr)
-    odpo(["train-rm", "configs/tiny.yaml", *common, f"run.name=rm-{seed}"], os.path.join(out, f"rm-{seed}.log"))
-    rm = os.path.join(out, f"rm-{seed}", "reward_model")
-    history = {}
+    if rule_scorer:  # the ablation: the gold rule itself scores, no proxy in between
+        scorer = ["scorer.type=function", f"scorer.function={rule_scorer}"]
+    else:
+        odpo(["train-rm", "configs/tiny.yaml", *common, f"run.name=rm-{seed}"], os.path.join(out, f"rm-{seed}.log"))
+        scorer = [f"scorer.model_path={os.path.join(out, f'rm-{seed}', 'reward_model')}"]
     for mode in MODES:
         name = f"{mode}-{seed}"
-        odpo(["run", "configs/tiny.yaml", *common, f"run.name={name}", f"run.mode={mode}", f"scorer.model_path={rm}"],
+        odpo(["run", "configs/tiny.yaml", *common, f"run.name={name}", f"run.mode={mode}", *scorer],
              os.path.join(out, f"{name}.log"))
-        with open(os.path.join(out, name, "metrics.jsonl")) as f:
-            history[mode] = [json.loads(line) for line in f]
-    return history
+    return read_runs(seed, out)
 
 
 def fmt(x) -> str:
@@ -112,6 +149,7 @@ def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str) -> N
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"online vs offline DPO, tiny workflow, {len(results)} seed(s); gold = the rule, proxy = the trained RM")
+    fig.text(0.01, 0.01, "faint: each seed; bold: their mean", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -120,16 +158,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--out", default=os.path.join(REPO, "runs", "online_vs_offline"))
+    parser.add_argument("--rule", default="actors.rewards:lowercase_ratio",
+                        help="the gold rule: labels the reward model's pairs and is evaluated (reward_training.rule, "
+                        "eval.gold_reward); actors.rewards:lowercase_half prefers a share of one half, not the most")
+    parser.add_argument("--rule-scorer", action="store_true", help="ablation: score with the gold rule itself "
+                        "instead of a reward model trained on its labels (separates the data from the proxy)")
+    parser.add_argument("--out", default=None, help="runs/online_vs_offline[_<rule>][_rule-scorer]")
     parser.add_argument("--png", default=None, help="plot path (default: OUT/online_vs_offline.png)")
+    parser.add_argument("--report-only", action="store_true", help="print the tables of the runs already in OUT")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. learner.lr=1e-3)")
     args = parser.parse_args()
+    name = args.rule.split(":")[1]
+    args.out = args.out or os.path.join(REPO, "runs", "online_vs_offline" + ("" if name == "lowercase_ratio" else f"_{name}")
+                                        + ("_rule-scorer" if args.rule_scorer else ""))
+    args.overrides = [f"reward_training.rule={args.rule}", f"eval.gold_reward={args.rule}", *args.overrides]
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    results = {seed: run_seed(seed, args.rounds, args.out, args.overrides) for seed in args.seeds}
+    results = {seed: read_runs(seed, args.out) if args.report_only else run_seed(seed, args.rounds, args.out, args.overrides,
+                                                                    args.rule if args.rule_scorer else None)
+               for seed in args.seeds}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({str(k): v for k, v in results.items()}, f)
-    print(f"\nonline vs offline DPO: tiny workflow, {args.rounds} rounds, mean over seeds {args.seeds} "
+    print(f"\nonline vs offline DPO: tiny workflow, gold rule {args.rule}, "
+          f"scorer: {'the rule itself' if args.rule_scorer else 'a reward model trained on its labels'}, {args.rounds} rounds, mean over seeds {args.seeds} "
           f"({time.perf_counter() - start:.0f}s)")
     print(table(results, args.rounds))
     for seed, h in results.items():
@@ -137,6 +188,9 @@ def main() -> None:
         g = [h[m][-1]["eval/gold_mean"] for m in MODES]
         print(f"seed {seed}: final gold online {g[0]:.3f} vs offline {g[1]:.3f} ({g[0] - g[1]:+.3f}); "
               f"round 1 identical in both modes: {'yes' if same else 'NO'}")
+    print("\ntraining pairs, judged by the gold rule (all seeds pooled): mean gold reward of the chosen responses, "
+          "and the share of pairs whose chosen response the rule also prefers")
+    print(pair_table(args.seeds, args.rounds, args.out, args.rule))
     png = args.png or os.path.join(args.out, "online_vs_offline.png")
     plot(results, args.rounds, png)
     print(f"plot: {png}")

@@ -304,8 +304,12 @@ class EvalConfig:
 class RewardTrainingConfig:
     data_path: str = "builtin:lowercase-pairs"
     """`odpo train-rm`: preference data with `prompt`, `chosen`, `rejected` (strings or chat message lists;
-    a local json/jsonl/parquet file, a saved dataset, or a hub id), or `builtin:lowercase-pairs`: pairs
-    made in code and labelled by the lowercase-ratio rule (the tiny workflow's stand-in for human labels)."""
+    a local json/jsonl/parquet file, a saved dataset, or a hub id), or `builtin:lowercase-pairs`: responses
+    with every share of lowercase letters, made in code and labelled by `rule` (the tiny workflow's stand-in
+    for human labels)."""
+    rule: str = "actors.rewards:lowercase_ratio"
+    """`module:function`, fn(messages, response) -> float: the rule that labels builtin:lowercase-pairs (the
+    higher value is chosen); the tiny workflow's gold reward (eval.gold_reward) should be the same rule."""
     num_pairs: int | None = 2048
     """Pairs to use (the builtin makes this many); null uses the whole dataset."""
     base_model: str = "builtin:tiny-llama-rm"
@@ -550,6 +554,8 @@ def validate(cfg: OdpoConfig) -> None:
     else:
         _require(rt.data_path == "builtin:lowercase-pairs", "reward_training.data_path",
                  "the builtin is builtin:lowercase-pairs")
+    _require(re.fullmatch(r"[\w.]+:[\w]+", rt.rule) is not None, "reward_training.rule",
+             f"give `module:function`, got {rt.rule!r}")
     check_model_location("reward_training.base_model", rt.base_model, BUILTIN_MODELS)
     _require(rt.num_pairs is None or rt.num_pairs >= 4, "reward_training.num_pairs", "must be >= 4 (or null)")
     _require(0.0 < rt.eval_fraction < 1.0, "reward_training.eval_fraction", f"must be in (0, 1), got {rt.eval_fraction}")

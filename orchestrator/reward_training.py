@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -26,6 +27,7 @@ import ray
 from actors.learner import RewardLearner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.rewards import lowercase_ratio
+from actors.scorer import import_function
 from actors.types import Messages, Pair
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
@@ -33,9 +35,11 @@ from orchestrator.pools import ActorPool, LearnerGroup, combine_step
 LOWERCASE_PROMPTS = ("Tell me about item {}.", "Describe thing number {}.", "What is {}?", "Write about {}.")
 
 
-def rule_pairs(count: int, seed: int) -> list[tuple[Messages, str, str]]:
-    """Preference pairs labelled by the lowercase-ratio rule: byte strings like a random byte-level policy
-    writes, each with its own share of lowercase letters; the higher share is chosen (ties are not kept)."""
+def rule_pairs(count: int, seed: int, rule: Callable[[Messages, str], float] = lowercase_ratio
+               ) -> list[tuple[Messages, str, str]]:
+    """Preference pairs labelled by a rule (default: the lowercase ratio): byte strings like a random
+    byte-level policy writes, each with its own share of lowercase letters (uniform over 0..1, so every
+    share is covered); the response the rule rewards more is chosen (ties are not kept)."""
     rng = random.Random(seed)
 
     def response() -> str:
@@ -46,9 +50,9 @@ def rule_pairs(count: int, seed: int) -> list[tuple[Messages, str, str]]:
     out = []
     while len(out) < count:
         a, b = response(), response()
-        ra, rb = lowercase_ratio([], a), lowercase_ratio([], b)
+        messages = [{"role": "user", "content": rng.choice(LOWERCASE_PROMPTS).format(len(out))}]
+        ra, rb = rule(messages, a), rule(messages, b)
         if ra != rb:
-            messages = [{"role": "user", "content": rng.choice(LOWERCASE_PROMPTS).format(len(out))}]
             out.append((messages, a, b) if ra > rb else (messages, b, a))
     return out
 
@@ -125,7 +129,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         base = materialize_builtin(base, base_dir, cfg.run.seed + 1)
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
-    items = (rule_pairs(rt.num_pairs or 2048, cfg.run.seed) if rt.data_path.startswith("builtin:")
+    items = (rule_pairs(rt.num_pairs or 2048, cfg.run.seed, import_function(rt.rule)) if rt.data_path.startswith("builtin:")
              else load_preferences(rt.data_path, rt.num_pairs))
     pairs = to_pairs(items, tokenizer, rt.max_length)
     order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))

@@ -46,3 +46,18 @@ def test_resume_drops_everything_after_the_last_commit(tmp_path, monkeypatch):
     assert os.listdir(again.sub("checkpoints")) == ["round_0"]
     assert os.listdir(again.sub("pairs")) == ["round_0.jsonl"]
     assert [m["round"] for m in again.history()] == [0]
+
+
+def test_resume_refuses_a_changed_mode_and_accepts_a_run_older_than_the_key(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(REPO)
+    base = [f"run.output_dir={tmp_path}", "run.name=r", "run.overwrite=false", "metrics.wandb=false"]
+    RunDir(load_config("configs/tiny.yaml", base)).commit(load_config("configs/tiny.yaml", base), 1)
+    with pytest.raises(ValueError, match="`run.mode` was 'online' and is now 'offline'"):
+        RunDir(load_config("configs/tiny.yaml", [*base, "run.mode=offline"]))
+    state_path = os.path.join(tmp_path, "r", "state.json")
+    state = json.load(open(state_path))
+    del state["fixed"]["run.mode"]  # written before run.mode existed: not checked
+    json.dump(state, open(state_path, "w"))
+    assert RunDir(load_config("configs/tiny.yaml", [*base, "run.mode=offline"])).completed == 1

@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import REPO
 
-from actors.rewards import lowercase_ratio
+from actors.rewards import lowercase_half, lowercase_ratio
 from orchestrator.config import ConfigError, load_config
 from orchestrator.reward_training import load_preferences, rule_pairs
 
@@ -18,6 +18,10 @@ def test_rule_pairs_are_labelled_by_the_rule_and_seeded():
     pairs = rule_pairs(200, seed=3)
     assert len(pairs) == 200 and pairs == rule_pairs(200, seed=3) and pairs != rule_pairs(200, seed=4)
     assert all(lowercase_ratio(m, c) > lowercase_ratio(m, r) for m, c, r in pairs)
+    half = rule_pairs(200, seed=3, rule=lowercase_half)  # another rule labels the same kind of responses
+    assert all(lowercase_half(m, c) > lowercase_half(m, r) for m, c, r in half)
+    assert any(lowercase_ratio(m, c) < lowercase_ratio(m, r) for m, c, r in half)  # more is not always better
+    assert lowercase_half([], "ab CD") == pytest.approx(1 - 2 * abs(3 / 5 - 0.5))
     assert all(m[-1]["role"] == "user" for m, _, _ in pairs)
 
 
@@ -41,7 +45,8 @@ def test_reward_training_config_is_validated(monkeypatch):
     monkeypatch.chdir(REPO)
     for override, key in (("reward_training.data_path=./nope.jsonl", "reward_training.data_path"),
                           ("reward_training.eval_fraction=1.0", "reward_training.eval_fraction"),
-                          ("reward_training.base_model=builtin:nope", "reward_training.base_model")):
+                          ("reward_training.base_model=builtin:nope", "reward_training.base_model"),
+                          ("reward_training.rule=lowercase_half", "reward_training.rule")):
         with pytest.raises(ConfigError) as e:
             load_config("configs/tiny.yaml", [override])
         assert e.value.key == key
