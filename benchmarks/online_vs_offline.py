@@ -130,7 +130,7 @@ def mean_initial(results: dict, key: str) -> float:
     return mean([h["online"][0][initial[key]] for h in results.values()])
 
 
-def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str) -> None:
+def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +148,7 @@ def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str) -> N
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"online vs offline DPO, tiny workflow, {len(results)} seed(s); gold = the rule, proxy = the trained RM")
+    fig.suptitle(f"online vs offline DPO, tiny workflow, {len(results)} seed(s); {title}")
     fig.text(0.01, 0.01, "faint: each seed; bold: their mean", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -192,7 +192,8 @@ def main() -> None:
           "and the share of pairs whose chosen response the rule also prefers")
     print(pair_table(args.seeds, args.rounds, args.out, args.rule))
     png = args.png or os.path.join(args.out, "online_vs_offline.png")
-    plot(results, args.rounds, png)
+    plot(results, args.rounds, png, f"gold = {args.rule.split(':')[1]}, " + (
+        "scored by the rule itself (no proxy)" if args.rule_scorer else "proxy = a reward model trained on its labels"))
     print(f"plot: {png}")
 
 

@@ -90,18 +90,23 @@ def dataset_rounds(cfg: OdpoConfig, tokenizer) -> list[RoundStream]:
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
 
-    out = []
+    out, cut = [], 0
     for r in range(rounds):
         stream = RoundStream()
         for uid in range(r * per, (r + 1) * per):
             messages, chosen, rejected = items[uid]
             text = render_prompt(tokenizer, messages)
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"][-cfg.data.max_prompt_length:]
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut += len(prompt_ids) > cfg.data.max_prompt_length
+            prompt_ids = prompt_ids[-cfg.data.max_prompt_length:]
             stream.pairs.append(Pair(uid=uid, round=r, weight_version=-1, prompt_messages=messages, prompt_text=text,
                                      prompt_ids=prompt_ids, chosen=chosen, rejected=rejected, chosen_ids=ids(chosen),
                                      rejected_ids=ids(rejected), chosen_score=math.nan, rejected_score=math.nan))
             stream.response_chars += [len(chosen), len(rejected)]
         out.append(stream)
+    if cut:
+        print(f"odpo: offline: {cut} of the dataset's prompts are longer than data.max_prompt_length="
+              f"{cfg.data.max_prompt_length} tokens and keep their last ones, as generated prompts do", file=sys.stderr)
     return out
 
 
