@@ -478,6 +478,14 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def check_data_location(key: str, path: str) -> None:
+    """A local path that exists, or something that can only be a hub dataset id (not a file name)."""
+    if not os.path.exists(path):
+        is_file_name = path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow")
+        _require(bool(_HUB_ID.match(path)) and not is_file_name and not path.startswith((".", "/")),
+                 key, f"path does not exist: {path}")
+
+
 def validate(cfg: OdpoConfig) -> None:
     r, g, s, p, lr, d = cfg.run, cfg.generator, cfg.scorer, cfg.pairs, cfg.learner, cfg.data
     _require(bool(re.fullmatch(r"[\w.-]+", r.name)), "run.name", "letters, digits, '_', '-', '.' only")
@@ -485,18 +493,14 @@ def validate(cfg: OdpoConfig) -> None:
     _require(r.mode in ("online", "offline"), "run.mode", f"online or offline, got {r.mode!r}")
     if cfg.offline.dataset is not None:
         _require(r.mode == "offline", "offline.dataset", "only used with run.mode=offline")
-        _require(os.path.exists(cfg.offline.dataset) or bool(_HUB_ID.match(cfg.offline.dataset)), "offline.dataset",
-                 f"path does not exist: {cfg.offline.dataset}")
+        check_data_location("offline.dataset", cfg.offline.dataset)
 
     check_model_location("policy.path", cfg.policy.path, BUILTIN_MODELS)
     if cfg.policy.tokenizer is not None:
         check_model_location("policy.tokenizer", cfg.policy.tokenizer, ("byt5",))
     _require(cfg.policy.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {cfg.policy.dtype!r}")
 
-    if not os.path.exists(d.path):
-        is_file_name = d.path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow")
-        _require(bool(_HUB_ID.match(d.path)) and not is_file_name and not d.path.startswith((".", "/")),
-                 "data.path", f"path does not exist: {d.path}")
+    check_data_location("data.path", d.path)
     _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     _require(d.overlong_prompt in ("truncate", "skip", "error"), "data.overlong_prompt", "truncate, skip or error")
@@ -549,8 +553,7 @@ def validate(cfg: OdpoConfig) -> None:
                  f"give `module:function`, got {cfg.eval.gold_reward!r}")
     rt = cfg.reward_training
     if not rt.data_path.startswith(BUILTIN_PREFIX):
-        _require(os.path.exists(rt.data_path) or bool(_HUB_ID.match(rt.data_path)), "reward_training.data_path",
-                 f"path does not exist: {rt.data_path}")
+        check_data_location("reward_training.data_path", rt.data_path)
     else:
         _require(rt.data_path == "builtin:lowercase-pairs", "reward_training.data_path",
                  "the builtin is builtin:lowercase-pairs")

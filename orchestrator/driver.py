@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -52,21 +53,21 @@ def run(cfg: OdpoConfig) -> str:
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
     out.save_policy_files(policy_path, tokenizer)
+    # offline: saved rounds checked against the settings, a dataset's rows made into pairs (a bad one stops us here)
+    fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
     take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
     out.write_job_marker()
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
-        if reward_path == out.sub("reward_model") and not os.path.isdir(reward_path):  # scorer.model_path=reward_training
-            from orchestrator.reward_training import fit_reward_model
-
-            fit_reward_model(cfg, reward_path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
+        if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training
+            train_own_reward_model(cfg, out, reward_path)
         generators, scorers = build_rollout_pools(cfg, policy_path, tokenizer_path, reward_path, pools)
         learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools)
         version = out.completed  # weight version = rounds done
         # the initial policy's answers to the held-out prompts, before a resume loads later weights
         initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
-        fixed = offline.pair_set(cfg, out, source, generators, scorers, tokenizer) if cfg.run.mode == "offline" else None
+        fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
         if version:
             print(f"odpo: resuming {out.path} after round {version - 1}", file=sys.stderr)
             generators.weights_ref = ray.put(out.read_checkpoint(version - 1, version))
@@ -137,7 +138,8 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
     round_start = time.perf_counter()
     prompts = source.round_prompts(r)
     progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s, telemetry=telemetry)
-    learners.start_round(r, planned_steps(len(prompts), cfg))
+    from_data = fixed is not None and cfg.offline.dataset is not None  # data.path's prompts are not trained on
+    learners.start_round(r, planned_steps(len(fixed.pairs) if from_data else len(prompts), cfg))
 
     if fixed is None:
         stream = stream_round(r, prompts, version, cfg, generators, scorers, learners, progress)
@@ -155,9 +157,12 @@ def run_round(r: int, version: int, cfg: OdpoConfig, source: PromptSource, gener
     sync_weights(generators, learners, export_refs, version + 1, nccl)
     sync_s = time.perf_counter() - sync_start
     progress.close()
-    from_data = fixed is not None and cfg.offline.dataset is not None  # data.path's prompts were not used
     metrics = round_metrics(r, version + 1, stream, replay, replay_s, sync_s, time.perf_counter() - round_start,
                             {} if from_data else source.drops[r], 0 if from_data else source.truncated[r])
+    if fixed is not None:  # offline: generation and scoring happened before training, not in this round
+        metrics.update(dict.fromkeys(("gen/tokens_per_s", "score/tokens_per_s", "timing/generate", "timing/score",
+                                      "timing/generate_span", "stream/first_scored_s", "stream/overlap",
+                                      "gen/actors_used"), math.nan))
     metrics.update({"pool/generators": len(generators), "pool/scorers": len(scorers),
                     "pool/generators_dropped": generators.dropped, "pool/scorers_dropped": scorers.dropped})
     if eval_initial is not None:  # held-out prompts, with the weights just synced
@@ -218,6 +223,26 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     elif reward is not None and is_builtin(reward):
         reward = built(reward, "reward", cfg.run.seed + 1)
     return policy, cfg.policy.tokenizer or policy, reward
+
+
+def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str) -> None:
+    """scorer.model_path=reward_training: train the reward model once per run directory. One trained with
+    other reward_training settings is trained again while no round has used it; after that, a resume with
+    other settings is refused."""
+    from orchestrator.reward_training import RECORD_FILE, fit_reward_model, training_record
+
+    record = os.path.join(path, RECORD_FILE)
+    if os.path.isdir(path):
+        saved = json.load(open(record)) if os.path.exists(record) else None
+        if saved == training_record(cfg):
+            print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
+            return
+        if out.completed:
+            raise ValueError(f"cannot resume {out.path}: its reward model was trained with other reward_training "
+                             "settings (or run.seed); keep them, or start a new run (run.name)")
+        print(f"odpo: {path} was trained with other reward_training settings; training it again", file=sys.stderr)
+        shutil.rmtree(path)
+    fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
 
 
 def start_ray(cfg: OdpoConfig) -> bool:

@@ -10,8 +10,9 @@ differ only in where a round's pairs come from.
 
 Each round trains its slice as an online round trains its pairs: epoch 1 in order (the order streaming
 releases them), epochs 2..E reshuffled with the same seeds. Each round's set is written to
-`<run dir>/offline/round_<k>.jsonl` (generation statistics, then the pairs with their token ids), so a
-resumed run trains on the same pairs and draws only the rounds it lacks.
+`<run dir>/offline/round_<k>.jsonl` (generation statistics, then the pairs with their token ids) beside
+`settings.json` (what they were made with), so a resumed run trains on the same pairs and makes only the
+rounds it lacks.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 from actors.models import render_prompt
 from actors.types import Pair
@@ -36,26 +39,72 @@ SAVED_FIELDS = ("pairs", "drops", "rewards", "response_chars", "new_tokens", "co
 """What a drawn round keeps of its stream: its pairs and the generation statistics its metrics report."""
 
 
-def pair_set(cfg: OdpoConfig, out: RunDir, source: PromptSource, generators: ActorPool, scorers: ActorPool,
-             tokenizer) -> list[RoundStream]:
-    """Every round's fixed pairs (and generation statistics): a round an earlier driver already fixed is
-    loaded from the run directory, the others are made now (the generators must hold the initial weights)."""
+@dataclass
+class PairSet:
+    """The run's fixed pairs, round by round: loaded, made from the dataset, or (None) still to be drawn."""
+
+    folder: str
+    rounds: list[RoundStream | None]
+
+
+def fingerprint(cfg: OdpoConfig) -> dict:
+    """The settings a fixed pair set was made with: saved pairs are used only under the same ones."""
+    common = {"data.prompts_per_round": cfg.data.prompts_per_round, "policy": [cfg.policy.path, cfg.policy.tokenizer],
+              "max_prompt_length": cfg.data.max_prompt_length, "offline.dataset": cfg.offline.dataset}
+    if cfg.offline.dataset is not None:
+        return common
+    g, s = cfg.generator, cfg.scorer
+    return {**common, "run.seed": cfg.run.seed, "data": dataclasses.asdict(cfg.data), "pairs": dataclasses.asdict(cfg.pairs),
+            "generator": {k: getattr(g, k) for k in ("n", "temperatures", "top_p", "top_k", "max_new_tokens",
+                                                     "stop_token_ids", "chunk_size")},
+            "scorer": {k: getattr(s, k) for k in ("type", "function", "model_path", "max_length", "pairwise_both_orders")},
+            "reward_training": dataclasses.asdict(cfg.reward_training)}
+
+
+def prepare(cfg: OdpoConfig, out: RunDir, tokenizer) -> PairSet:
+    """Before Ray starts: reuse the rounds an earlier driver fixed under the same settings (made under other
+    settings, they are made again, or the resume is refused once a round trained on them), and turn the
+    dataset's rows into the rounds still missing, so a bad dataset stops the run before anything starts."""
     folder = out.sub("offline")
+    record = os.path.join(folder, "settings.json")
+    now = json.loads(json.dumps(fingerprint(cfg)))
+    if os.path.isdir(folder):
+        saved = json.load(open(record)) if os.path.exists(record) else {}
+        if saved != now:
+            changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+            if out.completed:
+                raise ValueError(f"cannot resume {out.path}: its offline pairs were fixed with other settings "
+                                 f"({', '.join(changed)}); keep them, or start a new run (run.name)")
+            print(f"odpo: offline: the pairs in {folder} were made with other settings ({', '.join(changed)}) "
+                  "and no round trained on them yet: making them again", file=sys.stderr)
+            shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
-    from_data = dataset_rounds(cfg, tokenizer) if cfg.offline.dataset is not None else None
-    rounds, made = [], 0
-    for r in range(cfg.run.rounds):
-        path = os.path.join(folder, f"round_{r}.jsonl")
-        if os.path.exists(path):
-            rounds.append(load_round(path))
-            continue
-        rounds.append(from_data[r] if from_data else draw_round(r, cfg, source, generators, scorers))
-        save_round(path, rounds[-1])
-        made += 1
-    origin = f"from {cfg.offline.dataset}" if from_data else "drawn from the initial policy"
+    _write_atomic(record, json.dumps(now, indent=1))
+    paths = [os.path.join(folder, f"round_{r}.jsonl") for r in range(cfg.run.rounds)]
+    rounds: list[RoundStream | None] = [load_round(p) if os.path.exists(p) else None for p in paths]
+    if cfg.offline.dataset is not None and None in rounds:
+        made = dataset_rounds(cfg, tokenizer)
+        for r, p in enumerate(paths):
+            if rounds[r] is None:
+                rounds[r] = made[r]
+                save_round(p, made[r])
+    return PairSet(folder, rounds)
+
+
+def complete(fixed: PairSet, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
+             scorers: ActorPool) -> list[RoundStream]:
+    """Draw the rounds still missing from the initial policy (the generators must hold the initial weights)."""
+    drawn = 0
+    for r, stream in enumerate(fixed.rounds):
+        if stream is None:
+            fixed.rounds[r] = draw_round(r, cfg, source, generators, scorers)
+            save_round(os.path.join(fixed.folder, f"round_{r}.jsonl"), fixed.rounds[r])
+            drawn += 1
+    rounds: list[RoundStream] = [s for s in fixed.rounds if s is not None]
+    origin = f"from {cfg.offline.dataset}" if cfg.offline.dataset else "drawn from the initial policy"
     print(f"odpo: offline: {sum(len(s.pairs) for s in rounds)} fixed pairs {origin} "
-          f"({', '.join(str(len(s.pairs)) for s in rounds)} per round; {cfg.run.rounds - made} round(s) loaded from "
-          f"{folder})", file=sys.stderr)
+          f"({', '.join(str(len(s.pairs)) for s in rounds)} per round; {drawn} round(s) drawn now), in {fixed.folder}",
+          file=sys.stderr)
     return rounds
 
 

@@ -69,8 +69,10 @@ class RunDir:
         for key in RESUME_FIXED_KEYS:
             section, name = key.split(".")
             now = getattr(getattr(cfg, section), name)
-            if key in state["fixed"] and state["fixed"][key] != now:  # a key newer than the run is not checked
-                raise ValueError(f"cannot resume {self.path}: `{key}` was {state['fixed'].get(key)!r} and is now "
+            # a key newer than the run directory: the run used that key's default (run.mode: online)
+            was = state["fixed"][key] if key in state["fixed"] else getattr(getattr(OdpoConfig(), section), name)
+            if was != now:
+                raise ValueError(f"cannot resume {self.path}: `{key}` was {was!r} and is now "
                                  f"{now!r}; keep it, or start a new run (run.name) or overwrite (run.overwrite=true)")
         self.completed, self.wandb_id = state["completed_rounds"], state.get("wandb_id")
         if self.completed > cfg.run.rounds:

@@ -32,6 +32,9 @@ from actors.types import Messages, Pair
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
 
+RECORD_FILE = "odpo_reward_training.json"
+"""Saved beside the model: the settings it was trained with (training_record)."""
+
 LOWERCASE_PROMPTS = ("Tell me about item {}.", "Describe thing number {}.", "What is {}?", "Write about {}.")
 
 
@@ -104,6 +107,14 @@ def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int)
             for i, (m, c, r) in enumerate(items)]
 
 
+def training_record(cfg: OdpoConfig) -> dict:
+    """What defines a trained reward model: its data and base (the reward_training section) and the seed."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps({"reward_training": dataclasses.asdict(cfg.reward_training), "run.seed": cfg.run.seed}))
+
+
 def train_reward_model(cfg: OdpoConfig) -> str:
     """`odpo train-rm`: a run directory of its own; returns the saved reward model's directory."""
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
@@ -171,6 +182,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
             f.write(bundle.payload)
+        _write_atomic(os.path.join(tmp, RECORD_FILE), _json(training_record(cfg)))
         os.replace(tmp, dest)
         print(f"odpo: reward model saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
               f"{history[-1]['eval/accuracy']:.3f}; scorer.type=reward_model scorer.model_path={dest})", file=sys.stderr)

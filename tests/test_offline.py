@@ -121,7 +121,8 @@ def test_offline_dataset_mode_trains_on_exactly_the_given_pairs(ray_cluster, tmp
                        for t in (p["chosen"], p["rejected"]))
 
         assert m["train/tokens"] == 2 * sum(tokens(p) for p in trained)  # exactly these pairs, twice
-        assert m["prompts/count"] == 12 and math.isnan(m["reward/mean"] if m["reward/mean"] is not None else math.nan)
+        assert m["prompts/count"] == 12 and m["reward/mean"] is None  # no scores in a preference dataset (NaN)
+        assert m["gen/tokens_per_s"] is None and m["train/tokens_per_s"] > 0  # generation is not part of the round
 
 
 @pytest.mark.slow
@@ -206,25 +207,56 @@ def test_the_tiny_default_trains_its_reward_model_then_optimises_against_it(ray_
 
 
 def test_a_resumed_offline_run_trains_on_the_pairs_it_saved(tiny_policy_dir, tmp_path, monkeypatch):
-    """Rounds already fixed are loaded, not remade: a resume trains on the same pairs even if the dataset
-    file changed meanwhile (or, drawn from the policy, without generating again)."""
+    """Rounds already fixed are loaded, not remade, and the dataset is not read again (it may have changed or
+    gone). Made under other settings, they are made again while no round trained on them; after that, the
+    resume is refused."""
     from actors.models import load_tokenizer
-    from orchestrator.offline import pair_set
+    from orchestrator.offline import prepare
 
-    class Dir:
+    class Run:  # the part of RunDir that prepare uses
+        path = str(tmp_path / "run")
+        completed = 0
+
         def sub(self, *parts):
-            return os.path.join(tmp_path, "run", *parts)
+            return os.path.join(self.path, *parts)
 
     monkeypatch.chdir(REPO)
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
     tokenizer = load_tokenizer(tiny_policy_dir)
-    cfg = load_config("configs/tiny.yaml", ["run.mode=offline", f"offline.dataset={data}", "run.rounds=2",
-                                            "data.prompts_per_round=4"])
-    first = pair_set(cfg, Dir(), None, None, None, tokenizer)
-    assert sorted(os.listdir(Dir().sub("offline"))) == ["round_0.jsonl", "round_1.jsonl"]
-    write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8)[::-1])  # the file changes under the run
-    again = pair_set(cfg, Dir(), None, None, None, tokenizer)
+    overrides = ["run.mode=offline", f"offline.dataset={data}", "run.rounds=2", "data.prompts_per_round=4"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    first = prepare(cfg, Run(), tokenizer).rounds
+    assert sorted(os.listdir(Run().sub("offline"))) == ["round_0.jsonl", "round_1.jsonl", "settings.json"]
+    os.remove(data)  # gone (or changed) under the run: the saved pairs are what it trains on
+    again = prepare(cfg, Run(), tokenizer).rounds
     assert [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in again] == \
         [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in first]
+
     drawn = load_config("configs/tiny.yaml", ["run.mode=offline", "run.rounds=2", "data.prompts_per_round=4"])
-    assert len(pair_set(drawn, Dir(), None, None, None, tokenizer)) == 2  # no generator needed: both rounds saved
+    assert prepare(drawn, Run(), tokenizer).rounds == [None, None]  # other settings, nothing trained: made again
+    Run.completed = 1
+    with pytest.raises(ValueError, match="offline pairs were fixed with other settings .*data.prompts_per_round"):
+        prepare(load_config("configs/tiny.yaml", ["run.mode=offline", "run.rounds=2", "data.prompts_per_round=5"]),
+                Run(), tokenizer)
+
+
+def test_the_run_reuses_its_reward_model_only_under_the_same_settings(tmp_path, monkeypatch):
+    from orchestrator.driver import train_own_reward_model
+    from orchestrator.reward_training import RECORD_FILE, training_record
+
+    class Run:
+        path = str(tmp_path / "run")
+        completed = 1
+
+        def sub(self, *parts):
+            return os.path.join(self.path, *parts)
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/tiny.yaml")
+    model = Run().sub("reward_model")
+    os.makedirs(model)
+    with open(os.path.join(model, RECORD_FILE), "w") as f:
+        json.dump(training_record(cfg), f)
+    train_own_reward_model(cfg, Run(), model)  # the same settings: used as it is (no Ray here to train one)
+    with pytest.raises(ValueError, match="reward model was trained with other reward_training settings"):
+        train_own_reward_model(load_config("configs/tiny.yaml", ["reward_training.num_pairs=512"]), Run(), model)

@@ -48,7 +48,7 @@ def test_resume_drops_everything_after_the_last_commit(tmp_path, monkeypatch):
     assert [m["round"] for m in again.history()] == [0]
 
 
-def test_resume_refuses_a_changed_mode_and_accepts_a_run_older_than_the_key(tmp_path, monkeypatch):
+def test_resume_refuses_a_changed_mode_even_for_a_run_older_than_the_key(tmp_path, monkeypatch):
     import pytest
 
     monkeypatch.chdir(REPO)
@@ -58,6 +58,8 @@ def test_resume_refuses_a_changed_mode_and_accepts_a_run_older_than_the_key(tmp_
         RunDir(load_config("configs/tiny.yaml", [*base, "run.mode=offline"]))
     state_path = os.path.join(tmp_path, "r", "state.json")
     state = json.load(open(state_path))
-    del state["fixed"]["run.mode"]  # written before run.mode existed: not checked
+    del state["fixed"]["run.mode"]  # written before run.mode existed: that run was online
     json.dump(state, open(state_path, "w"))
-    assert RunDir(load_config("configs/tiny.yaml", [*base, "run.mode=offline"])).completed == 1
+    assert RunDir(load_config("configs/tiny.yaml", base)).completed == 1
+    with pytest.raises(ValueError, match="`run.mode` was 'online' and is now 'offline'"):
+        RunDir(load_config("configs/tiny.yaml", [*base, "run.mode=offline"]))
