@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -231,18 +230,10 @@ def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str) -> None:
     other settings is refused."""
     from orchestrator.reward_training import RECORD_FILE, fit_reward_model, training_record
 
-    record = os.path.join(path, RECORD_FILE)
-    if os.path.isdir(path):
-        saved = json.load(open(record)) if os.path.exists(record) else None
-        if saved == training_record(cfg):
-            print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
-            return
-        if out.completed:
-            raise ValueError(f"cannot resume {out.path}: its reward model was trained with other reward_training "
-                             "settings (or run.seed); keep them, or start a new run (run.name)")
-        print(f"odpo: {path} was trained with other reward_training settings; training it again", file=sys.stderr)
-        shutil.rmtree(path)
-    fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
+    if out.made_with(path, RECORD_FILE, training_record(cfg), "reward model"):
+        print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
+    else:
+        fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
 
 
 def start_ray(cfg: OdpoConfig) -> bool:

@@ -21,19 +21,21 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 
 from actors.models import render_prompt
 from actors.types import Pair
-from orchestrator.config import OdpoConfig
+from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir, _write_atomic
 from orchestrator.pools import ActorPool
 from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
+
+SETTINGS_FILE = "settings.json"
+"""Beside the rounds' files: the settings they were made with (fingerprint)."""
 
 SAVED_FIELDS = ("pairs", "drops", "rewards", "response_chars", "new_tokens", "comparisons", "chunks")
 """What a drawn round keeps of its stream: its pairs and the generation statistics its metrics report."""
@@ -58,7 +60,7 @@ def fingerprint(cfg: OdpoConfig) -> dict:
             "generator": {k: getattr(g, k) for k in ("n", "temperatures", "top_p", "top_k", "max_new_tokens",
                                                      "stop_token_ids", "chunk_size")},
             "scorer": {k: getattr(s, k) for k in ("type", "function", "model_path", "max_length", "pairwise_both_orders")},
-            "reward_training": dataclasses.asdict(cfg.reward_training)}
+            "reward_training": dataclasses.asdict(cfg.reward_training) if s.model_path == TRAINED_REWARD_MODEL else None}
 
 
 def prepare(cfg: OdpoConfig, out: RunDir, tokenizer) -> PairSet:
@@ -66,20 +68,9 @@ def prepare(cfg: OdpoConfig, out: RunDir, tokenizer) -> PairSet:
     settings, they are made again, or the resume is refused once a round trained on them), and turn the
     dataset's rows into the rounds still missing, so a bad dataset stops the run before anything starts."""
     folder = out.sub("offline")
-    record = os.path.join(folder, "settings.json")
-    now = json.loads(json.dumps(fingerprint(cfg)))
-    if os.path.isdir(folder):
-        saved = json.load(open(record)) if os.path.exists(record) else {}
-        if saved != now:
-            changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
-            if out.completed:
-                raise ValueError(f"cannot resume {out.path}: its offline pairs were fixed with other settings "
-                                 f"({', '.join(changed)}); keep them, or start a new run (run.name)")
-            print(f"odpo: offline: the pairs in {folder} were made with other settings ({', '.join(changed)}) "
-                  "and no round trained on them yet: making them again", file=sys.stderr)
-            shutil.rmtree(folder)
-    os.makedirs(folder, exist_ok=True)
-    _write_atomic(record, json.dumps(now, indent=1))
+    if not out.made_with(folder, SETTINGS_FILE, fingerprint(cfg), "offline pair set"):
+        os.makedirs(folder)
+        _write_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(fingerprint(cfg), indent=1))
     paths = [os.path.join(folder, f"round_{r}.jsonl") for r in range(cfg.run.rounds)]
     rounds: list[RoundStream | None] = [load_round(p) if os.path.exists(p) else None for p in paths]
     if cfg.offline.dataset is not None and None in rounds:

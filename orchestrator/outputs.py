@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 from actors.types import Pair, WeightBundle
 from orchestrator.config import OdpoConfig, to_yaml
@@ -108,6 +109,26 @@ class RunDir:
                  "fixed": {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in RESUME_FIXED_KEYS}}
         _write_atomic(self.sub(STATE_FILE), json.dumps(state, indent=1))
         self.completed = completed_rounds
+
+    def made_with(self, folder: str, record: str, settings: dict, what: str) -> bool:
+        """Whether `folder` (something the run made for itself: its reward model, its offline pairs) was made
+        with `settings`, as saved in its `record` file. Made with others, it is removed while no round has
+        used it (the caller makes it again); after that the resume is refused, naming what changed."""
+        if not os.path.isdir(folder):
+            return False
+        path = os.path.join(folder, record)
+        saved = json.load(open(path)) if os.path.exists(path) else {}
+        now = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples become lists)
+        if saved == now:
+            return True
+        changed = ", ".join(sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k)))
+        if self.completed:
+            raise ValueError(f"cannot resume {self.path}: its {what} was made with other settings ({changed}); "
+                             "keep them, or start a new run (run.name)")
+        print(f"odpo: {folder} was made with other settings ({changed}) and no round has used it: making it again",
+              file=sys.stderr)
+        shutil.rmtree(folder)
+        return False
 
     def history(self) -> list[dict]:
         path = self.sub("metrics.jsonl")

@@ -110,9 +110,8 @@ def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int)
 def training_record(cfg: OdpoConfig) -> dict:
     """What defines a trained reward model: its data and base (the reward_training section) and the seed."""
     import dataclasses
-    import json
 
-    return json.loads(json.dumps({"reward_training": dataclasses.asdict(cfg.reward_training), "run.seed": cfg.run.seed}))
+    return {"reward_training": dataclasses.asdict(cfg.reward_training), "run.seed": cfg.run.seed}
 
 
 def train_reward_model(cfg: OdpoConfig) -> str:

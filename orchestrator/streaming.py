@@ -158,8 +158,6 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, c = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
-        if learners is None:
-            buffer = []  # the pairs are in out.pairs; nothing trains on them here
         while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT:
             submit_train(buffer[:batch_size])
             buffer = buffer[batch_size:]
@@ -212,7 +210,9 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             out.chunks_by_actor[sc.rollouts.actor] = out.chunks_by_actor.get(sc.rollouts.actor, 0) + 1
             progress.add("scored", len(sc.rollouts.rollouts), sc.rollouts.new_tokens)
             while next_release in scored:  # release in chunk order: batches are reproducible
-                buffer.extend(_collect(scored.pop(next_release), out, cfg, round_index))
+                pairs = _collect(scored.pop(next_release), out, cfg, round_index)  # kept in out.pairs
+                if learners is not None:  # without a learner (offline pairs drawn up front) nothing trains
+                    buffer.extend(pairs)
                 next_release += 1
         else:
             refs, _ = training.popleft()
@@ -268,8 +268,8 @@ def replay_epochs(pairs: list[Pair], cfg: OdpoConfig, round_index: int, learners
     steps: list[TrainStepStats] = []
     g = cfg.learner.global_batch_size
     for epoch in range(first, cfg.learner.epochs if last is None else last):
-        rng = np.random.default_rng([cfg.run.seed, round_index, epoch])
-        order = rng.permutation(len(pairs)) if epoch else np.arange(len(pairs))
+        order = (np.random.default_rng([cfg.run.seed, round_index, epoch]).permutation(len(pairs)) if epoch
+                 else np.arange(len(pairs)))
         shuffled = [pairs[i] for i in order]
         submitted = [learners.async_train_step_refs(shuffled[s: s + g]) for s in range(0, len(shuffled), g)]
         for refs in submitted:

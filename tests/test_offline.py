@@ -47,13 +47,13 @@ def test_offline_config_is_checked(tmp_path, monkeypatch):
     for overrides, key in ((["run.mode=batch"], "run.mode"),
                            ([f"offline.dataset={data}"], "offline.dataset"),  # online mode has no fixed dataset
                            (["run.mode=offline", "offline.dataset=./missing.jsonl"], "offline.dataset"),
-                           (["scorer.type=function", "scorer.model_path=./missing/rm"], None)):
-        if key is None:  # a function scorer ignores scorer.model_path
-            load_config("configs/tiny.yaml", overrides)
-            continue
+                           (["run.mode=offline", "offline.dataset=data/prefs.jsonl"], "offline.dataset"),  # not a hub id
+                           (["scorer.type=pairwise", "scorer.function=actors.rewards:prefer_lowercase"],
+                            "scorer.model_path")):  # a trained reward model is not a pairwise judge
         with pytest.raises(ConfigError) as e:
             load_config("configs/tiny.yaml", overrides)
         assert e.value.key == key
+    assert load_config("configs/tiny.yaml", ["scorer.type=function"]).scorer.model_path == "reward_training"  # unused
 
 
 def test_dataset_pairs_are_tokenised_as_generated_pairs_are(tiny_policy_dir, tmp_path, monkeypatch):
@@ -206,6 +206,15 @@ def test_the_tiny_default_trains_its_reward_model_then_optimises_against_it(ray_
     assert rewards == pytest.approx([p["chosen_score"] for p in pairs], abs=1e-3)
 
 
+def run_dir(tmp_path, *overrides: str):
+    """A real run directory (no Ray needed for what these tests do with it)."""
+    from orchestrator.outputs import RunDir
+
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}", "run.name=r", "run.overwrite=false",
+                                            "metrics.wandb=false", *overrides])
+    return cfg, RunDir(cfg)
+
+
 def test_a_resumed_offline_run_trains_on_the_pairs_it_saved(tiny_policy_dir, tmp_path, monkeypatch):
     """Rounds already fixed are loaded, not remade, and the dataset is not read again (it may have changed or
     gone). Made under other settings, they are made again while no round trained on them; after that, the
@@ -213,50 +222,40 @@ def test_a_resumed_offline_run_trains_on_the_pairs_it_saved(tiny_policy_dir, tmp
     from actors.models import load_tokenizer
     from orchestrator.offline import prepare
 
-    class Run:  # the part of RunDir that prepare uses
-        path = str(tmp_path / "run")
-        completed = 0
-
-        def sub(self, *parts):
-            return os.path.join(self.path, *parts)
-
     monkeypatch.chdir(REPO)
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
     tokenizer = load_tokenizer(tiny_policy_dir)
-    overrides = ["run.mode=offline", f"offline.dataset={data}", "run.rounds=2", "data.prompts_per_round=4"]
-    cfg = load_config("configs/tiny.yaml", overrides)
-    first = prepare(cfg, Run(), tokenizer).rounds
-    assert sorted(os.listdir(Run().sub("offline"))) == ["round_0.jsonl", "round_1.jsonl", "settings.json"]
+    cfg, out = run_dir(tmp_path, "run.mode=offline", f"offline.dataset={data}", "run.rounds=2",
+                       "data.prompts_per_round=4")
+    first = prepare(cfg, out, tokenizer).rounds
+    assert sorted(os.listdir(out.sub("offline"))) == ["round_0.jsonl", "round_1.jsonl", "settings.json"]
     os.remove(data)  # gone (or changed) under the run: the saved pairs are what it trains on
-    again = prepare(cfg, Run(), tokenizer).rounds
+    again = prepare(cfg, out, tokenizer).rounds
     assert [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in again] == \
         [[(p.uid, p.chosen, p.chosen_ids) for p in s.pairs] for s in first]
 
-    drawn = load_config("configs/tiny.yaml", ["run.mode=offline", "run.rounds=2", "data.prompts_per_round=4"])
-    assert prepare(drawn, Run(), tokenizer).rounds == [None, None]  # other settings, nothing trained: made again
-    Run.completed = 1
-    with pytest.raises(ValueError, match="offline pairs were fixed with other settings .*data.prompts_per_round"):
-        prepare(load_config("configs/tiny.yaml", ["run.mode=offline", "run.rounds=2", "data.prompts_per_round=5"]),
-                Run(), tokenizer)
+    drawn, _ = run_dir(tmp_path, "run.mode=offline", "run.rounds=2", "data.prompts_per_round=4")
+    assert prepare(drawn, out, tokenizer).rounds == [None, None]  # other settings, nothing trained: made again
+    out.commit(drawn, 1)
+    other, _ = run_dir(tmp_path, "run.mode=offline", "run.rounds=2", "data.prompts_per_round=4",
+                       "generator.max_new_tokens=16")  # sampled otherwise: the saved pairs would not be these
+    with pytest.raises(ValueError, match=r"offline pair set was made with other settings \(generator\)"):
+        prepare(other, out, tokenizer)
 
 
 def test_the_run_reuses_its_reward_model_only_under_the_same_settings(tmp_path, monkeypatch):
     from orchestrator.driver import train_own_reward_model
     from orchestrator.reward_training import RECORD_FILE, training_record
 
-    class Run:
-        path = str(tmp_path / "run")
-        completed = 1
-
-        def sub(self, *parts):
-            return os.path.join(self.path, *parts)
-
     monkeypatch.chdir(REPO)
-    cfg = load_config("configs/tiny.yaml")
-    model = Run().sub("reward_model")
+    cfg, out = run_dir(tmp_path)
+    out.commit(cfg, 1)
+    model = out.sub("reward_model")
     os.makedirs(model)
     with open(os.path.join(model, RECORD_FILE), "w") as f:
         json.dump(training_record(cfg), f)
-    train_own_reward_model(cfg, Run(), model)  # the same settings: used as it is (no Ray here to train one)
-    with pytest.raises(ValueError, match="reward model was trained with other reward_training settings"):
-        train_own_reward_model(load_config("configs/tiny.yaml", ["reward_training.num_pairs=512"]), Run(), model)
+    train_own_reward_model(cfg, out, model)  # the same settings: used as it is (no Ray here to train one)
+    other, _ = run_dir(tmp_path, "reward_training.num_pairs=512")
+    with pytest.raises(ValueError, match="reward model was made with other settings \\(reward_training\\)"):
+        train_own_reward_model(other, out, model)
+    assert os.path.isdir(model)  # a model a committed round used is never removed
