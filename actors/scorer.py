@@ -2,7 +2,8 @@
 
 - a Bradley-Terry reward model (a sequence classifier with one label; the raw logit, no sigmoid, over the
   reward model's own chat template of prompt + assistant response);
-- a Python reward function named `module:function`, called as fn(messages, response) -> float;
+- a Python reward function named `module:function`, called as fn(messages, response, **columns) -> float,
+  where columns are the prompt row's other dataset columns that the function names (`RewardFn`);
 - a pairwise preference judge (type `pairwise`): a function fn(messages, a, b) -> P(a better), or a
   sequence classifier whose logit over `PAIRWISE_TEMPLATE` is the log-odds that A is better. The best
   and the worst of n come from a knockout tournament (actors/tournament.py), all prompts of a chunk
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -39,13 +41,40 @@ def import_function(spec: str) -> Callable:
     return fn
 
 
+class RewardFn:
+    """A `module:function` reward, called as fn(messages, response, **columns) with the prompt row's dataset
+    columns that the function names as parameters (every column if it takes **kwargs), the way TRL hands dataset
+    columns to its reward functions: a verifier reads the row's `answer` instead of parsing the prompt."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = import_function(spec)
+        params = list(inspect.signature(self.fn).parameters.values())
+        named = [p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
+        self.names = [p.name for p in named]
+        self.required = [p.name for p in named if p.default is p.empty]
+
+    def __call__(self, messages: Messages, response: str, columns: dict | None = None) -> float:
+        columns = columns or {}
+        missing = [k for k in self.required if k not in columns]
+        if missing:
+            raise ValueError(f"reward function {self.spec} needs the dataset column(s) {missing}, which the prompt row "
+                             f"does not have (its columns besides the prompt: {sorted(columns)})")
+        kwargs = dict(columns) if self.takes_all else {k: columns[k] for k in self.names if k in columns}
+        return float(self.fn(messages, response, **kwargs))
+
+
 class Scorer:
     def __init__(self, cfg: ScorerConfig, model_path: str | None = None, name: str = "scorer"):
         prepare_worker(cfg.cpus_per_actor)
         self.cfg = cfg
         self.name = name
         self.fn: Callable | None = None
-        if cfg.type == "function" or (cfg.type == "pairwise" and model_path is None and cfg.model_path is None):
+        if cfg.type == "function":
+            self.fn = RewardFn(cfg.function or "")
+            return
+        if cfg.type == "pairwise" and model_path is None and cfg.model_path is None:
             self.fn = import_function(cfg.function or "")
             return
         location = model_path or cfg.model_path
@@ -68,7 +97,8 @@ class Scorer:
             return self.pick(chunk)
         start = time.perf_counter()
         items = [(ro.prompt.messages, r.text) for ro in chunk.rollouts for r in ro.responses]
-        flat = [float(self.fn(m, t)) for m, t in items] if self.fn is not None else self.score_texts(items)
+        columns = [ro.prompt.columns for ro in chunk.rollouts for _ in ro.responses]
+        flat = self.rewards(items, columns)
         scores, k = [], 0
         for ro in chunk.rollouts:
             row = flat[k: k + len(ro.responses)]
@@ -103,17 +133,24 @@ class Scorer:
         return ScoredChunk(rollouts=chunk, scores=wins, actor=self.name, seconds=time.perf_counter() - start,
                            picks=picks, comparisons=calls)
 
-    def compare(self, items: list[tuple[Messages, str, str]]) -> list[float]:
+    def rewards(self, items: list[tuple[Messages, str]], columns: list[dict] | None = None) -> list[float]:
+        """One reward per (messages, response): the reward function (given each prompt row's `columns`) or the
+        reward model's logit."""
+        if self.fn is None:
+            return self.score_texts(items)
+        return [self.fn(m, t, c) for (m, t), c in zip(items, columns or [{}] * len(items))]
+
+    def compare(self, items: list[tuple[Messages, str, str]], columns: list[dict] | None = None) -> list[float]:
         """P(a is better than b): the pairwise judge (both orders when configured), or for a reward scorer 1,
-        0.5 or 0 as a's reward is above, equal to or below b's."""
+        0.5 or 0 as a's reward is above, equal to or below b's (`columns`: each prompt row's, for a reward
+        function)."""
         if self.cfg.type == "pairwise":
             probs = self.prefer(items)
             if self.cfg.pairwise_both_orders:  # cancel a judge's taste for one position
                 probs = [(p + 1.0 - q) / 2 for p, q in zip(probs, self.prefer([(m, b, a) for m, a, b in items]))]
             return probs
-        rewards = (lambda pairs: [float(self.fn(m, t)) for m, t in pairs]) if self.fn else self.score_texts
-        a_scores = rewards([(m, a) for m, a, _ in items])
-        b_scores = rewards([(m, b) for m, _, b in items])
+        a_scores = self.rewards([(m, a) for m, a, _ in items], columns)
+        b_scores = self.rewards([(m, b) for m, _, b in items], columns)
         return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a_scores, b_scores)]
 
     def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:

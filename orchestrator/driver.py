@@ -59,9 +59,10 @@ def run(cfg: OdpoConfig) -> str:
     started_ray = start_ray(cfg)
     pools: list[ActorPool] = []
     try:
-        if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training
-            train_own_reward_model(cfg, out, reward_path)
-        generators, scorers = build_rollout_pools(cfg, policy_path, tokenizer_path, reward_path, pools)
+        generators = build_generator_pool(cfg, policy_path, tokenizer_path, pools)
+        if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
+            train_own_reward_model(cfg, out, reward_path, generators)
+        scorers = build_scorer_pool(cfg, reward_path, pools)
         learners = build_learners(cfg, out, policy_path, tokenizer.pad_token_id, pools)
         version = out.completed  # weight version = rounds done
         # the initial policy's answers to the held-out prompts, before a resume loads later weights
@@ -224,7 +225,7 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     return policy, cfg.policy.tokenizer or policy, reward
 
 
-def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str) -> None:
+def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool) -> None:
     """scorer.model_path=reward_training: train the reward model once per run directory. One trained with
     other reward_training settings is trained again while no round has used it; after that, a resume with
     other settings is refused."""
@@ -233,7 +234,8 @@ def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str) -> None:
     if out.made_with(path, RECORD_FILE, training_record(cfg), "reward model"):
         print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
     else:
-        fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"))
+        fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"),
+                         generators=generators)
 
 
 def start_ray(cfg: OdpoConfig) -> bool:
@@ -267,17 +269,26 @@ def start_ray(cfg: OdpoConfig) -> bool:
 def build_rollout_pools(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, reward_path: str | None,
                         pools: list[ActorPool]) -> tuple[ActorPool, ActorPool]:
     """Generator and scorer pools, each in its own placement group; each actor gets only its own section."""
-    g, s, p = cfg.generator, cfg.scorer, cfg.policy
+    return build_generator_pool(cfg, policy_path, tokenizer_path, pools), build_scorer_pool(cfg, reward_path, pools)
+
+
+def build_generator_pool(cfg: OdpoConfig, policy_path: str, tokenizer_path: str, pools: list[ActorPool]) -> ActorPool:
+    g, p = cfg.generator, cfg.policy
     pools.append(ActorPool("generator", generator_class(g.backend), g.num_actors,
                            placement(cfg, g.cpus_per_actor, g.gpus_per_actor, g.resources, g.node_labels),
                            lambda r: (g, policy_path, tokenizer_path, p.dtype, cfg.data.max_prompt_length,
                                       p.trust_remote_code, f"generator-{r}"), g.max_restarts,
                            call_timeout_s=g.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
+    return pools[-1]
+
+
+def build_scorer_pool(cfg: OdpoConfig, reward_path: str | None, pools: list[ActorPool]) -> ActorPool:
+    s = cfg.scorer
     pools.append(ActorPool("scorer", Scorer, s.num_actors,
                            placement(cfg, s.cpus_per_actor, s.gpus_per_actor, s.resources, s.node_labels),
                            lambda r: (s, reward_path, f"scorer-{r}"), s.max_restarts,
                            call_timeout_s=s.call_timeout_s, start_timeout_s=cfg.ray.actor_start_timeout_s))
-    return pools[-2], pools[-1]
+    return pools[-1]
 
 
 def placement(cfg: OdpoConfig, cpus: float, gpus: float, resources: dict, labels: dict) -> Placement:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.scorer import import_function
+from actors.scorer import RewardFn
 from actors.types import Prompt, RolloutChunk
 from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup
@@ -39,6 +39,10 @@ class Samples:
 
     def items(self) -> list[tuple[list, str]]:
         return [(ro.prompt.messages, r.text) for c in self.chunks for ro in c.rollouts for r in ro.responses]
+
+    def columns(self) -> list[dict]:
+        """Each sample's prompt row columns (what a reward function such as a verifier reads), as items()."""
+        return [ro.prompt.columns for c in self.chunks for ro in c.rollouts for _ in ro.responses]
 
 
 def sample(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
@@ -64,7 +68,9 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     scs = scorers.actors
     per = math.ceil(len(items) / len(scs))
     triples = [(m, a, b) for (m, a), (_, b) in zip(items, base)]
-    probs = [p for part in scorers.get([scs[k].compare.remote(triples[k * per: (k + 1) * per]) for k in range(len(scs))],
+    columns = now.columns()
+    probs = [p for part in scorers.get([scs[k].compare.remote(triples[k * per: (k + 1) * per],
+                                                              columns[k * per: (k + 1) * per]) for k in range(len(scs))],
                                        "judging the evaluation set") for p in part]
     out = {
         "eval/prompts": len({ro.prompt.uid for c in now.chunks for ro in c.rollouts}),
@@ -76,9 +82,9 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
         "eval/kl": kl_estimate(now, learners) if learners is not None else float("nan"),
     }
     if cfg.eval.gold_reward:
-        gold = import_function(cfg.eval.gold_reward)
-        out["eval/gold_mean"] = float(np.mean([gold(m, t) for m, t in items]))
-        out["eval/gold_initial"] = float(np.mean([gold(m, t) for m, t in base]))
+        gold = RewardFn(cfg.eval.gold_reward)
+        out["eval/gold_mean"] = float(np.mean([gold(m, t, c) for (m, t), c in zip(items, columns)]))
+        out["eval/gold_initial"] = float(np.mean([gold(m, t, c) for (m, t), c in zip(base, initial.columns())]))
     return out
 
 

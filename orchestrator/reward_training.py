@@ -2,8 +2,10 @@
 learner group and DeepSpeed machinery as the DPO loop (`RewardLearner`: loss -log sigmoid(r_chosen -
 r_rejected), the `learner` section's lr, warmup + cosine schedule, batch sizes, ZeRO stage and ranks).
 
-Pairs come from a dataset (`prompt`, `chosen`, `rejected`; strings or chat message lists) or, for the
-tiny workflow, are made in code and labelled by a rule (`builtin:lowercase-pairs`). A seeded share is
+Pairs come from a dataset (`prompt`, `chosen`, `rejected`; strings or chat message lists), or are labelled
+by a rule: responses made in code for the tiny workflow (`builtin:lowercase-pairs`), or the initial policy's
+own samples on `reward_training.prompts` (`builtin:policy-samples`: the paper's workflow, with a verifier
+standing in for human labels; the best and the worst of each prompt's n samples form a pair). A seeded share is
 held out; pairwise accuracy on it is reported before training and after every epoch. The result is a
 Hugging Face sequence classifier in `<run dir>/reward_model/`, which `scorer.type=reward_model` loads:
 
@@ -13,6 +15,7 @@ Hugging Face sequence classifier in `<run dir>/reward_model/`, which `scorer.typ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -27,10 +30,14 @@ import ray
 from actors.learner import RewardLearner
 from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.rewards import lowercase_ratio
-from actors.scorer import import_function
+from actors.scorer import RewardFn
 from actors.types import Messages, Pair
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
+
+POLICY_SAMPLES = "builtin:policy-samples"
+RM_SAMPLE_ROUND = 2_000_000
+"""The chunk-seed stream of the reward model's policy samples, apart from every round's and the eval set's."""
 
 RECORD_FILE = "odpo_reward_training.json"
 """Saved beside the model: the settings it was trained with (training_record)."""
@@ -38,7 +45,7 @@ RECORD_FILE = "odpo_reward_training.json"
 LOWERCASE_PROMPTS = ("Tell me about item {}.", "Describe thing number {}.", "What is {}?", "Write about {}.")
 
 
-def rule_pairs(count: int, seed: int, rule: Callable[[Messages, str], float] = lowercase_ratio
+def rule_pairs(count: int, seed: int, rule: Callable[..., float] = lowercase_ratio
                ) -> list[tuple[Messages, str, str]]:
     """Preference pairs labelled by a rule (default: the lowercase ratio): byte strings like a random
     byte-level policy writes, each with its own share of lowercase letters (uniform over 0..1, so every
@@ -58,6 +65,36 @@ def rule_pairs(count: int, seed: int, rule: Callable[[Messages, str], float] = l
         if ra != rb:
             out.append((messages, a, b) if ra > rb else (messages, b, a))
     return out
+
+
+def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> list[tuple[Messages, str, str]]:
+    """The initial policy's n samples for each of `reward_training.prompts`' first num_pairs prompts, scored
+    by `reward_training.rule` (which reads the prompt row's columns, e.g. the answer); the best and the worst
+    sample of a prompt form its pair, as pairs.strategy=max_min does in the loop. Prompts whose samples all
+    score the same give no pair (counted)."""
+    from orchestrator.data import load_prompts
+    from orchestrator.selection import make_pairs
+    from orchestrator.streaming import make_chunks
+
+    rt = cfg.reward_training
+    prompts = load_prompts(rt.prompts, cfg.data, "reward_training.prompts", rt.num_pairs)
+    rule = RewardFn(rt.rule)
+    start = time.perf_counter()
+    chunks = make_chunks(RM_SAMPLE_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
+    gens = generators.actors
+    print(f"odpo: reward model data: sampling {len(prompts)} prompts x {cfg.generator.n} from the initial policy",
+          file=sys.stderr)
+    out = generators.get([gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)],
+                         "sampling the reward model's training data")
+    rollouts = [ro for c in out for ro in c.rollouts]
+    scores = [[rule(ro.prompt.messages, r.text, ro.prompt.columns) for r in ro.responses] for ro in rollouts]
+    pairs, drops = make_pairs(rollouts, scores, "max_min", 0.0, cfg.run.seed, RM_SAMPLE_ROUND)
+    flat = [x for row in scores for x in row]
+    tokens = sum(c.new_tokens for c in out)
+    print(f"odpo: reward model data: {len(pairs)} pairs from {len(prompts)} prompts (dropped: "
+          f"{', '.join(f'{k} {v}' for k, v in drops.items())}); rule mean {np.mean(flat):.3f} over {len(flat)} "
+          f"samples; {tokens} tokens in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return [(p.prompt_messages, p.chosen, p.rejected) for p in pairs]
 
 
 def _as_messages(prompt) -> Messages:
@@ -126,10 +163,13 @@ def train_reward_model(cfg: OdpoConfig) -> str:
                             os.path.join(run_dir, "base_model"))
 
 
-def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: str) -> str:
+def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: str, policy_path: str | None = None,
+                     generators: ActorPool | None = None) -> str:
     """Train, evaluate each epoch, save to `dest` (whole or not at all); uses the running Ray cluster if there
-    is one (the driver trains its reward model first this way), else starts one for itself."""
-    from orchestrator.driver import placement, start_ray
+    is one (the driver trains its reward model first this way), else starts one for itself. With
+    builtin:policy-samples, the initial policy's samples come from `generators` (the run's pool, holding the
+    initial weights), or from a pool of its own on `policy_path` (default: policy.path)."""
+    from orchestrator.driver import build_generator_pool, placement, start_ray
     from orchestrator.outputs import _write_atomic
 
     quiet_libraries()
@@ -139,22 +179,37 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         base = materialize_builtin(base, base_dir, cfg.run.seed + 1)
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
-    items = (rule_pairs(rt.num_pairs or 2048, cfg.run.seed, import_function(rt.rule)) if rt.data_path.startswith("builtin:")
-             else load_preferences(rt.data_path, rt.num_pairs))
-    pairs = to_pairs(items, tokenizer, rt.max_length)
-    order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))
-    held = max(1, int(round(rt.eval_fraction * len(pairs))))
-    held_out, train = [pairs[i] for i in order[:held]], [pairs[i] for i in order[held:]]
-    print(f"odpo: reward model from {rt.base_model}: {len(train)} training pairs, {len(held_out)} held out",
-          file=sys.stderr)
-
     started_ray = start_ray(cfg)
-    pool = None
+    pools: list[ActorPool] = []
     try:
-        pool = ActorPool("rm-learner", RewardLearner, lc.num_ranks,
-                         placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
-                         lambda r: (lc, base, "float32", r, lc.num_ranks, tokenizer.pad_token_id), gang=True)
-        group = LearnerGroup(pool, lc.step_timeout_s)
+        if rt.data_path == POLICY_SAMPLES:
+            if generators is None:
+                policy = policy_path or cfg.policy.path
+                if is_builtin(policy):
+                    policy = materialize_builtin(policy, os.path.join(os.path.dirname(base_dir), "policy"), cfg.run.seed)
+                generators = build_generator_pool(cfg, policy, cfg.policy.tokenizer or policy, pools)
+            items = policy_sample_pairs(cfg, generators)
+            for pool in pools:  # the sampling pool's CPUs go to the reward model's training
+                pool.shutdown()
+            pools.clear()
+        elif rt.data_path.startswith("builtin:"):
+            items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, RewardFn(rt.rule))
+        else:
+            items = load_preferences(rt.data_path, rt.num_pairs)
+        if len(items) < 4:
+            raise ValueError(f"reward_training: only {len(items)} preference pairs to train on (at least 4 needed)")
+        pairs = to_pairs(items, tokenizer, rt.max_length)
+        order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))
+        held = max(1, int(round(rt.eval_fraction * len(pairs))))
+        held_out, train = [pairs[i] for i in order[:held]], [pairs[i] for i in order[held:]]
+        print(f"odpo: reward model from {rt.base_model}: {len(train)} training pairs, {len(held_out)} held out",
+              file=sys.stderr)
+        rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
+        pools.append(ActorPool("rm-learner", RewardLearner, lc.num_ranks,
+                               placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
+                               lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id),
+                               gang=True))
+        group = LearnerGroup(pools[-1], lc.step_timeout_s)
         group.setup()
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0)]
         g = lc.global_batch_size
@@ -174,6 +229,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
 
         config = AutoConfig.from_pretrained(base)
         config.pad_token_id = tokenizer.pad_token_id
+        config.num_labels = 1  # a causal LM base (e.g. builtin:smollm2-135m-instruct) becomes a sequence classifier
+        config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.architectures or []]
         tmp = dest + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -187,7 +244,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
               f"{history[-1]['eval/accuracy']:.3f}; scorer.type=reward_model scorer.model_path={dest})", file=sys.stderr)
         return dest
     finally:
-        if pool is not None:
+        for pool in pools:
             pool.shutdown()
         if started_ray:
             ray.shutdown()
