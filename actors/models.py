@@ -153,6 +153,47 @@ def _convert_gguf(source: str, dest: str) -> None:
     tokenizer.save_pretrained(dest)
 
 
+def first_layers(source: str, layers: int, dest: str) -> str:
+    """A copy of the Hugging Face checkpoint at `source` keeping only its first `layers` transformer layers (embeddings
+    and final norm kept; a causal LM's head is left for a sequence classifier to replace): a cheaper backbone that
+    is still the real model's lower half. Written once to `dest`; returns `dest`."""
+    import json
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    have = config.get("num_hidden_layers")
+    if have is None or not 1 <= layers <= have:
+        raise ValueError(f"{source}: cannot keep {layers} layers of a model with num_hidden_layers={have}")
+    marker = os.path.join(dest, "odpo_first_layers.json")
+    record = {"source": source, "layers": layers}
+    if os.path.exists(marker) and json.load(open(marker)) == record:
+        return dest
+    weights = load_file(os.path.join(source, "model.safetensors"))
+    kept = {k: v for k, v in weights.items()
+            if not (m := re.match(r".*\blayers\.(\d+)\.", k)) or int(m.group(1)) < layers}
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(source):  # tokenizer, chat template, generation config
+        if name not in ("model.safetensors", "config.json", PACKAGED_RECORD) and os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), tmp)
+    config["num_hidden_layers"] = layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:layers]
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_file(kept, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "odpo_first_layers.json"), "w") as f:
+        json.dump(record, f)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
 def importlib_missing(module: str) -> bool:
     import importlib.util
 

@@ -109,6 +109,8 @@ class Pair:
     rejected_ids: list[int]
     chosen_score: float
     rejected_score: float
+    columns: dict[str, Any] = field(default_factory=dict)
+    """The prompt row's other columns (e.g. its answer), so a pair can be checked again by a verifier."""
 
 
 @dataclass

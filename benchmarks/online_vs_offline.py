@@ -1,7 +1,8 @@
-"""The paper's central comparison at toy scale: online iterative DPO against offline DPO, on the tiny workflow.
+"""The paper's central comparison: online iterative DPO against offline DPO, on the tiny workflow (default) or
+the real model's (--config configs/smollm2.yaml).
 
 For each seed: one reward model is trained on rule-labelled pairs (`odpo train-rm`), then two runs of
-configs/tiny.yaml optimise against it with the same prompts, pairs budget, steps, schedule and learner:
+the config optimise against it with the same prompts, pairs budget, steps, schedule and learner:
 
     online    run.mode=online   each round's pairs from the policy of that round
     offline   run.mode=offline  every round's pairs drawn from the initial policy, all before training
@@ -14,6 +15,7 @@ length, KL, pairs and steps) and writes a PNG of the same.
     .venv/bin/python benchmarks/online_vs_offline.py --seeds 42 --rounds 4
     .venv/bin/python benchmarks/online_vs_offline.py --rule actors.rewards:lowercase_half   # more is not better
     .venv/bin/python benchmarks/online_vs_offline.py --rule-scorer   # ablation: the rule scores, no proxy
+    .venv/bin/python benchmarks/online_vs_offline.py --config configs/smollm2.yaml --rule actors.rewards:answer_first
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ def read_runs(seed: int, out: str) -> dict[str, list[dict]]:
 def pair_table(seeds: list[int], rounds: int, out: str, rule: str) -> str:
     """What each mode trained on, judged by the gold rule: the chosen responses' gold reward, and how often
     the proxy's choice agrees with the gold rule (chosen has the higher gold reward)."""
-    from actors.scorer import import_function
+    from actors.scorer import RewardFn
 
-    gold_of = import_function(rule)
+    gold_of = RewardFn(rule)
     head = ["round", "chosen gold online", "chosen gold offline", "agree online", "agree offline"]
     rows = []
     for r in range(rounds):
@@ -70,7 +72,8 @@ def pair_table(seeds: list[int], rounds: int, out: str, rule: str) -> str:
             for seed in seeds:
                 with open(os.path.join(out, f"{mode}-{seed}", "pairs", f"round_{r}.jsonl")) as f:
                     pairs += [json.loads(line) for line in f]
-            gold = [(gold_of(p["prompt_messages"], p["chosen"]), gold_of(p["prompt_messages"], p["rejected"])) for p in pairs]
+            gold = [(gold_of(p["prompt_messages"], p["chosen"], p.get("columns")),
+                     gold_of(p["prompt_messages"], p["rejected"], p.get("columns"))) for p in pairs]
             stats[mode] = (mean([c for c, _ in gold]), sum(c > rj for c, rj in gold) / len(gold))
         cells += [fmt(stats[m][0]) for m in MODES] + [fmt(stats[m][1]) for m in MODES]
         rows.append(cells)
@@ -79,18 +82,19 @@ def pair_table(seeds: list[int], rounds: int, out: str, rule: str) -> str:
     return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows])
 
 
-def run_seed(seed: int, rounds: int, out: str, extra: list[str], rule_scorer: str | None) -> dict[str, list[dict]]:
+def run_seed(config: str, seed: int, rounds: int, out: str, extra: list[str], rule_scorer: str | None
+             ) -> dict[str, list[dict]]:
     common = [f"run.output_dir={out}", f"run.seed={seed}", f"run.rounds={rounds}", "metrics.wandb=false",
               "run.overwrite=true", *extra]
     print(f"seed {seed}:", file=sys.stderr)
     if rule_scorer:  # the ablation: the gold rule itself scores, no proxy in between
         scorer = ["scorer.type=function", f"scorer.function={rule_scorer}"]
     else:
-        odpo(["train-rm", "configs/tiny.yaml", *common, f"run.name=rm-{seed}"], os.path.join(out, f"rm-{seed}.log"))
+        odpo(["train-rm", config, *common, f"run.name=rm-{seed}"], os.path.join(out, f"rm-{seed}.log"))
         scorer = [f"scorer.model_path={os.path.join(out, f'rm-{seed}', 'reward_model')}"]
     for mode in MODES:
         name = f"{mode}-{seed}"
-        odpo(["run", "configs/tiny.yaml", *common, f"run.name={name}", f"run.mode={mode}", *scorer],
+        odpo(["run", config, *common, f"run.name={name}", f"run.mode={mode}", *scorer],
              os.path.join(out, f"{name}.log"))
     return read_runs(seed, out)
 
@@ -148,7 +152,7 @@ def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str, titl
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"online vs offline DPO, tiny workflow, {len(results)} seed(s); {title}")
+    fig.suptitle(f"online vs offline DPO, {len(results)} seed(s); {title}")
     fig.text(0.01, 0.01, "faint: each seed; bold: their mean", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -156,6 +160,8 @@ def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str, titl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the workflow: configs/tiny.yaml or "
+                        "configs/smollm2.yaml (the real model; with --rule actors.rewards:answer_first)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rule", default="actors.rewards:lowercase_ratio",
@@ -169,17 +175,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. learner.lr=1e-3)")
     args = parser.parse_args()
     name = args.rule.split(":")[1]
-    args.out = args.out or os.path.join(REPO, "runs", "online_vs_offline" + ("" if name == "lowercase_ratio" else f"_{name}")
+    workflow = os.path.splitext(os.path.basename(args.config))[0]
+    args.out = args.out or os.path.join(REPO, "runs", "online_vs_offline" + ("" if workflow == "tiny" else f"_{workflow}")
+                                        + ("" if name == "lowercase_ratio" else f"_{name}")
                                         + ("_rule-scorer" if args.rule_scorer else ""))
     args.overrides = [f"reward_training.rule={args.rule}", f"eval.gold_reward={args.rule}", *args.overrides]
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    results = {seed: read_runs(seed, args.out) if args.report_only else run_seed(seed, args.rounds, args.out, args.overrides,
-                                                                    args.rule if args.rule_scorer else None)
+    results = {seed: read_runs(seed, args.out) if args.report_only else run_seed(
+        args.config, seed, args.rounds, args.out, args.overrides, args.rule if args.rule_scorer else None)
                for seed in args.seeds}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({str(k): v for k, v in results.items()}, f)
-    print(f"\nonline vs offline DPO: tiny workflow, gold rule {args.rule}, "
+    print(f"\nonline vs offline DPO: {args.config}, gold rule {args.rule}, "
           f"scorer: {'the rule itself' if args.rule_scorer else 'a reward model trained on its labels'}, {args.rounds} rounds, mean over seeds {args.seeds} "
           f"({time.perf_counter() - start:.0f}s)")
     print(table(results, args.rounds))

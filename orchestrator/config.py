@@ -327,6 +327,9 @@ class RewardTrainingConfig:
     weights."""
     base_model: str = "builtin:tiny-llama-rm"
     """Sequence classifier (one label) to start from: a local path, a hub id, or a builtin."""
+    base_layers: int | None = None
+    """Keep only the first k transformer layers of base_model (its embeddings and lower layers, real weights): a
+    reward model that trains and scores k/L of the cost, for CPUs; null keeps them all."""
     eval_fraction: float = 0.1
     """Share of the pairs held out; pairwise accuracy on them is reported before training and after each epoch."""
     epochs: int = 1
@@ -574,6 +577,7 @@ def validate(cfg: OdpoConfig) -> None:
         _require(rt.prompts is not None, "reward_training.prompts",
                  "builtin:policy-samples needs the prompts the initial policy answers (a prompt dataset)")
         check_data_location("reward_training.prompts", rt.prompts)
+    _require(rt.base_layers is None or rt.base_layers >= 1, "reward_training.base_layers", "must be >= 1 (or null: all)")
     _require(rt.lr is None or rt.lr > 0, "reward_training.lr", "must be > 0 (or null: learner.lr)")
     _require(rt.dtype in DTYPES, "reward_training.dtype", f"one of {DTYPES}, got {rt.dtype!r}")
     _require(re.fullmatch(r"[\w.]+:[\w]+", rt.rule) is not None, "reward_training.rule",

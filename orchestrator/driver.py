@@ -112,6 +112,8 @@ def run(cfg: OdpoConfig) -> str:
             except Exception as e:  # the round is committed; a plot is not worth stopping for
                 print(f"odpo: could not draw {out.path}/plots/rounds.png: {e}", file=sys.stderr)
         print(format_table(history))
+        if history and "eval/gold_mean" in history[-1]:
+            print(evaluation.progress_line(history[0], history[-1]))
         print(f"odpo: run directory {out.path}")
         return out.path
     finally:  # pools first: nothing below may keep them alive (on SIGTERM, wandb's service is already gone)
@@ -404,11 +406,12 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list, repla
 
 
 TABLE_COLUMNS = (("round", "round", "{:d}"), ("reward/mean", "reward mean", "{:.4f}"),
-                 ("reward/max", "reward max", "{:.4f}"), ("pairs/count", "pairs", "{:d}"),
+                 ("reward/max", "reward max", "{:.4f}"), ("pairs/count", "pairs", "{:d}"), ("drop/tie", "ties", "{:d}"),
                  ("train/loss", "loss", "{:.4f}"), ("train/accuracy", "accuracy", "{:.3f}"),
                  ("gen/tokens_per_s", "gen tok/s", "{:.0f}"), ("eval/reward_mean", "eval proxy", "{:.4f}"),
                  ("eval/gold_mean", "eval gold", "{:.4f}"),
-                 ("eval/win_rate", "eval win", "{:.3f}"), ("timing/round", "seconds", "{:.1f}"))
+                 ("eval/win_rate", "eval win", "{:.3f}"), ("eval/kl", "eval KL", "{:.3f}"),
+                 ("timing/round", "seconds", "{:.1f}"))
 
 
 def format_table(history: list[dict]) -> str:

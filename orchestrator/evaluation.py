@@ -105,6 +105,14 @@ def summary(m: dict) -> str:
     return "eval: " + ", ".join(parts)
 
 
+def progress_line(first: dict, last: dict) -> str:
+    """The run's result in one line: the gold reward (and the proxy beside it) of the initial policy and of the
+    last round's policy on the held-out prompts, with that policy's KL to the reference."""
+    return (f"odpo: held-out gold {first['eval/gold_initial']:.3f} (initial policy) -> {last['eval/gold_mean']:.3f} "
+            f"(round {last['round'] + 1}), proxy {first['eval/reward_initial']:.3f} -> {last['eval/reward_mean']:.3f}, "
+            f"KL {last['eval/kl']:.3f}")
+
+
 def report(m: dict, label: str) -> None:
     print(f"odpo: {label} {summary(m)}", file=sys.stderr)
 

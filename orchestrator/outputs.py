@@ -168,6 +168,7 @@ class RunDir:
             "prompt": p.prompt_text, "prompt_messages": p.prompt_messages, "chosen": p.chosen,
             "rejected": p.rejected, "chosen_score": _finite(p.chosen_score), "rejected_score": _finite(p.rejected_score),
             "round": p.round, "weight_version": p.weight_version, "uid": p.uid,
+            **({"columns": p.columns} if p.columns else {}),  # the prompt row's answer etc., for re-checking
         }, ensure_ascii=False) for p in pairs]
         _write_atomic(path, "".join(line + "\n" for line in lines))
         return path

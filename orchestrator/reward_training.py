@@ -28,7 +28,7 @@ import numpy as np
 import ray
 
 from actors.learner import RewardLearner
-from actors.models import is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
+from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.rewards import lowercase_ratio
 from actors.scorer import RewardFn
 from actors.types import Messages, Pair
@@ -177,6 +177,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
     base = rt.base_model
     if is_builtin(base):
         base = materialize_builtin(base, base_dir, cfg.run.seed + 1)
+    if rt.base_layers is not None:
+        base = first_layers(base, rt.base_layers, f"{base_dir}-first-{rt.base_layers}-layers")
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
     started_ray = start_ray(cfg)

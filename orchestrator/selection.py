@@ -77,6 +77,6 @@ def make_pairs(
             prompt_messages=rollout.prompt.messages, prompt_text=rollout.prompt_text, prompt_ids=rollout.prompt_ids,
             chosen=texts[c], rejected=texts[r],
             chosen_ids=rollout.responses[c].token_ids, rejected_ids=rollout.responses[r].token_ids,
-            chosen_score=float(prompt_scores[c]), rejected_score=float(prompt_scores[r]),
+            chosen_score=float(prompt_scores[c]), rejected_score=float(prompt_scores[r]), columns=rollout.prompt.columns,
         ))
     return pairs, drops
