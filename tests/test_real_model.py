@@ -171,8 +171,24 @@ def test_after_a_sync_vllm_greedy_equals_transformers(smol_dir, tmp_path):
     assert engine.load_weights(bundle) == 1
     reference.load_weights(bundle)
     after = greedy(engine)
-    assert after == greedy(reference)
+    assert_same_greedy(after, greedy(reference), engine.generate(chunk), reference.model)
     assert after != before
+
+
+def assert_same_greedy(engine_ids: list, hf_ids: list, rollouts, model) -> None:
+    """vLLM's greedy tokens are transformers' greedy tokens for the same weights. Two fp32 kernels can split a
+    near-tie of the top two logits differently, after which the texts diverge: there, vLLM's token must be one
+    transformers also rates (within 1e-3) as the top token. Most sequences match exactly."""
+    exact = sum(a == b for a, b in zip(engine_ids, hf_ids))
+    assert exact >= len(engine_ids) - 1, f"{len(engine_ids) - exact} of {len(engine_ids)} prompts differ"
+    for ro in rollouts.rollouts:
+        for r in ro.responses:
+            ids = torch.tensor([ro.prompt_ids + r.token_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(ro.prompt_ids) - 1: -1].float()
+            chosen = logits.gather(1, torch.tensor(r.token_ids)[:, None])[:, 0]
+            gap = logits.max(-1).values - chosen
+            assert (gap <= 1e-3 * logits.abs().max(-1).values.clamp(min=1.0)).all(), gap.tolist()
 
 
 @pytest.mark.slow
@@ -211,6 +227,8 @@ def test_the_real_model_workflow_end_to_end(ray_cluster, smol_dir, tmp_path, mon
     assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     cfg_g = GeneratorConfig(backend="vllm", n=2, temperatures=[0.0], max_new_tokens=8)
     chunk = task_chunk(2)
-    vllm_ids = [[r.token_ids for r in ro.responses] for ro in VLLMGenerator(cfg_g, checkpoint, checkpoint, "float32", 96).generate(chunk).rollouts]
-    hf_ids = [[r.token_ids for r in ro.responses] for ro in HFGenerator(cfg_g, checkpoint, checkpoint, "float32", 96).generate(chunk).rollouts]
-    assert vllm_ids == hf_ids
+    from_vllm = VLLMGenerator(cfg_g, checkpoint, checkpoint, "float32", 96).generate(chunk)
+    reference = HFGenerator(cfg_g, checkpoint, checkpoint, "float32", 96)
+    assert_same_greedy([[r.token_ids for r in ro.responses] for ro in from_vllm.rollouts],
+                       [[r.token_ids for r in ro.responses] for ro in reference.generate(chunk).rollouts],
+                       from_vllm, reference.model)
