@@ -227,7 +227,7 @@ def resolve_models(cfg: OdpoConfig, out: RunDir) -> tuple[str, str, str | None]:
     return policy, cfg.policy.tokenizer or policy, reward
 
 
-def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool) -> None:
+def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool | None = None) -> None:
     """scorer.model_path=reward_training: train the reward model once per run directory. One trained with
     other reward_training settings is trained again while no round has used it; after that, a resume with
     other settings is refused."""
