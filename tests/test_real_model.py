@@ -233,3 +233,24 @@ def test_the_real_model_workflow_end_to_end(ray_cluster, smol_dir, tmp_path, mon
     assert_same_greedy([[r.token_ids for r in ro.responses] for ro in from_vllm.rollouts],
                        [[r.token_ids for r in ro.responses] for ro in reference.generate(chunk).rollouts],
                        from_vllm, reference.model)
+
+
+def test_the_shipped_task_files_are_what_the_code_makes(monkeypatch):
+    from conftest import REPO
+
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.tasks import SHIPPED
+
+    for name, (count, seed) in SHIPPED.items():
+        rows = [json.loads(line) for line in open(REPO / "configs" / "data" / name)]
+        assert rows == compare_rows(count, seed)
+        for row in rows:
+            a, b = (int(x) for x in row["prompt"].split("Which number is ")[1].split("?")[0].split(", ")[1].split(" or "))
+            assert row["answer"] == (max(a, b) if "larger" in row["prompt"] else min(a, b)) and a != b
+    monkeypatch.chdir(REPO)
+    for overrides, key in ((["reward_training.prompts=null"], "reward_training.prompts"),
+                           (["reward_training.base_layers=0"], "reward_training.base_layers"),
+                           (["reward_training.dtype=int8"], "reward_training.dtype")):
+        with pytest.raises(ConfigError) as e:
+            load_config("configs/smollm2.yaml", overrides)
+        assert e.value.key == key
