@@ -51,6 +51,8 @@ class PairSet:
 
 def fingerprint(cfg: OdpoConfig) -> dict:
     """The settings a fixed pair set was made with: saved pairs are used only under the same ones."""
+    from orchestrator.reward_training import training_record
+
     common = {"data.prompts_per_round": cfg.data.prompts_per_round, "policy": [cfg.policy.path, cfg.policy.tokenizer],
               "max_prompt_length": cfg.data.max_prompt_length, "offline.dataset": cfg.offline.dataset}
     if cfg.offline.dataset is not None:
@@ -60,7 +62,7 @@ def fingerprint(cfg: OdpoConfig) -> dict:
             "generator": {k: getattr(g, k) for k in ("n", "temperatures", "top_p", "top_k", "max_new_tokens",
                                                      "stop_token_ids", "chunk_size")},
             "scorer": {k: getattr(s, k) for k in ("type", "function", "model_path", "max_length", "pairwise_both_orders")},
-            "reward_training": dataclasses.asdict(cfg.reward_training) if s.model_path == TRAINED_REWARD_MODEL else None}
+            "reward_training": training_record(cfg)["reward_training"] if s.model_path == TRAINED_REWARD_MODEL else None}
 
 
 def prepare(cfg: OdpoConfig, out: RunDir, tokenizer) -> PairSet:

@@ -39,6 +39,9 @@ POLICY_SAMPLES = "builtin:policy-samples"
 RM_SAMPLE_ROUND = 2_000_000
 """The chunk-seed stream of the reward model's policy samples, apart from every round's and the eval set's."""
 
+LATER_KEYS = ("prompts", "lr", "dtype", "base_layers")
+"""reward_training keys newer than the first saved records (see training_record)."""
+
 RECORD_FILE = "odpo_reward_training.json"
 """Saved beside the model: the settings it was trained with (training_record)."""
 
@@ -148,7 +151,12 @@ def training_record(cfg: OdpoConfig) -> dict:
     """What defines a trained reward model: its data and base (the reward_training section) and the seed."""
     import dataclasses
 
-    return {"reward_training": dataclasses.asdict(cfg.reward_training), "run.seed": cfg.run.seed}
+    from orchestrator.config import RewardTrainingConfig
+
+    section, defaults = dataclasses.asdict(cfg.reward_training), dataclasses.asdict(RewardTrainingConfig())
+    # keys added after records were first written count only when set, so a run made before them still resumes
+    section = {k: v for k, v in section.items() if k not in LATER_KEYS or v != defaults[k]}
+    return {"reward_training": section, "run.seed": cfg.run.seed}
 
 
 def train_reward_model(cfg: OdpoConfig) -> str:
