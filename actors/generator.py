@@ -19,22 +19,7 @@ import torch
 
 from actors.models import load_causal_lm, load_tokenizer, own_process_ids, prepare_worker, render_prompt
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
-from orchestrator.config import GeneratorConfig, vllm_available
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` is vLLM where it is installed, else transformers."""
-    if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
-    return backend
-
-
-def generator_class(backend: str) -> type:
-    if resolve_backend(backend) == "vllm":
-        from actors.vllm_generator import VLLMGenerator
-
-        return VLLMGenerator
-    return HFGenerator
+from actors.settings import GeneratorConfig
 
 
 class PromptRenderer:

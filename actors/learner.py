@@ -19,7 +19,7 @@ import torch
 from actors.losses import build_sequences, cosine_lr, dpo_loss, sequence_logprobs
 from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
 from actors.types import Pair, WeightBundle
-from orchestrator.config import LearnerConfig
+from actors.settings import LearnerConfig
 
 
 class Learner:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from orchestrator.config import BUILTIN_PREFIX
+from actors.settings import BUILTIN_PREFIX
 
 # A chat template for tokenizers that ship none (the builtin byte tokenizer): role tags, one turn a line.
 SIMPLE_CHAT_TEMPLATE = (

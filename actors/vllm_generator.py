@@ -24,7 +24,7 @@ import torch
 
 from actors.generator import GeneratorBase, build_chunk
 from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
-from orchestrator.config import GeneratorConfig
+from actors.settings import GeneratorConfig
 
 
 def _reload_from_safetensors(worker, payload: bytes) -> int:

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from orchestrator.config import ConfigError, field_docs, load_config, to_yaml
+from orchestrator.config import InputError, field_docs, load_config, to_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", None):
             run_dir = os.path.abspath(args.resume)
             if not os.path.isfile(os.path.join(run_dir, "state.json")):
-                raise ValueError(f"--resume {args.resume}: no completed round to resume from (no state.json)")
+                raise InputError(f"--resume {args.resume}: no completed round to resume from (no state.json)")
             overrides += [f"run.output_dir={os.path.dirname(run_dir)}", f"run.name={os.path.basename(run_dir)}",
                           "run.resume=true", "run.overwrite=false"]
         cfg = load_config(args.config, overrides)
@@ -104,10 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                       "command again to resume)", file=sys.stderr, flush=True)
             raise
         return 0
-    except ConfigError as e:
-        print(f"odpo: {e}", file=sys.stderr)
-        return 2
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except InputError as e:  # what the user can fix, in one line; anything else (an actor's error, a bug) keeps
+        # its traceback (Ray re-raises an actor's ValueError as a RayTaskError that is a ValueError too)
         print(f"odpo: {e}", file=sys.stderr)
         return 2
 
@@ -122,7 +120,7 @@ def jobs_command(args) -> int:
     if args.command == "scale":
         sizes = {pool: n for pool, n in (("generator", args.generators), ("scorer", args.scorers)) if n is not None}
         if not sizes:
-            raise ValueError("give --generators N and/or --scorers N")
+            raise InputError("give --generators N and/or --scorers N")
         if os.path.isdir(args.target):
             from orchestrator.control import request_scale
 
@@ -149,9 +147,11 @@ def configuration_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the schema in `orchestrator/config.py` by `odpo config-docs` (a test keeps this file in",
-        "step with it). Set fields in a YAML file (`section:` then `key: value`) or on the command line as",
-        "`section.key=value`. Every value is validated before Ray starts; an error names the dotted key.",
+        "Generated from the schema (`orchestrator/config.py`, and `actors/settings.py` for the sections the",
+        "actors receive) by `odpo config-docs` (a test keeps this file in step with it). Set fields in a YAML",
+        "file (`section:` then `key: value`) or on the command line as `section.key=value`. Every value is",
+        "validated before Ray starts; an error names the dotted key. Paths and installed engines are checked",
+        "where the job runs (`odpo submit` leaves them to the cluster).",
         "",
     ]
     section = None

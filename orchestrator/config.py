@@ -16,23 +16,37 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-BUILTIN_PREFIX = "builtin:"
+from actors.settings import (
+    BUILTIN_PREFIX,
+    DTYPES,
+    GeneratorConfig,
+    LearnerConfig,
+    RolloutPoolConfig,
+    ScorerConfig,
+    vllm_available,
+)
+
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm", "smollm2-135m-instruct")
 """`builtin:NAME` models: the tiny ones are built in code; smollm2-135m-instruct is converted from a PyPI wheel."""
 TRAINED_REWARD_MODEL = "reward_training"
 """scorer.model_path value: the run trains its reward model first (the reward_training section)."""
 PAIR_STRATEGIES = ("max_min", "max_random", "random", "max_min_p")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
-def vllm_available() -> bool:
-    """Without importing it (seconds, and it can fail for reasons the generator reports itself)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
+class InputError(ValueError):
+    """Input the user can fix: a config value, a data row, a run directory, a command's arguments. The CLI prints
+    it in one line; any other error (one raised inside an actor, a bug) keeps its traceback."""
 
 
-class ConfigError(ValueError):
+class InputNotFound(InputError, FileNotFoundError):
+    """A file or directory the input names is not there."""
+
+
+class OutputExists(InputError, FileExistsError):
+    """The output the run would write is there already (and may not be replaced)."""
+
+
+class ConfigError(InputError):
     """A configuration value that cannot run; the message starts with the dotted key."""
 
     def __init__(self, key: str, message: str):
@@ -114,169 +128,11 @@ class DataConfig:
 
 
 @dataclass
-class GeneratorConfig:
-    backend: str = "auto"
-    """Generation engine: `vllm`, `hf` (transformers generate), or `auto` (vllm where it is installed, else hf)."""
-    num_actors: int = 1
-    """Generator actors in the pool; scale rollout here without touching the learner."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per generator actor (also its torch thread count, rounded up)."""
-    gpus_per_actor: float = 0.0
-    """GPUs reserved per generator actor."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources reserved per generator actor besides CPUs and GPUs, e.g. {rollout: 1}: the generator pool goes only
-    to nodes started with them (`ray start --resources`)."""
-    node_labels: dict[str, str] = field(default_factory=dict)
-    """Node labels each generator actor's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
-    label selector syntax (`!value`, `in(a,b)`) works too."""
-    n: int = 4
-    """Responses sampled per prompt (the paper: 8). At least 2, to form a pair."""
-    temperatures: list[float] = field(default_factory=lambda: [1.0])
-    """Sampling temperatures; the n samples are split evenly among them (the paper: [1.0, 0.7])."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]."""
-    top_k: int = -1
-    """Top-k sampling; -1 disables it."""
-    max_new_tokens: int = 64
-    """Most tokens generated per response."""
-    batch_size: int = 64
-    """Sequences per `generate` call inside an actor (a chunk is split into batches of this size)."""
-    chunk_size: int = 8
-    """Prompts per work item sent to a generator; scoring starts as soon as the first chunk is done."""
-    max_inflight_per_actor: int = 2
-    """Chunks queued at one generator at once (backpressure; 2 keeps it busy while results travel)."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Token ids that end a response besides the tokenizer's EOS (e.g. Llama-3's <|eot_id|>)."""
-    max_model_len: int | None = None
-    """vLLM: longest sequence the engine holds (null: data.max_prompt_length + max_new_tokens)."""
-    gpu_memory_utilization: float = 0.9
-    """vLLM on GPUs: fraction of the GPU's memory the engine may take (weights + KV cache)."""
-    cpu_kvcache_gib: int = 1
-    """vLLM on CPUs: GiB of KV cache per engine (VLLM_CPU_KVCACHE_SPACE); unset, vLLM takes most of a NUMA node."""
-    tensor_parallel_size: int = 1
-    """vLLM on GPUs: GPUs per engine (set gpus_per_actor to the same number)."""
-    enforce_eager: bool | None = None
-    """vLLM: skip CUDA graphs / compilation (null: true on CPU, false on GPU)."""
-    max_restarts: int = 3
-    """Generator actors that may die or hang per run before the run stops; each is replaced, loads the
-    current weights, and its chunks are dispatched again."""
-    call_timeout_s: float = 1800.0
-    """Seconds a generator may hold work without finishing a chunk before it counts as hung (then replaced)."""
-    weight_sync: str = "object_store"
-    """How weights reach the generators: `object_store` (portable: one payload in Ray's object store, reloaded
-    in place) or `nccl` (vLLM on GPUs: broadcast from learner rank 0 over NCCL, no host round trip)."""
-
-
-@dataclass
-class ScorerConfig:
-    type: str = "function"
-    """`function` (a Python reward function), `reward_model` (a Bradley-Terry sequence classifier), or
-    `pairwise` (a preference judge of two responses; the best and worst of n are found by a knockout
-    tournament in n + ceil(n/2) - 2 comparisons instead of n(n-1)/2; needs pairs.strategy=max_min)."""
-    function: str | None = None
-    """Reward function as `module:function`, called as fn(messages, response) -> float; with type `pairwise`,
-    a judge called as fn(messages, response_a, response_b) -> probability that a is better."""
-    model_path: str | None = None
-    """Reward model: a local directory, a hub id, `builtin:tiny-llama-rm` (random, for tests), or
-    `reward_training`: trained first by the run itself from the `reward_training` section (as `odpo train-rm`),
-    into `<run dir>/reward_model/`, once (a resumed run reuses it)."""
-    tokenizer: str | None = None
-    """Reward model tokenizer if not the model's own."""
-    dtype: str = "float32"
-    """Reward model dtype."""
-    max_length: int = 4096
-    """Tokens of prompt + response fed to the reward model; longer inputs keep their last tokens."""
-    batch_size: int = 32
-    """Sequences per reward-model forward pass."""
-    num_actors: int = 1
-    """Scorer actors in the pool."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per scorer actor."""
-    gpus_per_actor: float = 0.0
-    """GPUs reserved per scorer actor."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources reserved per scorer actor besides CPUs and GPUs, e.g. {rollout: 1}: the scorer pool goes only
-    to nodes started with them (`ray start --resources`)."""
-    node_labels: dict[str, str] = field(default_factory=dict)
-    """Node labels each scorer actor's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
-    label selector syntax (`!value`, `in(a,b)`) works too."""
-    max_inflight_per_actor: int = 2
-    """Chunks queued at one scorer at once."""
-    trust_remote_code: bool = False
-    """Allow custom model code shipped with the reward model."""
-    max_restarts: int = 3
-    """Scorer actors that may die or hang per run before the run stops (each is replaced, its chunks redone)."""
-    call_timeout_s: float = 600.0
-    """Seconds a scorer may hold work without finishing a chunk before it counts as hung (then replaced)."""
-    pairwise_both_orders: bool = True
-    """Pairwise: judge every comparison as (a, b) and (b, a) and average, so a judge's preference for the
-    first (or second) position cancels out (two judge calls per comparison)."""
-
-
-@dataclass
 class PairsConfig:
     strategy: str = "max_min"
     """How a pair is chosen from n scored responses: max_min, max_random, random or max_min_p."""
     length_penalty: float = 0.0
     """For max_min_p: score = reward - length_penalty * len(response in characters) (the paper's concise run: 0.001)."""
-
-
-@dataclass
-class LearnerConfig:
-    num_ranks: int = 1
-    """DeepSpeed data-parallel ranks, each a Ray actor; together one torch.distributed group."""
-    cpus_per_rank: float = 1.0
-    """CPUs reserved per learner rank."""
-    gpus_per_rank: float = 0.0
-    """GPUs reserved per learner rank (1 on GPU clusters)."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources reserved per learner rank besides CPUs and GPUs, e.g. {rollout: 1}: the learner group goes only
-    to nodes started with them (`ray start --resources`)."""
-    node_labels: dict[str, str] = field(default_factory=dict)
-    """Node labels each learner rank's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
-    label selector syntax (`!value`, `in(a,b)`) works too."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (the recipe: 2)."""
-    global_batch_size: int = 16
-    """Preference pairs per optimizer step across all ranks (the recipe: 128)."""
-    micro_batch_size: int = 4
-    """Pairs per rank per forward/backward; gradient accumulation makes up the global batch."""
-    lr: float = 5e-7
-    """Peak learning rate (the recipe: 5e-7)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
-    warmup_ratio: float = 0.03
-    """Fraction of a round's optimizer steps spent warming up linearly before the cosine decay."""
-    min_lr_ratio: float = 0.0
-    """Cosine decay floor as a fraction of `lr`."""
-    epochs: int = 2
-    """Passes over each round's pairs (the recipe: 2). The first pass streams; later ones replay."""
-    reset_optimizer_each_round: bool = True
-    """Fresh AdamW state each round, as the recipe's one-process-per-round training does (false keeps the
-    moments, saved with each checkpoint for resume). The warmup + cosine schedule restarts every round."""
-    loss: str = "sigmoid"
-    """DPO loss: `sigmoid` (DPO) or `ipo`."""
-    beta: float = 0.1
-    """DPO beta (the paper's eta)."""
-    label_smoothing: float = 0.0
-    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
-    reference: str = "fixed"
-    """Reference model: `fixed` (the initial policy, the paper) or `previous` (last round's policy)."""
-    max_length: int = 2048
-    """Tokens of prompt + response per training sequence; responses are cut to fit."""
-    gradient_clipping: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (the recipe: on)."""
-    dist_timeout_s: float = 1800.0
-    """Timeout of collective operations between learner ranks."""
-    step_timeout_s: float = 3600.0
-    """Seconds one optimizer step (or the set-up, or the weight export) may take before the group counts as hung."""
-    max_round_retries: int = 1
-    """Times a round is retried from the last completed round's checkpoint after the learner group dies or
-    hangs, before the run stops."""
 
 
 @dataclass
@@ -367,8 +223,10 @@ class OdpoConfig:
 # Loading
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> OdpoConfig:
-    """Schema <- YAML file <- `key=value` overrides, then `validate`. Raises ConfigError."""
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_machine: bool = True
+                ) -> OdpoConfig:
+    """Schema <- YAML file <- `key=value` overrides, then `validate`, then `preflight` on this machine unless
+    `check_machine` is off (`odpo submit`: the job checks the machine it runs on). Raises ConfigError."""
     schema = OmegaConf.structured(OdpoConfig)
     layers = [schema]
     if path is not None:
@@ -399,6 +257,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as e:
         raise _translate(e) from None
     validate(cfg)
+    if check_machine:
+        preflight(cfg)
     return cfg
 
 
@@ -451,42 +311,13 @@ def _translate(e: OmegaConfBaseException) -> ConfigError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: impossible values stop here, before any actor starts.
+# Validation: impossible values stop here, before any actor starts. Each section is checked on its own,
+# then what ties sections together; `preflight` checks the machine (installed engines, paths) and runs
+# where the job runs, so a config can be submitted from a machine without the GPU stack.
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_model_location(key: str, value: str | None, builtins: tuple[str, ...]) -> None:
-    """A model location is `builtin:NAME`, an existing local path, or a hub id (org/name)."""
-    if value is None:
-        raise ConfigError(key, "is required")
-    if value.startswith(BUILTIN_PREFIX):
-        name = value[len(BUILTIN_PREFIX) :]
-        if name not in builtins:
-            raise ConfigError(key, f"unknown builtin `{name}`; allowed: {', '.join(builtins)}")
-        return
-    if os.path.exists(os.path.expanduser(value)):
-        return
-    if value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value):
-        raise ConfigError(key, f"path does not exist: {value} (give a local directory, a hub id org/name, or a builtin)")
-
-
-def check_placement(section: str, resources: dict, labels: dict) -> None:
-    """Custom resources are named, positive amounts (CPUs, GPUs and memory have their own keys); labels are
-    non-empty strings."""
-    for name, amount in resources.items():
-        _require(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"{section}.resources.{name}",
-                 "CPUs and GPUs have their own keys (cpus_per_*, gpus_per_*); list custom resources here")
-        _require(isinstance(amount, (int, float)) and amount > 0, f"{section}.resources.{name}",
-                 f"must be a number > 0, got {amount!r}")
-    for key, value in labels.items():
-        _require(bool(str(key).strip()) and isinstance(value, str) and bool(value.strip()),
-                 f"{section}.node_labels.{key}", f"give a non-empty label value, got {value!r}")
-        from ray._private.label_utils import validate_label_selector  # Ray's own syntax check
-
-        problem = validate_label_selector({key: value})
-        _require(problem is None, f"{section}.node_labels.{key}", str(problem))
+_FUNCTION = re.compile(r"[\w.]+:[\w]+")
 
 
 def _require(cond: bool, key: str, message: str) -> None:
@@ -494,7 +325,27 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def check_data_location(key: str, path: str) -> None:
+def _check_function(key: str, value: str | None, hint: str = "") -> None:
+    _require(value is not None and _FUNCTION.fullmatch(value) is not None, key,
+             f"give `module:function`, got {value!r}{hint}")
+
+
+def _check_model_name(key: str, value: str | None, builtins: tuple[str, ...]) -> None:
+    """A model location is `builtin:NAME` (a known one), a local path, or a hub id (org/name)."""
+    _require(value is not None, key, "is required")
+    if value.startswith(BUILTIN_PREFIX):  # type: ignore[union-attr]
+        name = value[len(BUILTIN_PREFIX):]  # type: ignore[index]
+        _require(name in builtins, key, f"unknown builtin `{name}`; allowed: {', '.join(builtins)}")
+
+
+def _model_exists(key: str, value: str) -> None:
+    if value.startswith(BUILTIN_PREFIX) or os.path.exists(os.path.expanduser(value)):
+        return
+    if value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value):
+        raise ConfigError(key, f"path does not exist: {value} (give a local directory, a hub id org/name, or a builtin)")
+
+
+def _data_exists(key: str, path: str) -> None:
     """A local path that exists, or something that can only be a hub dataset id (not a file name)."""
     if not os.path.exists(path):
         is_file_name = path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow")
@@ -502,56 +353,71 @@ def check_data_location(key: str, path: str) -> None:
                  key, f"path does not exist: {path}")
 
 
-def validate(cfg: OdpoConfig) -> None:
-    r, g, s, p, lr, d = cfg.run, cfg.generator, cfg.scorer, cfg.pairs, cfg.learner, cfg.data
+def _check_placement(section: str, pool: RolloutPoolConfig | LearnerConfig) -> None:
+    """What every pool section declares: positive CPUs, GPUs >= 0, named positive custom resources (CPUs,
+    GPUs and memory have their own keys), non-empty node labels."""
+    per = "rank" if isinstance(pool, LearnerConfig) else "actor"
+    cpus, gpus = getattr(pool, f"cpus_per_{per}"), getattr(pool, f"gpus_per_{per}")
+    _require(cpus > 0, f"{section}.cpus_per_{per}", f"must be > 0 (each actor's placement bundle reserves it), got {cpus}")
+    _require(gpus >= 0, f"{section}.gpus_per_{per}", f"must be >= 0, got {gpus}")
+    for name, amount in pool.resources.items():
+        _require(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"{section}.resources.{name}",
+                 "CPUs and GPUs have their own keys (cpus_per_*, gpus_per_*); list custom resources here")
+        _require(isinstance(amount, (int, float)) and amount > 0, f"{section}.resources.{name}",
+                 f"must be a number > 0, got {amount!r}")
+    for key, value in pool.node_labels.items():
+        _require(bool(str(key).strip()) and isinstance(value, str) and bool(value.strip()),
+                 f"{section}.node_labels.{key}", f"give a non-empty label value, got {value!r}")
+
+
+def _check_rollout_pool(section: str, pool: RolloutPoolConfig) -> None:
+    _check_placement(section, pool)
+    _require(pool.num_actors >= 1, f"{section}.num_actors", "must be >= 1")
+    _require(pool.max_inflight_per_actor >= 1, f"{section}.max_inflight_per_actor", "must be >= 1")
+    _require(pool.max_restarts >= 0, f"{section}.max_restarts", f"must be >= 0, got {pool.max_restarts}")
+    _require(pool.call_timeout_s > 0, f"{section}.call_timeout_s", f"must be > 0, got {pool.call_timeout_s}")
+
+
+def check_run(r: RunConfig) -> None:
     _require(bool(re.fullmatch(r"[\w.-]+", r.name)), "run.name", "letters, digits, '_', '-', '.' only")
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.mode in ("online", "offline"), "run.mode", f"online or offline, got {r.mode!r}")
-    if cfg.offline.dataset is not None:
-        _require(r.mode == "offline", "offline.dataset", "only used with run.mode=offline")
-        check_data_location("offline.dataset", cfg.offline.dataset)
 
-    check_model_location("policy.path", cfg.policy.path, BUILTIN_MODELS)
-    if cfg.policy.tokenizer is not None:
-        check_model_location("policy.tokenizer", cfg.policy.tokenizer, ("byt5",))
-    _require(cfg.policy.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {cfg.policy.dtype!r}")
 
-    check_data_location("data.path", d.path)
+def check_ray(c: RayConfig) -> None:
+    for key in ("placement_timeout_s", "replace_placement_timeout_s", "actor_start_timeout_s"):
+        value = getattr(c, key)
+        _require(value > 0, f"ray.{key}", f"must be > 0, got {value}")
+
+
+def check_policy(p: PolicyConfig) -> None:
+    _check_model_name("policy.path", p.path, BUILTIN_MODELS)
+    if p.tokenizer is not None:
+        _check_model_name("policy.tokenizer", p.tokenizer, ("byt5",))
+    _require(p.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {p.dtype!r}")
+
+
+def check_data(d: DataConfig) -> None:
     _require(d.prompts_per_round >= 1, "data.prompts_per_round", f"must be >= 1, got {d.prompts_per_round}")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     _require(d.overlong_prompt in ("truncate", "skip", "error"), "data.overlong_prompt", "truncate, skip or error")
     _require(d.bad_prompt in ("error", "skip"), "data.bad_prompt", "error or skip")
-    for key, value in (("generator.max_restarts", g.max_restarts), ("scorer.max_restarts", s.max_restarts),
-                       ("learner.max_round_retries", cfg.learner.max_round_retries)):
-        _require(value >= 0, key, f"must be >= 0, got {value}")
-    for key, value in (("generator.call_timeout_s", g.call_timeout_s), ("scorer.call_timeout_s", s.call_timeout_s),
-                       ("learner.step_timeout_s", cfg.learner.step_timeout_s),
-                       ("ray.placement_timeout_s", cfg.ray.placement_timeout_s),
-                       ("ray.replace_placement_timeout_s", cfg.ray.replace_placement_timeout_s),
-                       ("ray.actor_start_timeout_s", cfg.ray.actor_start_timeout_s)):
-        _require(value > 0, key, f"must be > 0, got {value}")
 
+
+def check_generator(g: GeneratorConfig) -> None:
+    _check_rollout_pool("generator", g)
     _require(g.backend in ("auto", "vllm", "hf"), "generator.backend", f"auto, vllm or hf (got {g.backend!r})")
-    if g.backend == "vllm":
-        _require(vllm_available(), "generator.backend",
-                 "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")
     _require(g.weight_sync in ("object_store", "nccl"), "generator.weight_sync", "object_store or nccl")
-    _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
-             "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
     _require(g.tensor_parallel_size >= 1, "generator.tensor_parallel_size", "must be >= 1")
     _require(g.tensor_parallel_size == 1 or g.gpus_per_actor == g.tensor_parallel_size, "generator.tensor_parallel_size",
              f"an engine over {g.tensor_parallel_size} GPUs needs generator.gpus_per_actor={g.tensor_parallel_size}")
-    _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
-             "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
-             f"{d.max_prompt_length + g.max_new_tokens}, got {g.max_model_len}")
+    _require(len(g.temperatures) >= 1, "generator.temperatures", "give at least one temperature")
     _require(any(t > 0 for t in g.temperatures), "generator.temperatures",
              "at least one must be > 0: greedy samples of one prompt are identical and never form a pair")
+    _require(all(t >= 0 for t in g.temperatures), "generator.temperatures", "each must be >= 0 (0 is greedy)")
     _require(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization", "must be in (0, 1]")
     _require(g.cpu_kvcache_gib >= 1, "generator.cpu_kvcache_gib", "must be >= 1")
-    _require(g.num_actors >= 1, "generator.num_actors", "must be >= 1")
     _require(g.n >= 2, "generator.n", f"must be >= 2 to form a preference pair, got {g.n}")
-    _require(len(g.temperatures) >= 1, "generator.temperatures", "give at least one temperature")
-    _require(all(t >= 0 for t in g.temperatures), "generator.temperatures", "each must be >= 0 (0 is greedy)")
     _require(g.n % len(g.temperatures) == 0, "generator.temperatures",
              f"n={g.n} responses cannot be split evenly among {len(g.temperatures)} temperatures")
     _require(0 < g.top_p <= 1, "generator.top_p", f"must be in (0, 1], got {g.top_p}")
@@ -559,66 +425,36 @@ def validate(cfg: OdpoConfig) -> None:
     _require(g.max_new_tokens >= 1, "generator.max_new_tokens", "must be >= 1")
     _require(g.batch_size >= 1, "generator.batch_size", "must be >= 1")
     _require(g.chunk_size >= 1, "generator.chunk_size", "must be >= 1")
-    _require(g.max_inflight_per_actor >= 1, "generator.max_inflight_per_actor", "must be >= 1")
-    for key, value in (("generator.cpus_per_actor", g.cpus_per_actor), ("scorer.cpus_per_actor", s.cpus_per_actor),
-                       ("learner.cpus_per_rank", lr.cpus_per_rank)):
-        _require(value > 0, key, f"must be > 0 (each actor's placement bundle reserves it), got {value}")
-    _require(cfg.eval.prompts >= 0, "eval.prompts", f"must be >= 0, got {cfg.eval.prompts}")
-    if cfg.eval.gold_reward is not None:
-        _require(re.fullmatch(r"[\w.]+:[\w]+", cfg.eval.gold_reward) is not None, "eval.gold_reward",
-                 f"give `module:function`, got {cfg.eval.gold_reward!r}")
-    rt = cfg.reward_training
-    if not rt.data_path.startswith(BUILTIN_PREFIX):
-        check_data_location("reward_training.data_path", rt.data_path)
-    else:
-        _require(rt.data_path in ("builtin:lowercase-pairs", "builtin:policy-samples"), "reward_training.data_path",
-                 "the builtins are builtin:lowercase-pairs and builtin:policy-samples")
-    if rt.data_path == "builtin:policy-samples":
-        _require(rt.prompts is not None, "reward_training.prompts",
-                 "builtin:policy-samples needs the prompts the initial policy answers (a prompt dataset)")
-        check_data_location("reward_training.prompts", rt.prompts)
-    _require(rt.base_layers is None or rt.base_layers >= 1, "reward_training.base_layers", "must be >= 1 (or null: all)")
-    _require(rt.lr is None or rt.lr > 0, "reward_training.lr", "must be > 0 (or null: learner.lr)")
-    _require(rt.dtype in DTYPES, "reward_training.dtype", f"one of {DTYPES}, got {rt.dtype!r}")
-    _require(re.fullmatch(r"[\w.]+:[\w]+", rt.rule) is not None, "reward_training.rule",
-             f"give `module:function`, got {rt.rule!r}")
-    check_model_location("reward_training.base_model", rt.base_model, BUILTIN_MODELS)
-    _require(rt.num_pairs is None or rt.num_pairs >= 4, "reward_training.num_pairs", "must be >= 4 (or null)")
-    _require(0.0 < rt.eval_fraction < 1.0, "reward_training.eval_fraction", f"must be in (0, 1), got {rt.eval_fraction}")
-    _require(rt.epochs >= 1, "reward_training.epochs", "must be >= 1")
-    _require(rt.max_length >= 2, "reward_training.max_length", "must be >= 2")
-    for section, pool in (("generator", g), ("scorer", s), ("learner", lr)):
-        check_placement(section, pool.resources, pool.node_labels)
-    for key, value in (("generator.gpus_per_actor", g.gpus_per_actor), ("scorer.gpus_per_actor", s.gpus_per_actor),
-                       ("learner.gpus_per_rank", lr.gpus_per_rank)):
-        _require(value >= 0, key, f"must be >= 0, got {value}")
 
+
+def check_scorer(s: ScorerConfig) -> None:
+    _check_rollout_pool("scorer", s)
     _require(s.type in ("function", "reward_model", "pairwise"), "scorer.type",
              f"function, reward_model or pairwise, got {s.type!r}")
     if s.type == "function" or (s.type == "pairwise" and s.model_path is None):
-        _require(bool(s.function) and re.fullmatch(r"[\w.]+:[\w]+", s.function or "") is not None,
-                 "scorer.function", f"give `module:function`, got {s.function!r}"
-                 + (" (or scorer.model_path, a pairwise preference model)" if s.type == "pairwise" else ""))
+        _check_function("scorer.function", s.function,
+                        " (or scorer.model_path, a pairwise preference model)" if s.type == "pairwise" else "")
     elif s.model_path == TRAINED_REWARD_MODEL:
         _require(s.type == "reward_model", "scorer.model_path",
                  "`reward_training` trains a Bradley-Terry reward model: it needs scorer.type=reward_model")
     else:
-        check_model_location("scorer.model_path", s.model_path, BUILTIN_MODELS)
-    _require(s.type != "pairwise" or p.strategy == "max_min", "pairs.strategy",
-             f"a pairwise scorer picks the best and the worst response (max_min); got {p.strategy!r}")
+        _check_model_name("scorer.model_path", s.model_path, BUILTIN_MODELS)
+    if s.tokenizer is not None:
+        _check_model_name("scorer.tokenizer", s.tokenizer, ("byt5",))
     _require(s.dtype in DTYPES, "scorer.dtype", f"one of {DTYPES}")
-    _require(s.num_actors >= 1, "scorer.num_actors", "must be >= 1")
     _require(s.batch_size >= 1, "scorer.batch_size", "must be >= 1")
     _require(s.max_length >= 2, "scorer.max_length", "must be >= 2")
-    if s.tokenizer is not None:
-        check_model_location("scorer.tokenizer", s.tokenizer, ("byt5",))
-    _require(s.max_inflight_per_actor >= 1, "scorer.max_inflight_per_actor", "must be >= 1")
 
+
+def check_pairs(p: PairsConfig) -> None:
     _require(p.strategy in PAIR_STRATEGIES, "pairs.strategy", f"one of {PAIR_STRATEGIES}, got {p.strategy!r}")
     _require(p.length_penalty >= 0, "pairs.length_penalty", "must be >= 0")
     _require(p.length_penalty == 0 or p.strategy == "max_min_p", "pairs.length_penalty",
              "only used by strategy max_min_p; set pairs.strategy=max_min_p or leave it 0")
 
+
+def check_learner(lr: LearnerConfig) -> None:
+    _check_placement("learner", lr)
     _require(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
     _require(lr.gpus_per_rank in (0, 1) or lr.num_ranks == 1 and lr.gpus_per_rank < 1, "learner.gpus_per_rank",
              f"a rank drives one GPU: 0 (CPU) or 1{' (or a fraction with a single rank)' if lr.num_ranks == 1 else ''}, "
@@ -638,12 +474,94 @@ def validate(cfg: OdpoConfig) -> None:
     _require(0 <= lr.label_smoothing < 0.5, "learner.label_smoothing", "must be in [0, 0.5)")
     _require(lr.label_smoothing == 0 or lr.loss == "sigmoid", "learner.label_smoothing", "only for loss=sigmoid")
     _require(lr.reference in ("fixed", "previous"), "learner.reference", f"fixed or previous, got {lr.reference!r}")
-    _require(lr.max_length > d.max_prompt_length, "learner.max_length",
-             f"must exceed data.max_prompt_length ({d.max_prompt_length}) to leave room for a response, got {lr.max_length}")
     _require(len(lr.adam_betas) == 2 and all(0 <= b < 1 for b in lr.adam_betas), "learner.adam_betas", "two values in [0, 1)")
     _require(lr.gradient_clipping >= 0, "learner.gradient_clipping", "must be >= 0")
-    _require(cfg.metrics.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode",
-             "offline, online or disabled")
+    _require(lr.max_round_retries >= 0, "learner.max_round_retries", f"must be >= 0, got {lr.max_round_retries}")
+    _require(lr.step_timeout_s > 0, "learner.step_timeout_s", f"must be > 0, got {lr.step_timeout_s}")
+
+
+def check_metrics(m: MetricsConfig) -> None:
+    _require(m.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode", "offline, online or disabled")
+
+
+def check_eval(e: EvalConfig) -> None:
+    _require(e.prompts >= 0, "eval.prompts", f"must be >= 0, got {e.prompts}")
+    if e.gold_reward is not None:
+        _check_function("eval.gold_reward", e.gold_reward)
+
+
+def check_reward_training(rt: RewardTrainingConfig) -> None:
+    if rt.data_path.startswith(BUILTIN_PREFIX):
+        _require(rt.data_path in ("builtin:lowercase-pairs", "builtin:policy-samples"), "reward_training.data_path",
+                 "the builtins are builtin:lowercase-pairs and builtin:policy-samples")
+    if rt.data_path == "builtin:policy-samples":
+        _require(rt.prompts is not None, "reward_training.prompts",
+                 "builtin:policy-samples needs the prompts the initial policy answers (a prompt dataset)")
+    _require(rt.base_layers is None or rt.base_layers >= 1, "reward_training.base_layers", "must be >= 1 (or null: all)")
+    _require(rt.lr is None or rt.lr > 0, "reward_training.lr", "must be > 0 (or null: learner.lr)")
+    _require(rt.dtype in DTYPES, "reward_training.dtype", f"one of {DTYPES}, got {rt.dtype!r}")
+    _check_function("reward_training.rule", rt.rule)
+    _check_model_name("reward_training.base_model", rt.base_model, BUILTIN_MODELS)
+    _require(rt.num_pairs is None or rt.num_pairs >= 4, "reward_training.num_pairs", "must be >= 4 (or null)")
+    _require(0.0 < rt.eval_fraction < 1.0, "reward_training.eval_fraction", f"must be in (0, 1), got {rt.eval_fraction}")
+    _require(rt.epochs >= 1, "reward_training.epochs", "must be >= 1")
+    _require(rt.max_length >= 2, "reward_training.max_length", "must be >= 2")
+
+
+def check_across(cfg: OdpoConfig) -> None:
+    """What one section allows depending on another."""
+    g, d = cfg.generator, cfg.data
+    _require(cfg.offline.dataset is None or cfg.run.mode == "offline", "offline.dataset", "only used with run.mode=offline")
+    _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
+             "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
+    _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
+             "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
+             f"{d.max_prompt_length + g.max_new_tokens}, got {g.max_model_len}")
+    _require(cfg.scorer.type != "pairwise" or cfg.pairs.strategy == "max_min", "pairs.strategy",
+             f"a pairwise scorer picks the best and the worst response (max_min); got {cfg.pairs.strategy!r}")
+    _require(cfg.learner.max_length > d.max_prompt_length, "learner.max_length",
+             f"must exceed data.max_prompt_length ({d.max_prompt_length}) to leave room for a response, "
+             f"got {cfg.learner.max_length}")
+
+
+SECTION_CHECKS = {"run": check_run, "ray": check_ray, "policy": check_policy, "data": check_data,
+                  "generator": check_generator, "scorer": check_scorer, "pairs": check_pairs, "learner": check_learner,
+                  "metrics": check_metrics, "eval": check_eval, "reward_training": check_reward_training}
+
+
+def validate(cfg: OdpoConfig) -> None:
+    """Every section on its own, then across sections. Needs nothing of the machine it runs on."""
+    for name, check in SECTION_CHECKS.items():
+        check(getattr(cfg, name))
+    check_across(cfg)
+
+
+def preflight(cfg: OdpoConfig) -> None:
+    """What the machine that runs the job must offer: the engine asked for, every local path, Ray's label syntax."""
+    g, s, rt = cfg.generator, cfg.scorer, cfg.reward_training
+    if g.backend == "vllm":
+        _require(vllm_available(), "generator.backend",
+                 "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")
+    _model_exists("policy.path", cfg.policy.path)
+    for key, value in (("policy.tokenizer", cfg.policy.tokenizer), ("scorer.tokenizer", s.tokenizer)):
+        if value is not None:
+            _model_exists(key, value)
+    if s.model_path is not None and s.model_path != TRAINED_REWARD_MODEL and s.type != "function":
+        _model_exists("scorer.model_path", s.model_path)
+    _model_exists("reward_training.base_model", rt.base_model)
+    _data_exists("data.path", cfg.data.path)
+    if cfg.offline.dataset is not None:
+        _data_exists("offline.dataset", cfg.offline.dataset)
+    if not rt.data_path.startswith(BUILTIN_PREFIX):
+        _data_exists("reward_training.data_path", rt.data_path)
+    if rt.data_path == "builtin:policy-samples" and rt.prompts is not None:
+        _data_exists("reward_training.prompts", rt.prompts)
+    from ray._private.label_utils import validate_label_selector  # Ray's own syntax check, of the installed Ray
+
+    for section, pool in (("generator", g), ("scorer", s), ("learner", cfg.learner)):
+        for key, value in pool.node_labels.items():
+            problem = validate_label_selector({key: value})
+            _require(problem is None, f"{section}.node_labels.{key}", str(problem))
 
 
 def to_yaml(cfg: OdpoConfig) -> str:
@@ -651,18 +569,9 @@ def to_yaml(cfg: OdpoConfig) -> str:
 
 
 def field_docs(cls: type = OdpoConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, doc) for every leaf field, read from the docstrings in this file."""
-    import ast
-    import inspect
-
-    source = inspect.getsource(inspect.getmodule(cls))  # type: ignore[arg-type]
-    docs: dict[tuple[str, str], str] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef):
-            body = node.body
-            for a, b in zip(body, body[1:]):
-                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                    docs[(node.name, a.target.id)] = str(b.value.value)  # type: ignore[union-attr]
+    """(dotted key, type, default, doc) for every leaf field, read from the docstring under each field where
+    its class declares it (here, or in actors/settings.py for the sections the actors receive)."""
+    docs = _field_docstrings(cls)
     rows: list[tuple[str, str, str, str]] = []
     instance = cls()
     for f in fields(cls):
@@ -671,5 +580,20 @@ def field_docs(cls: type = OdpoConfig, prefix: str = "") -> list[tuple[str, str,
             rows.extend(field_docs(type(value), f"{prefix}{f.name}."))
         else:
             default = "(required)" if value == MISSING else repr(value)
-            rows.append((f"{prefix}{f.name}", str(f.type), default, docs.get((cls.__name__, f.name), "")))
+            rows.append((f"{prefix}{f.name}", str(f.type), default, docs.get(f.name, "")))
     return rows
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """Field name -> the string literal under its declaration, the subclass's winning (it redeclares a field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs

@@ -15,6 +15,11 @@ import json
 import os
 import sys
 
+import ray
+
+from orchestrator.config import InputError, InputNotFound
+from orchestrator.pools import ActorPool, PlacementError
+
 SCALE_FILE = os.path.join("control", "scale.json")
 SCALABLE_POOLS = ("generator", "scorer")
 
@@ -22,16 +27,16 @@ SCALABLE_POOLS = ("generator", "scorer")
 def check_sizes(sizes: dict) -> dict[str, int]:
     for pool, size in sizes.items():
         if pool not in SCALABLE_POOLS:
-            raise ValueError(f"pool `{pool}` cannot be resized while running (allowed: {', '.join(SCALABLE_POOLS)})")
+            raise InputError(f"pool `{pool}` cannot be resized while running (allowed: {', '.join(SCALABLE_POOLS)})")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"--{pool}s must be a whole number >= 1, got {size!r}")
+            raise InputError(f"--{pool}s must be a whole number >= 1, got {size!r}")
     return dict(sizes)
 
 
 def request_scale(run_dir: str, sizes: dict[str, int]) -> dict[str, int]:
     """Ask the driver of `run_dir` to resize pools; returns the whole pending request."""
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        raise FileNotFoundError(f"{run_dir} is not an odpo run directory (no config.yaml)")
+        raise InputNotFound(f"{run_dir} is not an odpo run directory (no config.yaml)")
     check_sizes(sizes)
     path = os.path.join(run_dir, SCALE_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -79,3 +84,24 @@ def take_scale_request(run_dir: str, written_after: float | None = None) -> dict
         return _read(taken)
     finally:
         os.remove(taken)
+
+
+def apply_scale_request(run_dir: str, generators: ActorPool, scorers: ActorPool, nccl: bool) -> None:
+    """Resize the rollout pools as `odpo scale` asked (between rounds; the learner is untouched)."""
+    request = take_scale_request(run_dir)
+    if not request:
+        return
+    if nccl and "generator" in request:
+        print("odpo: ignoring a generator resize: weight_sync=nccl fixes the engines in one NCCL group at start; "
+              "resize on resume instead", file=sys.stderr)
+        request.pop("generator")
+    for pool, size in ((generators, request.get("generator")), (scorers, request.get("scorer"))):
+        if size is not None and size != len(pool):
+            try:
+                before, after = pool.resize(size)
+            except (PlacementError, TimeoutError, ray.exceptions.RayError, ValueError) as e:
+                # a request the cluster cannot meet does not end a long run; the pool keeps its size
+                print(f"odpo: cannot resize the {pool.name} pool to {size}, going on with {len(pool)}: {e}",
+                      file=sys.stderr)
+                continue
+            print(f"odpo: {pool.name} pool resized {before} -> {after}", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from actors.types import Messages, Prompt
-from orchestrator.config import ConfigError, DataConfig
+from orchestrator.config import ConfigError, DataConfig, InputError
 
 ROLES = ("system", "user", "assistant")
 
@@ -38,19 +38,19 @@ def to_messages(value: object, row: int, field_name: str) -> Messages:
     where = f"data row {row}, field {field_name!r}"
     if isinstance(value, str):
         if not value.strip():
-            raise ValueError(f"{where}: empty prompt")
+            raise InputError(f"{where}: empty prompt")
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: expected a string or a non-empty list of chat messages, got {type(value).__name__}")
+        raise InputError(f"{where}: expected a string or a non-empty list of chat messages, got {type(value).__name__}")
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+            raise InputError(f"{where}: message {i} must be {{'role': str, 'content': str}}, got {m!r}")
         if m["role"] not in ROLES:
-            raise ValueError(f"{where}: message {i} has role {m['role']!r}; allowed: {', '.join(ROLES)}")
+            raise InputError(f"{where}: message {i} has role {m['role']!r}; allowed: {', '.join(ROLES)}")
         messages.append({"role": m["role"], "content": m["content"]})
     if messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be a user turn (an assistant turn last would leak the "
+        raise InputError(f"{where}: the last message must be a user turn (an assistant turn last would leak the "
                          f"answer into the prompt), got {messages[-1]['role']!r}")
     return messages
 
@@ -118,7 +118,7 @@ class PromptSource:
                 if n <= cfg.max_prompt_length:
                     kept.append(p)
                 elif cfg.overlong_prompt == "error":
-                    raise ValueError(f"data row {p.uid}: the prompt is {n} tokens after the chat template, over "
+                    raise InputError(f"data row {p.uid}: the prompt is {n} tokens after the chat template, over "
                                      f"data.max_prompt_length={cfg.max_prompt_length} (set data.overlong_prompt to "
                                      "truncate or skip)")
                 elif cfg.overlong_prompt == "skip":

@@ -15,15 +15,22 @@ sample j of a prompt under the current policy faces sample j under the initial p
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
+from actors.models import load_tokenizer, quiet_libraries
 from actors.scorer import RewardFn
-from actors.types import Prompt, RolloutChunk
-from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
+from actors.types import Prompt, RolloutChunk, WeightBundle
+from orchestrator.cluster import Cluster
+from orchestrator.config import InputError, InputNotFound, OdpoConfig
+from orchestrator.data import PromptSource
+from orchestrator.outputs import resolve_models
 from orchestrator.pools import ActorPool, LearnerGroup
 from orchestrator.streaming import make_chunks
 
@@ -105,14 +112,6 @@ def summary(m: dict) -> str:
     return "eval: " + ", ".join(parts)
 
 
-def progress_line(first: dict, last: dict) -> str:
-    """The run's result in one line: the gold reward (and the proxy beside it) of the initial policy and of the
-    last round's policy on the held-out prompts, with that policy's KL to the reference."""
-    return (f"odpo: held-out gold {first['eval/gold_initial']:.3f} (initial policy) -> {last['eval/gold_mean']:.3f} "
-            f"(round {last['round'] + 1}), proxy {first['eval/reward_initial']:.3f} -> {last['eval/reward_mean']:.3f}, "
-            f"KL {last['eval/kl']:.3f}")
-
-
 def report(m: dict, label: str) -> None:
     print(f"odpo: {label} {summary(m)}", file=sys.stderr)
 
@@ -121,66 +120,26 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
     """`odpo eval CHECKPOINT CONFIG`: the held-out metrics of a saved policy against the config's initial
     policy (the reference), as the run reports them after the round that saved it. Also written to
     CHECKPOINT/eval.json."""
-    import json
-    import os
-
-    import ray
-
-    from actors.learner import Learner
-    from actors.models import is_builtin, load_tokenizer, quiet_libraries
-    from actors.types import WeightBundle
-    from orchestrator.data import PromptSource
-    from orchestrator.driver import build_rollout_pools, placement, start_ray
-
     quiet_libraries()
     weights = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint (no model.safetensors)")
+        raise InputNotFound(f"{checkpoint} is not a checkpoint (no model.safetensors)")
     if cfg.eval.prompts < 1:
-        raise ValueError("eval.prompts must be >= 1 for odpo eval (the held-out prompts to answer)")
+        raise InputError("eval.prompts must be >= 1 for odpo eval (the held-out prompts to answer)")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-
-    def built(location: str | None, name: str) -> str | None:  # a builtin lives in the run that used it
-        if location is None or not is_builtin(location):
-            return location
-        path = os.path.join(run_dir, "base_models", name)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{location} was materialised in the run directory, not found at {path}; "
-                                    "give the checkpoint of an odpo run, or real model paths")
-        return path
-
-    policy = built(cfg.policy.path, "policy")
-    reward = built(cfg.scorer.model_path, "reward") if cfg.scorer.type in ("reward_model", "pairwise") else None
-    if reward == TRAINED_REWARD_MODEL:  # the reward model the run trained for itself
-        reward = os.path.join(run_dir, "reward_model")
-        if not os.path.isdir(reward):
-            raise FileNotFoundError(f"scorer.model_path=reward_training: the run's reward model is not at {reward}")
-    tokenizer_path = cfg.policy.tokenizer or policy
+    policy, tokenizer_path, reward = resolve_models(cfg, run_dir, build=False)  # builtins: the run's own
     tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)
     source.check_lengths(tokenizer, cfg.data)
-    started = start_ray(cfg)
-    pools: list[ActorPool] = []
-    try:
-        generators, scorers = build_rollout_pools(cfg, policy, tokenizer_path, reward, pools)
-        lc = cfg.learner
-        pools.append(ActorPool("learner", Learner, lc.num_ranks,
-                               placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
-                               lambda r: (lc, checkpoint, cfg.policy.dtype, r, lc.num_ranks, tokenizer.pad_token_id,
-                                          cfg.policy.trust_remote_code, policy), gang=True))
-        learners = LearnerGroup(pools[-1], lc.step_timeout_s)
-        learners.setup()
+    with Cluster(cfg) as cluster:
+        generators, scorers = cluster.generators(policy, tokenizer_path), cluster.scorers(reward)
+        learners = cluster.learners(checkpoint, policy, tokenizer.pad_token_id)  # the KL's reference: the initial policy
         initial = sample(source.eval, cfg, generators, scorers, 0)
         with open(weights, "rb") as f:
             generators.weights_ref = ray.put(WeightBundle(version=1, payload=f.read()))
         generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "loading the checkpoint")
         result = metrics(sample(source.eval, cfg, generators, scorers, 1), initial, cfg, scorers, learners)
-        with open(os.path.join(checkpoint, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        report(result, checkpoint)
-        return result
-    finally:
-        for pool in pools:
-            pool.shutdown()
-        if started:
-            ray.shutdown()
+    with open(os.path.join(checkpoint, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    report(result, checkpoint)
+    return result

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from actors.models import render_prompt
 from actors.types import Pair
-from orchestrator.config import TRAINED_REWARD_MODEL, OdpoConfig
+from orchestrator.config import TRAINED_REWARD_MODEL, InputError, OdpoConfig
 from orchestrator.data import PromptSource
-from orchestrator.outputs import RunDir, _write_atomic
+from orchestrator.outputs import RunDir, write_atomic
 from orchestrator.pools import ActorPool
 from orchestrator.progress import RoundProgress
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
@@ -72,7 +72,7 @@ def prepare(cfg: OdpoConfig, out: RunDir, tokenizer) -> PairSet:
     folder = out.sub("offline")
     if not out.made_with(folder, SETTINGS_FILE, fingerprint(cfg), "offline pair set"):
         os.makedirs(folder)
-        _write_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(fingerprint(cfg), indent=1))
+        write_atomic(os.path.join(folder, SETTINGS_FILE), json.dumps(fingerprint(cfg), indent=1))
     paths = [os.path.join(folder, f"round_{r}.jsonl") for r in range(cfg.run.rounds)]
     rounds: list[RoundStream | None] = [load_round(p) if os.path.exists(p) else None for p in paths]
     if cfg.offline.dataset is not None and None in rounds:
@@ -122,7 +122,7 @@ def dataset_rounds(cfg: OdpoConfig, tokenizer) -> list[RoundStream]:
     items = load_preferences(cfg.offline.dataset, None, key="offline.dataset")
     per, rounds = cfg.data.prompts_per_round, cfg.run.rounds
     if len(items) < per * rounds:
-        raise ValueError(f"offline.dataset {cfg.offline.dataset} has {len(items)} pairs; run.rounds x "
+        raise InputError(f"offline.dataset {cfg.offline.dataset} has {len(items)} pairs; run.rounds x "
                          f"data.prompts_per_round = {rounds} x {per} = {rounds * per} are needed")
     if len(items) > per * rounds:
         print(f"odpo: offline: training on the first {per * rounds} of the {len(items)} pairs in "
@@ -155,7 +155,7 @@ def dataset_rounds(cfg: OdpoConfig, tokenizer) -> list[RoundStream]:
 def save_round(path: str, stream: RoundStream) -> None:
     lines = [json.dumps({"stats": {k: getattr(stream, k) for k in SAVED_FIELDS if k != "pairs"}})]
     lines += [json.dumps(dataclasses.asdict(p), ensure_ascii=False) for p in stream.pairs]
-    _write_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def load_round(path: str) -> RoundStream:
@@ -168,7 +168,7 @@ def load_round(path: str) -> RoundStream:
 def train_round(r: int, fixed: RoundStream, cfg: OdpoConfig, learners, progress: RoundProgress) -> RoundStream:
     """Round r's first epoch over its fixed pairs (in order); a RoundStream as an online round reports it."""
     start = time.perf_counter()
-    stream = RoundStream(**{k: getattr(fixed, k) for k in SAVED_FIELDS})
+    stream = RoundStream(**{k: getattr(fixed, k) for k in SAVED_FIELDS}, drawn_before_round=True)
     stream.steps = replay_epochs(fixed.pairs, cfg, r, learners, progress, first=0, last=1)
     stream.pairs = sorted(fixed.pairs, key=lambda p: p.uid)  # as a streamed round hands them to the later epochs
     stream.busy["train"] = sum(s.seconds for s in stream.steps)

@@ -17,7 +17,7 @@ import shutil
 import sys
 
 from actors.types import Pair, WeightBundle
-from orchestrator.config import OdpoConfig, to_yaml
+from orchestrator.config import TRAINED_REWARD_MODEL, InputError, InputNotFound, OdpoConfig, OutputExists, to_yaml
 
 BASE_FILES_DIR = "base"
 
@@ -43,18 +43,18 @@ class RunDir:
             if cfg.run.overwrite:
                 shutil.rmtree(self.path)
             elif not cfg.run.resume:
-                raise FileExistsError(f"run directory {self.path} exists; set run.resume=true to continue it, "
+                raise OutputExists(f"run directory {self.path} exists; set run.resume=true to continue it, "
                                       "run.overwrite=true to replace it, or choose another run.name")
             elif os.path.exists(state_path):
                 self._load_state(cfg, state_path)
                 self._drop_uncommitted()
             elif os.listdir(self.path) and not os.path.exists(os.path.join(self.path, "config.yaml")):
-                raise FileExistsError(f"{self.path} exists and is not an odpo run directory")
+                raise OutputExists(f"{self.path} exists and is not an odpo run directory")
             else:  # died before its first commit: nothing is done, whatever round 0 left is redone
                 self._drop_uncommitted()
         for sub in ("pairs", "checkpoints", BASE_FILES_DIR):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-        _write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
+        write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
         self.wandb_run = None
         if cfg.metrics.wandb and cfg.metrics.wandb_mode != "disabled":
             import wandb
@@ -73,11 +73,11 @@ class RunDir:
             # a key newer than the run directory: the run used that key's default (run.mode: online)
             was = state["fixed"][key] if key in state["fixed"] else getattr(getattr(OdpoConfig(), section), name)
             if was != now:
-                raise ValueError(f"cannot resume {self.path}: `{key}` was {was!r} and is now "
+                raise InputError(f"cannot resume {self.path}: `{key}` was {was!r} and is now "
                                  f"{now!r}; keep it, or start a new run (run.name) or overwrite (run.overwrite=true)")
         self.completed, self.wandb_id = state["completed_rounds"], state.get("wandb_id")
         if self.completed > cfg.run.rounds:
-            raise ValueError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
+            raise InputError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
 
     def write_job_marker(self) -> None:
@@ -85,11 +85,11 @@ class RunDir:
         `odpo scale JOB` knows a run directory it sees is that job's."""
         raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
         job_id = (json.loads(raw).get("metadata") or {}).get("odpo_job_id") if raw else None
-        _write_atomic(os.path.join(self.path, "job.json"), json.dumps({"job_id": job_id, "pid": os.getpid()}))
+        write_atomic(os.path.join(self.path, "job.json"), json.dumps({"job_id": job_id, "pid": os.getpid()}))
 
     def write_placement(self, nodes: dict[str, dict[str, str]]) -> None:
         """placement.json: pool -> actor name -> node id, as of the last round."""
-        _write_atomic(os.path.join(self.path, "placement.json"), json.dumps(nodes, indent=1))
+        write_atomic(os.path.join(self.path, "placement.json"), json.dumps(nodes, indent=1))
 
     def _drop_uncommitted(self) -> None:
         """Remove what rounds at or after `self.completed` wrote before the driver died."""
@@ -101,13 +101,13 @@ class RunDir:
                 for name in filter(stale, os.listdir(self.sub(sub))):
                     remove(self.sub(sub, name))
         kept = [m for m in self.history() if m["round"] < self.completed]
-        _write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
+        write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
 
     def commit(self, cfg: OdpoConfig, completed_rounds: int) -> None:
         """The round's files are all in place: record it as done (the last write of a round)."""
         state = {"completed_rounds": completed_rounds, "weight_version": completed_rounds, "wandb_id": self.wandb_id,
                  "fixed": {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in RESUME_FIXED_KEYS}}
-        _write_atomic(self.sub(STATE_FILE), json.dumps(state, indent=1))
+        write_atomic(self.sub(STATE_FILE), json.dumps(state, indent=1))
         self.completed = completed_rounds
 
     def made_with(self, folder: str, record: str, settings: dict, what: str) -> bool:
@@ -123,7 +123,7 @@ class RunDir:
             return True
         changed = ", ".join(sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k)))
         if self.completed:
-            raise ValueError(f"cannot resume {self.path}: its {what} was made with other settings ({changed}); "
+            raise InputError(f"cannot resume {self.path}: its {what} was made with other settings ({changed}); "
                              "keep them, or start a new run (run.name)")
         print(f"odpo: {folder} was made with other settings ({changed}) and no round has used it: making it again",
               file=sys.stderr)
@@ -141,6 +141,23 @@ class RunDir:
         """A committed checkpoint's weights as the bundle the generators load (the file's bytes as they are)."""
         with open(os.path.join(self.checkpoint_dir(round_index), "model.safetensors"), "rb") as f:
             return WeightBundle(version=version, payload=f.read())
+
+    def save_optimizer_states(self, round_index: int, payloads: list[bytes]) -> None:
+        """Each learner rank's AdamW state beside the round's checkpoint (learner.reset_optimizer_each_round=false)."""
+        folder = os.path.join(self.checkpoint_dir(round_index), "optimizer")
+        os.makedirs(folder, exist_ok=True)
+        for rank, payload in enumerate(payloads):
+            with open(os.path.join(folder, f"rank_{rank}.safetensors"), "wb") as f:
+                f.write(payload)
+
+    def load_optimizer_states(self, round_index: int, ranks: int) -> list[bytes]:
+        paths = [os.path.join(self.checkpoint_dir(round_index), "optimizer", f"rank_{r}.safetensors")
+                 for r in range(ranks)]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise InputNotFound(f"cannot restore AdamW state: {missing[0]} is missing (saved only with "
+                                    "learner.reset_optimizer_each_round=false and the same learner.num_ranks)")
+        return [open(p, "rb").read() for p in paths]
 
     def sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -170,14 +187,14 @@ class RunDir:
             "round": p.round, "weight_version": p.weight_version, "uid": p.uid,
             **({"columns": p.columns} if p.columns else {}),  # the prompt row's answer etc., for re-checking
         }, ensure_ascii=False) for p in pairs]
-        _write_atomic(path, "".join(line + "\n" for line in lines))
+        write_atomic(path, "".join(line + "\n" for line in lines))
         return path
 
     def log_metrics(self, metrics: dict) -> None:
         path = self.sub("metrics.jsonl")
         previous = open(path).read() if os.path.exists(path) else ""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        _write_atomic(path, previous + json.dumps(clean) + "\n")
+        write_atomic(path, previous + json.dumps(clean) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if v is not None}, step=metrics["round"])
 
@@ -198,7 +215,35 @@ def _plain(cfg: OdpoConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
-def _write_atomic(path: str, text: str) -> None:
+def resolve_models(cfg: OdpoConfig, run_dir: str, build: bool = True) -> tuple[str, str, str | None]:
+    """Where the policy, its tokenizer and the reward model load from. A builtin model is built once into
+    `run_dir/base_models/` (with `build`; without, as `odpo eval` reads a finished run, it must be there) and
+    scorer.model_path=reward_training is the run's own `run_dir/reward_model/`."""
+    from actors.models import PACKAGED_MODELS, is_builtin, materialize_builtin
+
+    def place(location: str, name: str, seed: int) -> str:
+        if not is_builtin(location):
+            return location
+        dest = os.path.join(run_dir, "base_models", name)
+        if os.path.exists(os.path.join(dest, "config.json")):
+            return dest
+        if not build and location.split(":", 1)[1] not in PACKAGED_MODELS:  # packaged: the machine's cache
+            raise InputNotFound(f"{location} was materialised in the run directory, not found at {dest}; "
+                                    "give the checkpoint of an odpo run, or real model paths")
+        return materialize_builtin(location, dest, seed)
+
+    policy = place(cfg.policy.path, "policy", cfg.run.seed)
+    reward = cfg.scorer.model_path if cfg.scorer.type in ("reward_model", "pairwise") else None
+    if reward == TRAINED_REWARD_MODEL:  # trained once Ray is up, unless an earlier driver did
+        reward = os.path.join(run_dir, "reward_model")
+        if not build and not os.path.isdir(reward):
+            raise InputNotFound(f"scorer.model_path=reward_training: the run's reward model is not at {reward}")
+    elif reward is not None:
+        reward = place(reward, "reward", cfg.run.seed + 1)
+    return policy, cfg.policy.tokenizer or policy, reward
+
+
+def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

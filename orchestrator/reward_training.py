@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import ray
 
 from actors.learner import RewardLearner
 from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.rewards import lowercase_ratio
 from actors.scorer import RewardFn
 from actors.types import Messages, Pair
-from orchestrator.config import OdpoConfig
+from orchestrator.cluster import Cluster
+from orchestrator.config import InputError, OdpoConfig, OutputExists, RewardTrainingConfig
+from orchestrator.outputs import RunDir, write_atomic
 from orchestrator.pools import ActorPool, LearnerGroup, combine_step
 
 POLICY_SAMPLES = "builtin:policy-samples"
@@ -111,7 +112,7 @@ def _response_text(value, where: str) -> tuple[Messages | None, str]:
         return None, value
     if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
         return (list(value[:-1]) or None), str(value[-1].get("content", ""))
-    raise ValueError(f"{where}: a response is a string or a chat list ending with an assistant turn")
+    raise InputError(f"{where}: a response is a string or a chat list ending with an assistant turn")
 
 
 def load_preferences(path: str, limit: int | None, key: str = "reward_training.data_path"
@@ -123,12 +124,12 @@ def load_preferences(path: str, limit: int | None, key: str = "reward_training.d
     for i, row in enumerate(rows):
         missing = [k for k in ("chosen", "rejected") if k not in row]
         if missing:
-            raise ValueError(f"{key} row {i}: no {missing[0]!r} column (have {sorted(row)})")
+            raise InputError(f"{key} row {i}: no {missing[0]!r} column (have {sorted(row)})")
         chosen_ctx, chosen = _response_text(row["chosen"], f"{key} row {i} chosen")
         _, rejected = _response_text(row["rejected"], f"{key} row {i} rejected")
         prompt = row.get("prompt") or chosen_ctx
         if not prompt:
-            raise ValueError(f"{key} row {i}: no prompt (a `prompt` column, or chat lists)")
+            raise InputError(f"{key} row {i}: no prompt (a `prompt` column, or chat lists)")
         out.append((_as_messages(prompt), chosen, rejected))
         if limit is not None and len(out) >= limit:
             break
@@ -149,10 +150,6 @@ def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int)
 
 def training_record(cfg: OdpoConfig) -> dict:
     """What defines a trained reward model: its data and base (the reward_training section) and the seed."""
-    import dataclasses
-
-    from orchestrator.config import RewardTrainingConfig
-
     section, defaults = dataclasses.asdict(cfg.reward_training), dataclasses.asdict(RewardTrainingConfig())
     # keys added after records were first written count only when set, so a run made before them still resumes
     section = {k: v for k, v in section.items() if k not in LATER_KEYS or v != defaults[k]}
@@ -164,7 +161,7 @@ def train_reward_model(cfg: OdpoConfig) -> str:
     run_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     if os.path.exists(run_dir):
         if not cfg.run.overwrite:
-            raise FileExistsError(f"{run_dir} exists; set run.overwrite=true or choose another run.name")
+            raise OutputExists(f"{run_dir} exists; set run.overwrite=true or choose another run.name")
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
     return fit_reward_model(cfg, os.path.join(run_dir, "reward_model"), os.path.join(run_dir, "metrics.jsonl"),
@@ -177,9 +174,6 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
     is one (the driver trains its reward model first this way), else starts one for itself. With
     builtin:policy-samples, the initial policy's samples come from `generators` (the run's pool, holding the
     initial weights), or from a pool of its own on `policy_path` (default: policy.path)."""
-    from orchestrator.driver import build_generator_pool, placement, start_ray
-    from orchestrator.outputs import _write_atomic
-
     quiet_libraries()
     rt, lc = cfg.reward_training, cfg.learner
     base = rt.base_model
@@ -189,25 +183,23 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         base = first_layers(base, rt.base_layers, f"{base_dir}-first-{rt.base_layers}-layers")
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
-    started_ray = start_ray(cfg)
-    pools: list[ActorPool] = []
-    try:
+    with Cluster(cfg) as cluster:  # the driver's, when it trains its reward model first
         if rt.data_path == POLICY_SAMPLES:
+            own = None
             if generators is None:
                 policy = policy_path or cfg.policy.path
                 if is_builtin(policy):
                     policy = materialize_builtin(policy, os.path.join(os.path.dirname(base_dir), "policy"), cfg.run.seed)
-                generators = build_generator_pool(cfg, policy, cfg.policy.tokenizer or policy, pools)
+                generators = own = cluster.generators(policy, cfg.policy.tokenizer or policy)
             items = policy_sample_pairs(cfg, generators)
-            for pool in pools:  # the sampling pool's CPUs go to the reward model's training
-                pool.shutdown()
-            pools.clear()
+            if own is not None:  # the sampling pool's CPUs go to the reward model's training
+                cluster.remove(own)
         elif rt.data_path.startswith("builtin:"):
             items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, RewardFn(rt.rule))
         else:
             items = load_preferences(rt.data_path, rt.num_pairs)
         if len(items) < 4:
-            raise ValueError(f"reward_training: only {len(items)} preference pairs to train on (at least 4 needed)")
+            raise InputError(f"reward_training: only {len(items)} preference pairs to train on (at least 4 needed)")
         pairs = to_pairs(items, tokenizer, rt.max_length)
         order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))
         held = max(1, int(round(rt.eval_fraction * len(pairs))))
@@ -215,12 +207,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         print(f"odpo: reward model from {rt.base_model}: {len(train)} training pairs, {len(held_out)} held out",
               file=sys.stderr)
         rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
-        pools.append(ActorPool("rm-learner", RewardLearner, lc.num_ranks,
-                               placement(cfg, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources, lc.node_labels),
-                               lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id),
-                               gang=True))
-        group = LearnerGroup(pools[-1], lc.step_timeout_s)
-        group.setup()
+        group = cluster.learner_group("rm-learner", RewardLearner,
+                                      lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0)]
         g = lc.global_batch_size
         steps_per_epoch = math.ceil(len(train) / g)
@@ -233,7 +221,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             seen = sum(s.pairs for s in steps)
             train_loss = sum(s.loss * s.pairs for s in steps) / seen
             history.append(evaluate(group, held_out, epoch, len(steps), train_loss, time.perf_counter() - start))
-        _write_atomic(metrics_path, "".join(f"{_json(m)}\n" for m in history))
+        write_atomic(metrics_path, "".join(f"{_json(m)}\n" for m in history))
         bundle = group.get(group.async_export_refs(1), "the weight export")[0]
         from transformers import AutoConfig
 
@@ -248,16 +236,22 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
             f.write(bundle.payload)
-        _write_atomic(os.path.join(tmp, RECORD_FILE), _json(training_record(cfg)))
+        write_atomic(os.path.join(tmp, RECORD_FILE), _json(training_record(cfg)))
         os.replace(tmp, dest)
         print(f"odpo: reward model saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
               f"{history[-1]['eval/accuracy']:.3f}; scorer.type=reward_model scorer.model_path={dest})", file=sys.stderr)
         return dest
-    finally:
-        for pool in pools:
-            pool.shutdown()
-        if started_ray:
-            ray.shutdown()
+
+
+def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool | None = None) -> None:
+    """scorer.model_path=reward_training: train the reward model once per run directory. One trained with
+    other reward_training settings is trained again while no round has used it; after that, a resume with
+    other settings is refused."""
+    if out.made_with(path, RECORD_FILE, training_record(cfg), "reward model"):
+        print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
+    else:
+        fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"),
+                         generators=generators)
 
 
 def evaluate(group: LearnerGroup, held_out: list[Pair], epoch: int, steps: int, train_loss: float,

@@ -53,6 +53,8 @@ class RoundStream:
     """Chunks sent to generators when the first chunk went to a scorer (< chunks: scoring did not wait)."""
     released_at_first_train: int = 0
     """Scored chunks released when the first global batch went to the learner (< chunks: training did not wait)."""
+    drawn_before_round: bool = False
+    """The pairs were made before the round (the offline baseline): its generation figures are not the round's."""
 
 
 class Dispatcher:
@@ -104,6 +106,12 @@ class Dispatcher:
         self.load[i] = 0 if self.pool.replace(self.slots[i], reason) else float("inf")
         self.last_progress[i] = time.perf_counter()
         return tags
+
+    def requeue(self, ref: ray.ObjectRef, reason: str, queue: deque, faults: dict[str, int]) -> None:
+        """The actor behind `ref` died or hung: its work goes back to the front of `queue`, in order, and the
+        pool's fault counter goes up."""
+        queue.extendleft(reversed(self.fail(ref, reason)))
+        faults[f"{self.pool.name}_restarts"] += 1
 
     def hung(self) -> ray.ObjectRef | None:
         """A ref held by an actor that has made no progress for `timeout_s` while holding work."""
@@ -180,8 +188,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             try:
                 meta: RolloutMeta = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                chunks.extendleft(reversed(gen.fail(ref, f"died ({type(e).__name__})")))
-                out.faults["generator_restarts"] += 1
+                gen.requeue(ref, f"died ({type(e).__name__})", chunks, out.faults)
                 continue
             c, (payload,) = gen.complete(ref)
             if meta.weight_version != version:
@@ -194,8 +201,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             try:
                 sc: ScoredChunk = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                to_score.extendleft(reversed(score.fail(ref, f"died ({type(e).__name__})")))
-                out.faults["scorer_restarts"] += 1
+                score.requeue(ref, f"died ({type(e).__name__})", to_score, out.faults)
                 continue
             except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
                 chunks.appendleft(score.complete(ref)[0][1])  # the rollouts are gone with their node: regenerate
@@ -236,11 +242,9 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
 def _handle_hang(gen: Dispatcher, score: Dispatcher, training: deque, cfg: OdpoConfig, chunks: deque,
                  to_score: deque, out: RoundStream) -> None:
     if (ref := gen.hung()) is not None:
-        chunks.extendleft(reversed(gen.fail(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)")))
-        out.faults["generator_restarts"] += 1
+        gen.requeue(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)", chunks, out.faults)
     elif (ref := score.hung()) is not None:
-        to_score.extendleft(reversed(score.fail(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)")))
-        out.faults["scorer_restarts"] += 1
+        score.requeue(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)", to_score, out.faults)
     elif training and time.perf_counter() - training[0][1] > cfg.learner.step_timeout_s:
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
 

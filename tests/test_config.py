@@ -324,3 +324,27 @@ def test_docs_configuration_md_matches_schema():
     hint = "run `.venv/bin/odpo config-docs > docs/configuration.md`"
     assert path.is_file(), f"docs/configuration.md is missing: {hint}"
     assert path.read_text() == cli.configuration_markdown(), f"docs/configuration.md is out of date: {hint}"
+
+
+def test_cli_prints_input_errors_in_one_line_and_keeps_the_traceback_of_anything_else(tmp_path, monkeypatch, capsys):
+    import ray.exceptions
+
+    from orchestrator import cli, driver
+
+    monkeypatch.chdir(REPO)
+    # input the user can fix (a checkpoint that is not there): one line on stderr, exit status 2
+    assert cli.main(["eval", str(tmp_path / "missing"), TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("odpo: ") and "is not a checkpoint" in err and "Traceback" not in err
+    # an actor's ValueError as Ray re-raises it in the driver (a RayTaskError that is also a ValueError),
+    # injected in place of the run: it reaches the caller whole, with its traceback
+    from_actor = ray.exceptions.RayTaskError("Scorer.score", "Traceback ...", ValueError("bad reward")).as_instanceof_cause()
+    assert isinstance(from_actor, ValueError)
+
+    def failing_run(cfg):
+        raise from_actor
+
+    monkeypatch.setattr(driver, "run", failing_run)
+    with pytest.raises(ValueError) as raised:
+        cli.main(["run", TINY, f"run.output_dir={tmp_path}"])
+    assert raised.value is from_actor

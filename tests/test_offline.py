@@ -244,8 +244,7 @@ def test_a_resumed_offline_run_trains_on_the_pairs_it_saved(tiny_policy_dir, tmp
 
 
 def test_the_run_reuses_its_reward_model_only_under_the_same_settings(tmp_path, monkeypatch):
-    from orchestrator.driver import train_own_reward_model
-    from orchestrator.reward_training import RECORD_FILE, training_record
+    from orchestrator.reward_training import RECORD_FILE, train_own_reward_model, training_record
 
     monkeypatch.chdir(REPO)
     cfg, out = run_dir(tmp_path)

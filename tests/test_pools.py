@@ -186,7 +186,7 @@ def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch)
 
 
 def test_driver_applies_a_scale_request_and_survives_one_the_cluster_cannot_meet(ray_cluster, tmp_path, capsys):
-    from orchestrator.driver import apply_scale_request
+    from orchestrator.control import apply_scale_request
 
     (tmp_path / "config.yaml").write_text("run: {}\n")
     gens = ActorPool("holder-g", Holder, 1, Placement(0.25, timeout_s=2), lambda r: (f"holder-g-{r}",))

@@ -1,0 +1,155 @@
+"""The cluster and its pools, built one way for every entry point (`odpo run`, `train-rm`, `eval`).
+
+    with Cluster(cfg) as cluster:        # joins or starts Ray
+        generators = cluster.generators(policy_path, tokenizer_path)
+        scorers = cluster.scorers(reward_path)
+        learners = cluster.learners(policy_path, reference_path, pad_id)
+    # on exit: every pool it built is shut down, and Ray too if it was started here
+
+Each pool is in placement groups of its own (`orchestrator/pools.py`) and each actor gets only its own
+section of the config. Imports go downward: entry points -> this module -> pools -> actors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import ray
+
+from actors.generator import HFGenerator
+from actors.learner import Learner
+from actors.scorer import Scorer
+from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available
+from orchestrator.config import OdpoConfig
+from orchestrator.pools import ActorPool, LearnerGroup, Placement
+
+WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
+"""Passed to every worker so actors find the same caches and stay offline like the driver."""
+
+
+def start_ray(cfg: OdpoConfig) -> bool:
+    """Join or start a cluster; False when Ray was already initialised by the caller.
+
+    As a Ray job (`odpo submit`, `ray job submit`), the driver joins the job's cluster and its runtime_env
+    (working_dir, env_vars) is inherited by every actor. A local cluster keeps Ray's token authentication on
+    and binds its dashboard to ray.dashboard_host."""
+    if ray.is_initialized():
+        return False
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # submitted as a Ray job: join the job's cluster
+    address = cfg.ray.address or ("auto" if in_job else None)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    if in_job:  # the job's runtime_env reaches every actor; add only what it leaves unset (Ray refuses overlaps)
+        job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env", {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    else:
+        needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
+                           + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor
+                           + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+        ray.init(address="local",  # a new cluster even if RAY_ADDRESS or a running one is around
+                 num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+                 include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+                 runtime_env={"env_vars": env})
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM where it is installed, else transformers."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
+def generator_class(backend: str) -> type:
+    if resolve_backend(backend) == "vllm":
+        from actors.vllm_generator import VLLMGenerator  # imports vllm's Python side only when it is used
+
+        return VLLMGenerator
+    return HFGenerator
+
+
+class Cluster:
+    """Ray (joined or started) and the pools built on it; closing it shuts them all down."""
+
+    def __init__(self, cfg: OdpoConfig):
+        self.cfg = cfg
+        self.pools: list[ActorPool] = []
+        self.started_ray = False
+
+    def __enter__(self) -> Cluster:
+        self.started_ray = start_ray(self.cfg)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Pools first, each on its own (one that fails to stop does not keep the others alive), then Ray."""
+        for pool in self.pools:
+            try:
+                pool.shutdown()
+            except Exception as e:
+                print(f"odpo: shutting down pool `{pool.name}`: {e}", file=sys.stderr)
+        self.pools.clear()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def remove(self, pool: ActorPool) -> None:
+        """Shut one pool down before the run ends (its resources go to the next one)."""
+        self.pools.remove(pool)
+        pool.shutdown()
+
+    def placement(self, section: RolloutPoolConfig | LearnerConfig) -> Placement:
+        """What one actor of the section's pool reserves, and where it may go."""
+        if isinstance(section, LearnerConfig):
+            cpus, gpus = section.cpus_per_rank, section.gpus_per_rank
+        else:
+            cpus, gpus = section.cpus_per_actor, section.gpus_per_actor
+        return Placement(cpus, gpus, dict(section.resources), dict(section.node_labels),
+                         self.cfg.ray.placement_timeout_s, self.cfg.ray.replace_placement_timeout_s)
+
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """Pool -> actor name -> the node it was placed on (placement.json)."""
+        return {p.name: p.nodes() for p in self.pools}
+
+    def generators(self, policy_path: str, tokenizer_path: str) -> ActorPool:
+        g, p = self.cfg.generator, self.cfg.policy
+        max_prompt_length = self.cfg.data.max_prompt_length
+        return self._add(ActorPool(
+            "generator", generator_class(g.backend), g.num_actors, self.placement(g),
+            lambda r: (g, policy_path, tokenizer_path, p.dtype, max_prompt_length, p.trust_remote_code,
+                       f"generator-{r}"),
+            g.max_restarts, call_timeout_s=g.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s))
+
+    def scorers(self, reward_path: str | None) -> ActorPool:
+        s = self.cfg.scorer
+        return self._add(ActorPool(
+            "scorer", Scorer, s.num_actors, self.placement(s), lambda r: (s, reward_path, f"scorer-{r}"),
+            s.max_restarts, call_timeout_s=s.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s))
+
+    def learners(self, policy_path: str, reference_path: str, pad_id: int, incarnation: int = 0) -> LearnerGroup:
+        """The DPO learner ranks on `policy_path`, with `reference_path`'s log-probs as the reference."""
+        lc, p = self.cfg.learner, self.cfg.policy
+        return self.learner_group("learner", Learner, lambda r: (lc, policy_path, p.dtype, r, lc.num_ranks, pad_id,
+                                                                 p.trust_remote_code, reference_path), incarnation)
+
+    def learner_group(self, name: str, cls: type, args_for_rank: Any, incarnation: int = 0) -> LearnerGroup:
+        """`learner.num_ranks` actors of `cls` placed together, joined into one torch.distributed group."""
+        lc = self.cfg.learner
+        pool = self._add(ActorPool(name, cls, lc.num_ranks, self.placement(lc), args_for_rank,
+                                   incarnation=incarnation, gang=True))
+        group = LearnerGroup(pool, lc.step_timeout_s)
+        group.setup()
+        return group
+
+    def _add(self, pool: ActorPool) -> ActorPool:
+        self.pools.append(pool)
+        return pool

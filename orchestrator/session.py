@@ -1,0 +1,139 @@
+"""A run's set-up and tear-down, so that `driver.run` holds only the rounds.
+
+`open_session(cfg)` prepares, in order:
+    the prompts, checked before Ray starts (a bad row stops the run here)
+    the run directory, new or resumed after its `completed` rounds
+    the models: builtins built once into the run directory, everything else loaded from a path
+    the offline baseline's pair set (run.mode=offline), checked against the settings it was made with
+    Ray, and the generator pool
+    the run's own reward model (scorer.model_path=reward_training), trained once, sampling the generator pool
+    the scorer pool and the learner group (from the last checkpoint, with its optimizer state)
+    the initial policy's answers to the held-out prompts, and the offline rounds still to be drawn
+    on resume, the last checkpoint's weights in every generator; NCCL between learner and engines on GPUs
+and on exit shuts the pools and Ray down, then closes wandb. It also retries a round whose learner group died.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import ray
+
+from actors.models import load_tokenizer, quiet_libraries
+from orchestrator import evaluation, offline
+from orchestrator.cluster import Cluster, resolve_backend
+from orchestrator.config import OdpoConfig
+from orchestrator.control import take_scale_request
+from orchestrator.data import PromptSource
+from orchestrator.outputs import RunDir, resolve_models
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup
+from orchestrator.reward_training import train_own_reward_model
+from orchestrator.streaming import RoundStream
+from orchestrator.telemetry import Telemetry
+
+T = TypeVar("T")
+
+
+@dataclass
+class Session:
+    cfg: OdpoConfig
+    out: RunDir
+    source: PromptSource
+    cluster: Cluster
+    policy_path: str
+    pad_id: int
+    generators: ActorPool
+    scorers: ActorPool
+    learners: LearnerGroup
+    version: int
+    """The weights the generators hold: rounds done."""
+    nccl: bool
+    telemetry: Telemetry
+    history: list[dict]
+    initial: evaluation.Samples | None
+    """The initial policy's answers to the held-out prompts (None without eval.prompts)."""
+    fixed: list[RoundStream] | None
+    """The offline baseline's pairs, round by round (None online)."""
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}
+
+    def retrying_learner(self, r: int, step: Callable[[], T]) -> tuple[T, int]:
+        """`step()`, run again on a new learner group (from the last checkpoint) while the group dies or hangs,
+        up to learner.max_round_retries times; returns its result and the retries it took."""
+        retries = self.cfg.learner.max_round_retries
+        for attempt in range(retries + 1):
+            try:
+                return step(), attempt
+            except LearnerFailure as e:
+                if attempt == retries or self.nccl:
+                    raise RuntimeError(f"round {r}: {e}; learner.max_round_retries={retries} spent"
+                                       + (" (retries need weight_sync=object_store)" if self.nccl else "")) from e
+                print(f"odpo: round {r}: {e}; retrying the round from the last checkpoint ({attempt + 1}/{retries})",
+                      file=sys.stderr)
+                self.cluster.remove(self.learners.pool)
+                self.learners = build_learners(self.cfg, self.cluster, self.out, self.policy_path, self.pad_id,
+                                               attempt + 1)
+        raise AssertionError("unreachable")
+
+
+@contextmanager
+def open_session(cfg: OdpoConfig) -> Iterator[Session]:
+    started = time.time()  # scale requests older than this were meant for an earlier driver
+    quiet_libraries()
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)  # bad data stops us here
+    out = RunDir(cfg)
+    try:
+        policy_path, tokenizer_path, reward_path = resolve_models(cfg, out.path)
+        tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
+        source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
+        out.save_policy_files(policy_path, tokenizer)
+        # offline: saved rounds checked against the settings, a dataset's rows made into pairs (a bad one stops us)
+        fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
+        take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
+        out.write_job_marker()
+        with Cluster(cfg) as cluster:
+            generators = cluster.generators(policy_path, tokenizer_path)
+            if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
+                train_own_reward_model(cfg, out, reward_path, generators)
+            scorers = cluster.scorers(reward_path)
+            learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)
+            # the initial policy's answers to the held-out prompts, before a resume loads later weights
+            initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
+            fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
+            if out.completed:
+                print(f"odpo: resuming {out.path} after round {out.completed - 1}", file=sys.stderr)
+                generators.weights_ref = ray.put(out.read_checkpoint(out.completed - 1, out.completed))
+                generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
+            generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
+            scorers.wait_ready()
+            nccl = cfg.generator.weight_sync == "nccl"
+            if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
+                learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
+            print(f"odpo: {len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} "
+                  f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}",
+                  file=sys.stderr)
+            yield Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
+                          learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed)
+    finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
+        try:
+            out.close()
+        except Exception as e:
+            print(f"odpo: closing wandb failed ({type(e).__name__}: {e}); metrics.jsonl holds every committed round",
+                  file=sys.stderr)
+
+
+def build_learners(cfg: OdpoConfig, cluster: Cluster, out: RunDir, initial_policy: str, pad_id: int,
+                   incarnation: int = 0) -> LearnerGroup:
+    """The learner group, starting from the last committed round's checkpoint (or the initial policy)."""
+    policy = out.checkpoint_dir(out.completed - 1) if out.completed else initial_policy
+    reference = policy if cfg.learner.reference == "previous" else initial_policy
+    learners = cluster.learners(policy, reference, pad_id, incarnation)
+    if out.completed and not cfg.learner.reset_optimizer_each_round:
+        learners.load_optimizer_states(out.load_optimizer_states(out.completed - 1, cfg.learner.num_ranks))
+    return learners
