@@ -18,8 +18,8 @@ import time
 import torch
 
 from actors.models import load_causal_lm, load_tokenizer, own_process_ids, prepare_worker, render_prompt
-from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 from actors.settings import GeneratorConfig
+from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 
 
 class PromptRenderer:

@@ -18,8 +18,8 @@ import torch
 
 from actors.losses import build_sequences, cosine_lr, dpo_loss, sequence_logprobs
 from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
-from actors.types import Pair, WeightBundle
 from actors.settings import LearnerConfig
+from actors.types import Pair, WeightBundle
 
 
 class Learner:

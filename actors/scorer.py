@@ -21,9 +21,9 @@ from collections.abc import Callable
 import torch
 
 from actors.models import load_reward_model, load_tokenizer, own_process_ids, prepare_worker
+from actors.settings import ScorerConfig
 from actors.tournament import Match, best_and_worst
 from actors.types import Messages, RolloutChunk, ScoredChunk
-from actors.settings import ScorerConfig
 
 PAIRWISE_TEMPLATE = "{context}\n[RESPONSE A]\n{a}\n[RESPONSE B]\n{b}\n[WHICH IS BETTER?]"
 """What a pairwise preference model reads: the prompt in the tokenizer's chat template, then both responses."""

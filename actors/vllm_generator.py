@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from actors.generator import GeneratorBase, build_chunk
-from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 from actors.settings import GeneratorConfig
+from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 
 
 def _reload_from_safetensors(worker, payload: bytes) -> int:

@@ -556,7 +556,9 @@ def preflight(cfg: OdpoConfig) -> None:
         _data_exists("reward_training.data_path", rt.data_path)
     if rt.data_path == "builtin:policy-samples" and rt.prompts is not None:
         _data_exists("reward_training.prompts", rt.prompts)
-    from ray._private.label_utils import validate_label_selector  # Ray's own syntax check, of the installed Ray
+    from ray._private.label_utils import (
+        validate_label_selector,  # Ray's own syntax check, of the installed Ray
+    )
 
     for section, pool in (("generator", g), ("scorer", s), ("learner", cfg.learner)):
         for key, value in pool.node_labels.items():

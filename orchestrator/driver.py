@@ -33,7 +33,7 @@ def run(cfg: OdpoConfig) -> str:
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
             # generate -> score -> pair -> train epoch 1, streamed; epochs 2..E; export (a dead learner: again)
-            trained, retries = s.retrying_learner(r, lambda: train(s, r))
+            trained, retries = s.retrying_learner(train, r)
             sync_s = sync(s, trained)  # every generator loads version + 1
             metrics = round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s, sync_s,
                                     time.perf_counter() - trained.start, trained.skipped, trained.truncated)

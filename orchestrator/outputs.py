@@ -17,7 +17,14 @@ import shutil
 import sys
 
 from actors.types import Pair, WeightBundle
-from orchestrator.config import TRAINED_REWARD_MODEL, InputError, InputNotFound, OdpoConfig, OutputExists, to_yaml
+from orchestrator.config import (
+    TRAINED_REWARD_MODEL,
+    InputError,
+    InputNotFound,
+    OdpoConfig,
+    OutputExists,
+    to_yaml,
+)
 
 BASE_FILES_DIR = "base"
 

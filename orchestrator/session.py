@@ -63,13 +63,13 @@ class Session:
     def pool_sizes(self) -> dict[str, int]:
         return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}
 
-    def retrying_learner(self, r: int, step: Callable[[], T]) -> tuple[T, int]:
-        """`step()`, run again on a new learner group (from the last checkpoint) while the group dies or hangs,
-        up to learner.max_round_retries times; returns its result and the retries it took."""
+    def retrying_learner(self, step: Callable[[Session, int], T], r: int) -> tuple[T, int]:
+        """`step(self, r)`, run again on a new learner group (from the last checkpoint) while the group dies or
+        hangs, up to learner.max_round_retries times; returns its result and the retries it took."""
         retries = self.cfg.learner.max_round_retries
         for attempt in range(retries + 1):
             try:
-                return step(), attempt
+                return step(self, r), attempt
             except LearnerFailure as e:
                 if attempt == retries or self.nccl:
                     raise RuntimeError(f"round {r}: {e}; learner.max_round_retries={retries} spent"
