@@ -16,7 +16,14 @@ from datetime import timedelta
 
 import torch
 
-from actors.losses import build_sequences, cosine_lr, dpo_loss, sequence_logprobs
+from actors.losses import (
+    bradley_terry_loss,
+    build_sequences,
+    cosine_lr,
+    dpo_loss,
+    response_token_counts,
+    sequence_logprobs,
+)
 from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
 from actors.settings import LearnerConfig
 from actors.types import Pair, WeightBundle
@@ -206,8 +213,9 @@ class Learner:
         logps = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
         with torch.no_grad():
             ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
-        n = len(pairs)
-        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing)
+        n, tokens = len(pairs), response_token_counts(resp)
+        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
+                        chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
 
     # -- weights out --------------------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class RewardLearner(Learner):
 
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen, rejected = self._rewards(pairs)
-        return -torch.nn.functional.logsigmoid(chosen - rejected), chosen, rejected
+        return bradley_terry_loss(chosen, rejected, reduction="none"), chosen, rejected
 
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair]) -> dict:
@@ -289,6 +297,6 @@ class RewardLearner(Learner):
         for s in range(0, len(pairs), m):
             chosen, rejected = self._rewards(pairs[s: s + m])
             correct += int((chosen > rejected).sum())
-            loss += float(-torch.nn.functional.logsigmoid(chosen - rejected).sum())
+            loss += float(bradley_terry_loss(chosen, rejected, reduction="sum"))
         self.engine.train()
         return {"correct": correct, "loss": loss, "pairs": len(pairs)}

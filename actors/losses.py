@@ -46,6 +46,11 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     return (token_lp * mask).sum(-1)
 
 
+def response_token_counts(response_mask: torch.Tensor) -> torch.Tensor:
+    """Tokens each row's `sequence_logprobs` sums over (the response's, the first position never predicted)."""
+    return response_mask[:, 1:].sum(-1)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -54,14 +59,27 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss and the implicit rewards beta * (log pi - log ref) of chosen and rejected.
 
-    sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = (pc - rc) - (pr - rr).
-    ipo:     (h - 1 / (2 beta))^2.
+    sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = (pc - rc) - (pr - rr), the log-probs
+             summed over each response. eps > 0 is conservative DPO (Mitchell's cDPO), the formula of
+             TRL 0.19; TRL 1.x no longer applies label smoothing to this loss. At eps = 0 it equals TRL 1.16's
+             sigmoid loss to float precision.
+    ipo:     (h - 1 / (2 beta))^2 with each log-ratio divided by its response's token count (`chosen_tokens`,
+             `rejected_tokens`), as the IPO authors (arXiv 2310.12036) and TRL define it; the rewards are then
+             beta times those per-token log-ratios, as TRL reports them.
     """
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs the response token counts (chosen_tokens, rejected_tokens): its log-ratios "
+                             "are per-token averages")
+        chosen_ratio = chosen_ratio / chosen_tokens.clamp(min=1).to(chosen_ratio.dtype)
+        rejected_ratio = rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype)
     h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -72,9 +90,11 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """Mean of -log sigma(r_chosen - r_rejected): the reward-model objective."""
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                       reduction: str = "mean") -> torch.Tensor:
+    """-log sigma(r_chosen - r_rejected), the reward-model objective: per pair (`none`), `sum` or `mean`."""
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[reduction]
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float = 0.0) -> float:

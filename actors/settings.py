@@ -146,11 +146,14 @@ class LearnerConfig:
     """Fresh AdamW state each round, as the recipe's one-process-per-round training does (false keeps the
     moments, saved with each checkpoint for resume). The warmup + cosine schedule restarts every round."""
     loss: str = "sigmoid"
-    """DPO loss: `sigmoid` (DPO) or `ipo`."""
+    """DPO loss: `sigmoid` (DPO, on log-probs summed over each response; equals Hugging Face TRL's) or `ipo`
+    (IPO, on log-probs averaged over each response's tokens, as its authors and TRL define it)."""
     beta: float = 0.1
     """DPO beta (the paper's eta)."""
     label_smoothing: float = 0.0
-    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
+    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid loss only). The
+    formula is cDPO's, -(1-eps) log sigma(beta h) - eps log sigma(-beta h), as in TRL 0.19; TRL 1.x no longer
+    smooths its sigmoid loss, so with eps > 0 the two differ."""
     reference: str = "fixed"
     """Reference model: `fixed` (the initial policy, the paper) or `previous` (last round's policy)."""
     max_length: int = 2048

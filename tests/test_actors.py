@@ -194,6 +194,37 @@ def test_learner_loss_equals_from_scratch_dpo(learner, tiny_policy_dir):
     assert second["pairs"] == 4
 
 
+def test_learner_ipo_averages_log_ratios_over_each_response(tiny_policy_dir):
+    """learner.loss=ipo: the learner's loss equals IPO written out token by token, with each log-ratio divided
+    by its response's length (the pairs' chosen and rejected responses differ in length)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=2, lr=1e-2, beta=0.1, zero_stage=0, warmup_ratio=0.0,
+                        loss="ipo")
+    lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=100)
+    pairs = fixed_pairs()
+    assert any(len(p.chosen_ids) != len(p.rejected_ids) for p in pairs)
+    first = lrn.train_step(pairs, pairs[0], 4)
+    assert first["loss"] / 4 == pytest.approx((0 - 1 / (2 * 0.1)) ** 2, abs=1e-6)  # policy == reference: h = 0
+    moved = lrn.export_weights(version=1).tensors()
+    second = lrn.train_step(pairs, pairs[0], 4)
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    policy.load_state_dict(moved)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    per_token, summed = [], []
+    for p in pairs:
+        c = response_logprob(policy, p.prompt_ids, p.chosen_ids) - response_logprob(reference, p.prompt_ids, p.chosen_ids)
+        r = (response_logprob(policy, p.prompt_ids, p.rejected_ids)
+             - response_logprob(reference, p.prompt_ids, p.rejected_ids))
+        per_token.append((c / len(p.chosen_ids) - r / len(p.rejected_ids) - 5.0) ** 2)
+        summed.append((c - r - 5.0) ** 2)
+    assert second["loss"] / 4 == pytest.approx(sum(per_token) / 4, abs=1e-5)
+    assert sum(per_token) != pytest.approx(sum(summed), rel=1e-3)  # the sum over tokens would be another loss
+
+
 def test_learner_steps_move_parameters_and_lower_loss(learner):
     pairs = fixed_pairs()
     before = learner.export_weights(version=1).tensors()

@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from actors.losses import bradley_terry_loss, build_sequences, cosine_lr, dpo_loss, sequence_logprobs
+from actors.losses import (
+    bradley_terry_loss,
+    build_sequences,
+    cosine_lr,
+    dpo_loss,
+    response_token_counts,
+    sequence_logprobs,
+)
 
 
 def t(*values: float) -> torch.Tensor:
@@ -70,15 +77,16 @@ def test_dpo_label_smoothing_by_hand():
 
 
 def test_dpo_ipo_by_hand():
-    # h = 1.0 and h = -2.0 as in the batch test
+    # h = 1.0 and h = -2.0 as in the batch test, one-token responses (the per-token average is the sum)
     pc, pr, rc, rr = t(-1.0, -3.0), t(-2.0, -1.0), t(-1.5, -2.0), t(-1.5, -2.0)
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    one = {"chosen_tokens": t(1.0, 1.0), "rejected_tokens": t(1.0, 1.0)}
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo", **one)
     # 1 / (2 * 0.1) = 5: (1 - 5)^2 = 16, (-2 - 5)^2 = 49
     assert losses.tolist() == pytest.approx([16.0, 49.0])
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo", **one)
     # 1 / (2 * 0.25) = 2: (1 - 2)^2 = 1, (-2 - 2)^2 = 16
     assert losses.tolist() == pytest.approx([1.0, 16.0])
-    losses, chosen_reward, rejected_reward = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    losses, chosen_reward, rejected_reward = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", **one)
     # 1 / (2 * 0.5) = 1: the pair with h = 1 sits exactly at the IPO target
     assert losses.tolist() == pytest.approx([0.0, 9.0])
     assert chosen_reward.tolist() == pytest.approx([0.5 * 0.5, 0.5 * -1.0])
@@ -106,6 +114,61 @@ def test_dpo_at_h_zero_is_log2_and_gradients_are_opposite():
 def test_dpo_unknown_loss_type_raises():
     with pytest.raises(ValueError, match="unknown DPO loss 'hinge'"):
         dpo_loss(t(-1.0), t(-2.0), t(-1.0), t(-2.0), 0.1, loss_type="hinge")
+
+
+def test_ipo_averages_each_log_ratio_over_its_response_tokens_by_hand():
+    """IPO as its authors and TRL define it: each sequence's log-ratio divided by its response token count."""
+    # chosen: 4 tokens, log-ratio (pc - rc) = -2.0 - (-4.0) = 2.0 -> 0.5 per token
+    # rejected: 2 tokens, log-ratio (pr - rr) = -3.0 - (-2.0) = -1.0 -> -0.5 per token
+    pc, rc, pr, rr, beta = t(-2.0), t(-4.0), t(-3.0), t(-2.0), 0.5
+    losses, chosen_reward, rejected_reward = dpo_loss(pc, pr, rc, rr, beta, "ipo",
+                                                      chosen_tokens=t(4.0), rejected_tokens=t(2.0))
+    h = 2.0 / 4 - (-1.0 / 2)  # = 1.0, exactly the target 1 / (2 beta) = 1: no loss
+    assert losses.item() == pytest.approx((h - 1 / (2 * beta)) ** 2, abs=1e-15)
+    assert losses.item() == pytest.approx(0.0, abs=1e-15)
+    # summed over the response instead, h = 2 - (-1) = 3 and the loss would be (3 - 1)^2 = 4
+    summed, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", chosen_tokens=t(1.0), rejected_tokens=t(1.0))
+    assert summed.item() == pytest.approx(4.0, abs=1e-12)
+    # the implicit rewards are beta times the averaged log-ratios (TRL reports IPO's that way)
+    assert chosen_reward.item() == pytest.approx(0.5 * 0.5, abs=1e-15)
+    assert rejected_reward.item() == pytest.approx(0.5 * -0.5, abs=1e-15)
+
+
+def test_ipo_gradient_by_hand_with_unequal_lengths():
+    beta = 0.1
+    pc = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
+    rc, rr, nc, nr = t(-2.0), t(-3.0), 4.0, 2.0  # policy == reference: h = 0
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", chosen_tokens=t(nc), rejected_tokens=t(nr))
+    assert losses.item() == pytest.approx((0 - 5.0) ** 2, abs=1e-12)  # 1 / (2 beta) = 5
+    losses.sum().backward()
+    # d/d pc (h - 5)^2 = 2 (h - 5) / nc = -10 / 4 ; d/d pr = -2 (h - 5) / nr = 10 / 2
+    assert pc.grad.item() == pytest.approx(-2.5, abs=1e-12)
+    assert pr.grad.item() == pytest.approx(5.0, abs=1e-12)
+    # summed log-ratios would push both sequences equally hard (-10, +10): the lengths matter
+    assert abs(pc.grad.item()) != pytest.approx(abs(pr.grad.item()))
+
+
+def test_ipo_without_token_counts_is_refused():
+    with pytest.raises(ValueError, match="ipo needs the response token counts"):
+        dpo_loss(t(-1.0), t(-2.0), t(-1.0), t(-2.0), 0.1, loss_type="ipo")
+
+
+def test_response_token_counts_are_the_positions_sequence_logprobs_sums():
+    ids, attn, resp = build_sequences([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], pad_id=0, max_length=10)
+    counts = response_token_counts(resp)
+    assert counts.tolist() == [2, 3]
+    # a log-prob of 1 at every position: sequence_logprobs' sum equals the count it averages by
+    logits = torch.zeros(2, ids.shape[1], 20, dtype=torch.float64)
+    lp = sequence_logprobs(logits, ids, resp)  # uniform over 20 tokens: each response token adds log(1/20)
+    assert (lp / math.log(1 / 20)).tolist() == pytest.approx(counts.tolist())
+
+
+def test_bradley_terry_per_pair_and_mean_by_hand():
+    chosen, rejected = t(2.0, 0.5), t(1.0, 1.5)  # differences +1 and -1
+    per_pair = bradley_terry_loss(chosen, rejected, reduction="none")
+    assert per_pair.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(1.0))], abs=1e-12)
+    assert bradley_terry_loss(chosen, rejected, reduction="sum").item() == pytest.approx(sum(per_pair.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------
