@@ -69,8 +69,8 @@ def dpo_loss(
              TRL 0.19; TRL 1.x no longer applies label smoothing to this loss. At eps = 0 it equals TRL 1.16's
              sigmoid loss to float precision.
     ipo:     (h - 1 / (2 beta))^2 with each log-ratio divided by its response's token count (`chosen_tokens`,
-             `rejected_tokens`), as the IPO authors (arXiv 2310.12036) and TRL define it; the rewards are then
-             beta times those per-token log-ratios, as TRL reports them.
+             `rejected_tokens`), as the IPO authors (arXiv 2310.12036) and TRL define it; the rewards
+             reported are then beta times those per-token log-ratios.
     """
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected

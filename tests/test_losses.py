@@ -129,7 +129,7 @@ def test_ipo_averages_each_log_ratio_over_its_response_tokens_by_hand():
     # summed over the response instead, h = 2 - (-1) = 3 and the loss would be (3 - 1)^2 = 4
     summed, _, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo", chosen_tokens=t(1.0), rejected_tokens=t(1.0))
     assert summed.item() == pytest.approx(4.0, abs=1e-12)
-    # the implicit rewards are beta times the averaged log-ratios (TRL reports IPO's that way)
+    # the implicit rewards reported are beta times the averaged log-ratios
     assert chosen_reward.item() == pytest.approx(0.5 * 0.5, abs=1e-15)
     assert rejected_reward.item() == pytest.approx(0.5 * -0.5, abs=1e-15)
 
