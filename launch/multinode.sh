@@ -15,6 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY="${RAY:-$(command -v ray || echo .venv/bin/ray)}"
+# Ray runs a job's entrypoint (`python -m orchestrator.cli ...`) with this shell's PATH: put the interpreter
+# Ray itself runs on first, so `python` there is the one with odpo's dependencies.
+export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export RAY_AUTH_MODE=token
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 RAY_PORT="${RAY_PORT:-6379}"

@@ -4,9 +4,10 @@ Everything goes through Ray's Jobs SDK (`JobSubmissionClient`, HTTP to the dashb
 works from any machine that can reach the dashboard, with Ray's token authentication (RAY_AUTH_MODE=token
 and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
 
-A submitted run is `python -m orchestrator.cli run CONFIG overrides...` in a runtime_env that ships the
-working directory (this repository, without .venv, runs, caches) and the environment variables the run
-needs. The config is validated here first, so a bad value fails before anything is uploaded. Job
+A submitted run is `python -m orchestrator.cli run CONFIG overrides...` (`job_entrypoint`) in a runtime_env
+that ships the working directory (this repository, without .venv, runs, caches) and the environment
+variables the run needs. The config is validated here first, so a bad value fails before anything is
+uploaded; what the machine must offer (vLLM, paths) is checked by the job on the cluster. Job
 metadata marks the job as odpo's and records its run directory, which `odpo status` and `odpo scale` use.
 """
 
@@ -22,7 +23,7 @@ import uuid
 
 import yaml
 
-from orchestrator.config import load_config
+from orchestrator.config import InputError, load_config
 from orchestrator.progress import parse_line
 
 METADATA_KEY = "odpo_run_dir"
@@ -54,11 +55,26 @@ def runtime_env(working_dir: str, extra_file: str | None = None) -> dict:
         with open(extra_file) as f:
             extra = yaml.safe_load(f) or {}
         if not isinstance(extra, dict):
-            raise ValueError(f"{extra_file}: a runtime_env is a mapping (working_dir, env_vars, pip, ...)")
+            raise InputError(f"{extra_file}: a runtime_env is a mapping (working_dir, env_vars, pip, ...)")
         out["env_vars"] = {**env, **{k: str(v) for k, v in (extra.pop("env_vars", None) or {}).items()}}
         out["excludes"] = list(dict.fromkeys(EXCLUDES + list(extra.pop("excludes", None) or [])))
         out.update(extra)
     return out
+
+
+WRONG_PYTHON = ("odpo: the job runs python from the head node's PATH ($(command -v python || echo none)), which "
+                "cannot import odpo's dependencies (omegaconf): the cluster's Ray runs from another environment. Start "
+                "every node with that environment's bin first on PATH (launch/multinode.sh does; or source "
+                ".venv/bin/activate before ray start), or install odpo into this interpreter's environment.")
+
+
+def job_entrypoint(args: list[str]) -> str:
+    """The shell command a Ray job runs for `odpo ARGS` on the head node. Ray starts it with /bin/sh and the
+    PATH the head's `ray start` had, which need not lead to the interpreter Ray itself runs on (a cluster
+    started as `.venv/bin/ray start` without the venv on PATH): the command says so, and what to do,
+    instead of failing with a bare `No module named 'omegaconf'`."""
+    check = f"python -c 'import omegaconf' 2>/dev/null || {{ echo \"{WRONG_PYTHON}\" >&2; exit 1; }}"
+    return f"{check}; exec python -m orchestrator.cli " + " ".join(shlex.quote(a) for a in args)
 
 
 def submit(config: str, overrides: list[str], address: str | None, working_dir: str = ".",
@@ -68,22 +84,17 @@ def submit(config: str, overrides: list[str], address: str | None, working_dir: 
     working_dir = os.path.abspath(working_dir)
     config_abs = os.path.abspath(config)
     if os.path.commonpath([config_abs, working_dir]) != working_dir:
-        raise ValueError(f"{config} is outside the working directory {working_dir} that is shipped to the "
+        raise InputError(f"{config} is outside the working directory {working_dir} that is shipped to the "
                          "cluster; put it inside, or pass --working-dir")
-    # Relative paths in the config resolve against the working directory, as they will in the job.
-    cwd = os.getcwd()
-    os.chdir(working_dir)
-    try:
-        cfg = load_config(os.path.relpath(config_abs, working_dir), overrides)
-    finally:
-        os.chdir(cwd)
+    # values only: paths and installed engines are the cluster's, checked by the job where it runs
+    cfg = load_config(config_abs, overrides, check_machine=False)
     # The job's working directory is a temporary copy: the run directory must be absolute (shared storage,
     # or the head node's disk when the driver runs there).
     run_parent = output_dir or (cfg.run.output_dir if os.path.isabs(cfg.run.output_dir)
                                 else os.path.join(working_dir, cfg.run.output_dir))
     run_dir = os.path.join(run_parent, cfg.run.name)
     args = [os.path.relpath(config_abs, working_dir), *overrides, f"run.output_dir={run_parent}"]
-    entrypoint = "python -m orchestrator.cli run " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = job_entrypoint(["run", *args])
     c = client(address)
     submission_id = submission_id or f"odpo-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
     job_id = submit_when_ready(c, entrypoint=entrypoint, runtime_env=runtime_env(working_dir, runtime_env_file),
@@ -168,7 +179,7 @@ def status_table(c) -> str:
 def stop(c, job_id: str, timeout_s: float = 60.0) -> int:
     job = c.get_job_info(job_id)
     if not (job.metadata or {}).get(METADATA_KEY):
-        raise ValueError(f"{job_id} is not an odpo job")
+        raise InputError(f"{job_id} is not an odpo job")
     c.stop_job(job_id)
     status = wait_terminal(c, job_id, timeout_s)
     print(f"odpo: job {job_id} {status}; completed rounds stay in {job.metadata[METADATA_KEY]} "
@@ -193,9 +204,9 @@ def scale_job(c, job_id: str, sizes: dict[str, int], via_cluster: bool = False) 
     job = c.get_job_info(job_id)
     run_dir = (job.metadata or {}).get(METADATA_KEY)
     if not run_dir:
-        raise ValueError(f"{job_id} is not an odpo job")
+        raise InputError(f"{job_id} is not an odpo job")
     if str(job.status.value) in TERMINAL:
-        raise ValueError(f"job {job_id} is {job.status.value}; resize a finished run on resume instead "
+        raise InputError(f"job {job_id} is {job.status.value}; resize a finished run on resume instead "
                          "(generator.num_actors=N)")
     if not via_cluster and sees_run_dir(run_dir, job_id):
         request_scale(run_dir, sizes)
@@ -204,7 +215,7 @@ def scale_job(c, job_id: str, sizes: dict[str, int], via_cluster: bool = False) 
         # ship this checkout's code; an installed odpo (no pyproject.toml next to it) is on the cluster already
         ship = {"working_dir": REPO, "excludes": list(EXCLUDES)} if os.path.isfile(
             os.path.join(REPO, "pyproject.toml")) else None
-        helper = submit_when_ready(c, entrypoint=f"python -m orchestrator.cli scale {shlex.quote(run_dir)} {flags}",
+        helper = submit_when_ready(c, entrypoint=job_entrypoint(["scale", run_dir, *flags.split()]),
                                    runtime_env=ship, metadata={"odpo_helper_for": job_id})
         if wait_terminal(c, helper, 300) != "SUCCEEDED":
             raise RuntimeError(f"the scale request job {helper} failed:\n{c.get_job_logs(helper)[-2000:]}")

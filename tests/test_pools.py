@@ -168,6 +168,54 @@ def test_submit_refuses_a_config_outside_the_working_dir_and_bad_values_before_u
     assert main(["submit", "configs/tiny.yaml", "learner.lr=-1", "--address", "http://127.0.0.1:9"]) == 2
 
 
+def test_submit_leaves_the_machine_checks_to_the_cluster(tmp_path, monkeypatch):
+    """A config for a GPU cluster validates from a machine without vLLM or the cluster's paths; the job
+    checks them where it runs (`odpo run` there)."""
+    from orchestrator import jobs
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
+    remote = ["generator.backend=vllm", "policy.path=/cluster/models/llama-3-8b", "data.path=/cluster/data/p.jsonl"]
+    with pytest.raises(ConfigError, match="vllm is not installed"):
+        load_config("configs/tiny.yaml", remote)  # here, `odpo run` would need them
+    submitted = {}
+    monkeypatch.setattr(jobs, "client", lambda address: object())  # stands in for the cluster's job server
+
+    def record(c, **kw):
+        submitted.update(kw)
+        return "job-1"
+
+    monkeypatch.setattr(jobs, "submit_when_ready", record)
+    assert jobs.submit("configs/tiny.yaml", remote, "http://127.0.0.1:9") == 0
+    assert "exec python -m orchestrator.cli run configs/tiny.yaml generator.backend=vllm" in submitted["entrypoint"]
+
+
+def test_a_job_under_another_python_says_what_to_do(tmp_path):
+    """The entrypoint under a `python` that lacks odpo's dependencies (a cluster started as `.venv/bin/ray
+    start` without the venv on PATH; here an interpreter without site-packages stands in for it) fails with
+    what to do; under the environment's own python it runs odpo. Both through /bin/sh, as Ray runs it."""
+    import subprocess
+    import sys
+
+    from orchestrator.jobs import job_entrypoint
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "python").write_text(f'#!/bin/sh\nexec {os.path.realpath(sys.executable)} -S "$@"\n')
+    (bare / "python").chmod(0o755)
+    command = job_entrypoint(["validate", "configs/tiny.yaml", "run.name=under_the_right_python"])
+    env = {**os.environ, "PATH": f"{bare}:/usr/bin:/bin"}
+    wrong = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1
+    assert f"runs python from the head node's PATH ({bare}/python)" in wrong.stderr
+    assert "Start every node with that environment's bin first on PATH" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"
+    right = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert "name: under_the_right_python" in right.stdout
+
+
 def test_runtime_env_ships_the_repo_without_heavy_folders(tmp_path, monkeypatch):
     from orchestrator.jobs import runtime_env
 
