@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+    """Poll `condition()` until it returns something truthy, and return that; after `timeout_s` the test
+    fails naming `what` and the last value seen (never goes on as if the condition held)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout_s:.0f}s for {what}; last seen: {value!r}")
+        time.sleep(interval_s)
 
 
 def pytest_collection_modifyitems(config, items):

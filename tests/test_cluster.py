@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, RULE_LOOP
+from conftest import REPO, RULE_LOOP, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +80,12 @@ class Cluster:
         log = open(self.root / f"{name}.log", "w")
         self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            new = set(self.alive_nodes()) - before
-            if new:
-                return new.pop()
+
+        def joined() -> set[str]:
             assert self.nodes[name].poll() is None, (self.root / f"{name}.log").read_text()[-3000:]
-            time.sleep(1)
-        raise TimeoutError(f"node {name} did not join: {(self.root / f'{name}.log').read_text()[-3000:]}")
+            return set(self.alive_nodes()) - before
+
+        return wait_for(joined, 120, f"node {name} to join the cluster", interval_s=0.5).pop()
 
     def alive_nodes(self) -> list[str]:
         """Node ids the head reports alive (through the authenticated dashboard API)."""
@@ -107,14 +105,12 @@ class Cluster:
     def wait_for_job_agent(self) -> None:
         """The head's job agent answers a little after the node is up; the plain `ray job submit` does not
         wait for it (odpo submit does)."""
-        deadline = time.monotonic() + 120
-        while True:
+        def answers() -> bool:
             probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--", "true"],
                                    env=self.env, capture_output=True, text=True, timeout=120)
-            if probe.returncode == 0:
-                return
-            assert time.monotonic() < deadline, probe.stderr[-2000:]
-            time.sleep(2)
+            return probe.returncode == 0
+
+        wait_for(answers, 120, "the head's job agent to take a job", interval_s=1)
 
     def kill(self, name: str) -> None:
         """The node's raylet and everything it started, at once (SIGKILL to its process group)."""
@@ -166,7 +162,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
-ROUNDS = 6  # the submitted run: enough that a resize sent after round 0 (through a helper job) lands before the end
+ROUNDS = 8  # the submitted run: a resize sent once round 0 has begun (through a helper job, ~15 s) lands well before the end
 TINY = [*RULE_LOOP, "generator.backend=hf", "data.prompts_per_round=24", "generator.max_new_tokens=24", "generator.n=4",
         "generator.temperatures=[1.0]", "generator.chunk_size=4", "learner.global_batch_size=8",
         "metrics.progress_interval_s=1", "metrics.wandb=false", "ray.placement_timeout_s=60",
@@ -176,8 +172,9 @@ TINY = [*RULE_LOOP, "generator.backend=hf", "data.prompts_per_round=24", "genera
 @pytest.fixture(scope="module")
 def submitted(cluster, tmp_path_factory):
     """One run submitted with `odpo submit`, generators on the rollout node by their resources; while it
-    runs: `odpo status` and the head's Prometheus endpoint are polled, and after its first round
-    `odpo scale JOB --generators 2` is sent."""
+    runs: `odpo status` and the head's Prometheus endpoint are polled, and once round 0 has begun (its progress
+    line is in the job's log: the driver took any pending request before that line) `odpo scale JOB
+    --generators 2` is sent, so the resize can land no earlier than round 1."""
     runs = tmp_path_factory.mktemp("runs")
     name = "submitted"
     sub = cluster.odpo("submit", "configs/tiny.yaml", *TINY, f"run.rounds={ROUNDS}", f"run.name={name}",
@@ -185,22 +182,23 @@ def submitted(cluster, tmp_path_factory):
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().splitlines()[-1]
     run_dir = runs / name
-    record = {"job_id": job_id, "run_dir": run_dir, "status_outputs": [], "scrapes": [], "scaled_after": None}
+    record = {"job_id": job_id, "run_dir": run_dir, "status_outputs": [], "scrapes": [], "scaled_from": None}
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
+        done = read_metrics(run_dir)
+        if record["scaled_from"] is None and (done or re.search(
+                rf"round \d+/{ROUNDS} \[", cluster.api(f"/api/jobs/{job_id}/logs").get("logs", ""))):
+            start = time.monotonic()
+            scale = cluster.odpo("scale", job_id, "--generators", "2", "--via-cluster")  # as from another machine
+            record["scale_s"] = time.monotonic() - start
+            assert scale.returncode == 0, scale.stderr
+            record["scaled_from"] = max(len(done), 1)  # round 0 has begun: the earliest round the resize can reach
         st = cluster.odpo("status")
         record["status_outputs"].append(st.stdout)
         try:
             record["scrapes"].append(scrape(cluster.metrics_ports["head"]))
         except OSError:
             pass
-        done = read_metrics(run_dir)
-        if done and record["scaled_after"] is None:
-            start = time.monotonic()
-            scale = cluster.odpo("scale", job_id, "--generators", "2", "--via-cluster")  # as from another machine
-            record["scale_s"] = time.monotonic() - start
-            assert scale.returncode == 0, scale.stderr
-            record["scaled_after"] = len(done)
         status = job_status(cluster, job_id)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
@@ -234,7 +232,7 @@ def test_status_reported_the_running_job(submitted):
 
 def test_resize_between_rounds_takes_effect_with_current_weights(submitted):
     metrics = read_metrics(submitted["run_dir"])
-    k = submitted["scaled_after"]
+    k = submitted["scaled_from"]
     assert k is not None and k < ROUNDS
     sizes = [m["pool/generators"] for m in metrics]
     assert sizes[0] == 1 and sizes[-1] == 2, (sizes, f"the scale command took {submitted['scale_s']:.1f}s")
@@ -317,9 +315,7 @@ def test_stop_keeps_committed_rounds_and_submitting_again_resumes(cluster, tmp_p
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().splitlines()[-1]
     run_dir = tmp_path / "stopped"
-    deadline = time.monotonic() + 300
-    while not read_metrics(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: read_metrics(run_dir), 300, "the job's first committed round", interval_s=0.5)
     stop = cluster.odpo("stop", job_id)
     assert stop.returncode == 0, stop.stderr
     assert job_status(cluster, job_id) == "STOPPED"

@@ -37,10 +37,7 @@ def neg_log_sigmoid(x: float) -> float:
 def test_dpo_sigmoid_single_pair_by_hand():
     pc, pr, rc, rr, beta = -1.0, -2.0, -1.5, -1.5, 0.1
     # h = (pc - rc) - (pr - rr) = 0.5 - (-0.5) = 1.0
-    h = (pc - rc) - (pr - rr)
-    assert h == pytest.approx(1.0)
-    expected = -math.log(1.0 / (1.0 + math.exp(-beta * h)))  # -log sigma(0.1) = log(1 + e^-0.1)
-    assert expected == pytest.approx(0.6443966600735709, abs=1e-12)
+    expected = -math.log(1.0 / (1.0 + math.exp(-beta * 1.0)))  # -log sigma(0.1) = log(1 + e^-0.1)
 
     losses, chosen_reward, rejected_reward = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta)
     assert losses.shape == (1,)
@@ -68,7 +65,6 @@ def test_dpo_label_smoothing_by_hand():
     log_sig_pos = math.log(1 / (1 + math.exp(-0.1)))
     log_sig_neg = math.log(1 / (1 + math.exp(0.1)))
     expected = -(1 - eps) * log_sig_pos - eps * log_sig_neg
-    assert expected == pytest.approx(0.9 * math.log(1 + math.exp(-0.1)) + 0.1 * math.log(1 + math.exp(0.1)))
     losses, _, _ = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta, label_smoothing=eps)
     assert losses.item() == pytest.approx(expected, abs=1e-12)
     # smoothing penalises confidence: it costs more than plain DPO on a correctly ordered pair
@@ -178,7 +174,6 @@ def test_bradley_terry_per_pair_and_mean_by_hand():
 def test_bradley_terry_loss_by_hand():
     chosen, rejected = t(2.0, 0.5), t(1.0, 1.5)  # differences +1 and -1
     expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2
-    assert expected == pytest.approx((0.31326168751822286 + 1.3132616875182228) / 2)
     loss = bradley_terry_loss(chosen, rejected)
     assert loss.dim() == 0
     assert loss.item() == pytest.approx(expected, abs=1e-12)

@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
@@ -66,10 +66,9 @@ def test_custom_resources_that_no_node_offers_fail_placement_naming_them(ray_clu
     with pytest.raises(PlacementError, match=r"on nodes labelled \{'odpo-role': 'rollout'\}"):
         ActorPool("holder-y", Holder, 1, Placement(0.25, labels={"odpo-role": "rollout"}, timeout_s=2),
                   lambda r: (f"holder-y-{r}",), gang=True)
-    deadline = time.monotonic() + 20  # Ray frees removed placement groups asynchronously
-    while ray_cluster.available_resources().get("CPU") != ray_cluster.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, ray_cluster.available_resources()  # nothing held
-        time.sleep(0.2)
+    # nothing held: Ray frees removed placement groups asynchronously
+    wait_for(lambda: ray_cluster.available_resources().get("CPU") == ray_cluster.cluster_resources()["CPU"], 20,
+             f"every CPU free again (available: {ray_cluster.available_resources()})")
 
 
 def test_placement_config_is_validated(monkeypatch):

