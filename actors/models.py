@@ -12,6 +12,7 @@ the same `from_pretrained` path:
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -250,9 +251,38 @@ def quiet_libraries() -> None:
 
 
 def prepare_worker(cpus: float) -> None:
-    """Thread count from the actor's CPU reservation (not the machine's cores), and quiet library logs."""
+    """Thread count from the actor's CPU reservation (not the machine's cores), this environment's tools
+    first on PATH, and quiet library logs."""
     torch.set_num_threads(max(1, round(cpus)))
+    put_this_environment_first_on_path()
     quiet_libraries()
+
+
+def build_deepspeed_cpu_ops() -> list[str]:
+    """Compile, into TORCH_EXTENSIONS_DIR, the DeepSpeed op every CPU learner loads as it joins its group
+    (the shared-memory allreduce, as `deepspeed.init_distributed` builds it): `make install` calls this so
+    that the first run does not spend its learner's start-up compiling. Returns the ops built."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    put_this_environment_first_on_path()
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return []
+    builder.load()
+    return [builder.NAME]
+
+
+def put_this_environment_first_on_path() -> None:
+    """This interpreter's bin directory first on PATH, as `source .venv/bin/activate` would. DeepSpeed
+    compiles its CPU ops with torch's JIT, which runs the `ninja` on PATH, and caches the build
+    (TORCH_EXTENSIONS_DIR). A worker started from a shell without the environment on PATH runs another ninja
+    than one started with it, and two ninja versions rebuild each other's cache every time (about a minute
+    on 2 cores); with the environment's own ninja (a DeepSpeed dependency) first, every worker agrees."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
 
 
 def own_process_ids() -> list[int]:

@@ -44,6 +44,11 @@ def run(cfg: OdpoConfig) -> str:
         return s.out.path
 
 
+PLOT_EVERY_S = 30.0
+"""plots/rounds.png is redrawn after a round once this long has passed since the last drawing, and after the
+last round: drawing costs about a second of the driver's CPU, which rounds of a few seconds should not pay."""
+
+
 @dataclass
 class Trained:
     start: float
@@ -144,8 +149,10 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     s.out.commit(s.cfg, r + 1)
     s.history.append(metrics)
     s.telemetry.end_round(metrics)
-    try:
-        plot_rounds(s.history, s.out.path)
-    except Exception as e:  # the round is committed; a plot is not worth stopping for
-        print(f"odpo: could not draw {s.out.path}/plots/rounds.png: {e}", file=sys.stderr)
+    if r + 1 == s.cfg.run.rounds or time.monotonic() - s.plotted_at >= PLOT_EVERY_S:
+        s.plotted_at = time.monotonic()
+        try:
+            plot_rounds(s.history, s.out.path)
+        except Exception as e:  # the round is committed; a plot is not worth stopping for
+            print(f"odpo: could not draw {s.out.path}/plots/rounds.png: {e}", file=sys.stderr)
 

@@ -1,5 +1,6 @@
-"""The run's per-round plot, `plots/rounds.png` in the run directory, redrawn after every round:
-reward (mean, min-max band), DPO loss and accuracy, and throughput per stage (tokens/s)."""
+"""The run's per-round plot, `plots/rounds.png` in the run directory, redrawn after the first and the last
+round and at most every 30 s between them (driver.PLOT_EVERY_S): reward (mean, min-max band), DPO loss and
+accuracy, and throughput per stage (tokens/s)."""
 
 from __future__ import annotations
 

@@ -59,6 +59,8 @@ class Session:
     """The initial policy's answers to the held-out prompts (None without eval.prompts)."""
     fixed: list[RoundStream] | None
     """The offline baseline's pairs, round by round (None online)."""
+    plotted_at: float = float("-inf")
+    """time.monotonic() of the last drawing of plots/rounds.png (see driver.PLOT_EVERY_S)."""
 
     def pool_sizes(self) -> dict[str, int]:
         return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -264,3 +267,16 @@ def test_previous_reference_follows_the_policy(tiny_policy_dir):
     assert lrn.train_step(pairs, pairs[0], 4)["loss"] / 4 < math.log(2) - 0.01
     lrn.start_round(1, total_steps=10)
     assert lrn.train_step(pairs, pairs[0], 4)["loss"] / 4 == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_workers_build_torch_extensions_with_this_environments_ninja(monkeypatch):
+    """Ninja versions rebuild each other's cached DeepSpeed ops: a worker started without the environment on
+    PATH must still find the environment's ninja first."""
+    from actors.models import put_this_environment_first_on_path
+
+    own = os.path.join(os.path.dirname(sys.executable), "ninja")
+    assert os.path.exists(own)  # DeepSpeed's dependency, installed with it
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", os.path.dirname(sys.executable)]))
+    put_this_environment_first_on_path()
+    assert shutil.which("ninja") == own
+    assert os.environ["PATH"].split(os.pathsep).count(os.path.dirname(sys.executable)) == 1

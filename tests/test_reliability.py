@@ -115,7 +115,36 @@ def test_past_the_restart_budget_the_run_stops_naming_the_pool(ray_cluster, tmp_
     assert_no_actor_alive(ray_cluster)
 
 
-def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tmp_path_factory) -> str:
+    """The fault-free run that the runs with a dead learner or a killed driver must end like: BASE, 3 rounds."""
+    out = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        return run(config(out, "straight", "run.rounds=3"))
+
+
+def outcome(run_dir, rounds: int = 3) -> tuple[list[dict], list[str]]:
+    """Metrics without wall-clock figures or fault counters, and every round's pairs file as text."""
+    m = [{k: v for k, v in x.items() if not k.startswith(("timing/", "sync/", "stream/first", "stream/overlap",
+                                                          "faults/"))
+          and not k.endswith("tokens_per_s")}
+         for x in metrics_of(str(run_dir))]
+    return m, [open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl")).read() for r in range(rounds)]
+
+
+def assert_same_outcome(run_dir, straight: str) -> None:
+    (m_run, p_run), (m_straight, p_straight) = outcome(run_dir), outcome(straight)
+    diffs = [(r, k, a.get(k), b.get(k)) for r, (a, b) in enumerate(zip(m_run, m_straight))
+             for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    assert not diffs, diffs
+    assert len(m_run) == len(m_straight)
+    assert p_run == p_straight
+
+
+def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, straight, tmp_path, monkeypatch):
+    """The learner rank is SIGKILLed in round 1: the round is run again on a new learner group built from round
+    0's checkpoint, and the run ends as the fault-free one does (same pairs, losses and rewards)."""
     monkeypatch.chdir(REPO)
     cfg = config(tmp_path, "learner", "run.rounds=3")
     run_dir = str(tmp_path / "learner")
@@ -126,15 +155,15 @@ def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, t
     assert [x["faults/learner_retries"] for x in m] == [0, 1, 0]
     assert [x["weight_version"] for x in m] == [1, 2, 3]
     assert_every_prompt_once(cfg, run_dir)
+    assert_same_outcome(run_dir, straight)
     assert_no_actor_alive(ray_cluster)
 
 
-def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, tmp_path, monkeypatch):
+def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, straight, tmp_path, monkeypatch):
     """The driver (and with it its local Ray cluster) is SIGKILLed after round 1 and the same command is run
     again: the resumed run continues from round 2 and ends with the same pairs and metrics."""
     monkeypatch.chdir(REPO)
     overrides = [f"run.output_dir={tmp_path}", *BASE, "run.rounds=3", "run.overwrite=false"]
-    run(load_config("configs/tiny.yaml", ["run.name=straight", *overrides]))
 
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", "configs/tiny.yaml", "run.name=resumed", *overrides,
            "ray.include_dashboard=false"]
@@ -151,19 +180,8 @@ def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, t
                             timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming {run_dir}" in second.stderr
-
-    def outcome(d) -> tuple:
-        m = [{k: v for k, v in x.items() if not k.startswith(("timing/", "sync/", "stream/first", "stream/overlap"))
-              and not k.endswith("tokens_per_s")}  # wall-clock figures
-             for x in metrics_of(str(d))]
-        return m, [open(os.path.join(d, "pairs", f"round_{r}.jsonl")).read() for r in range(3)]
-
-    (m_resumed, p_resumed), (m_straight, p_straight) = outcome(run_dir), outcome(tmp_path / "straight")
-    diffs = [(r, k, a.get(k), b.get(k)) for r, (a, b) in enumerate(zip(m_resumed, m_straight))
-             for k in set(a) | set(b) if a.get(k) != b.get(k)]
-    assert not diffs, diffs
-    assert len(m_resumed) == 3
-    assert p_resumed == p_straight
+    assert len(metrics_of(str(run_dir))) == 3
+    assert_same_outcome(run_dir, straight)
 
 
 def test_resume_keeps_the_last_good_checkpoint_when_the_loss_goes_non_finite(ray_cluster, tmp_path, monkeypatch):
