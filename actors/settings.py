@@ -119,10 +119,10 @@ class LearnerConfig:
     gpus_per_rank: float = 0.0
     """GPUs reserved per learner rank (1 on GPU clusters)."""
     resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources reserved per learner rank besides CPUs and GPUs, e.g. {rollout: 1}: the learner group goes only
-    to nodes started with them (`ray start --resources`)."""
+    """Custom Ray resources reserved per learner rank besides CPUs and GPUs, e.g. {trainer: 1}: the learner
+    group goes only to nodes started with them (`ray start --resources`)."""
     node_labels: dict[str, str] = field(default_factory=dict)
-    """Node labels each learner rank's node must have, e.g. {odpo-role: rollout} (`ray start --labels`); Ray's
+    """Node labels each learner rank's node must have, e.g. {odpo-role: train} (`ray start --labels`); Ray's
     label selector syntax (`!value`, `in(a,b)`) works too."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (the recipe: 2)."""

@@ -24,7 +24,9 @@ from orchestrator.pools import PlacementError, PoolExhausted
 pytestmark = pytest.mark.slow
 
 BASE = [*RULE_LOOP, "data.prompts_per_round=32", "generator.chunk_size=4", "generator.max_new_tokens=16",
-        "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false"]
+        "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false", "generator.backend=hf"]
+"""The transformers generator, which builds in a second where a vLLM engine takes about ten: these faults are the
+pools', the learner's and the driver's. The test that kills and hangs generators runs vLLM engines (the default)."""
 
 
 def config(tmp_path, name: str, *overrides: str):
@@ -87,7 +89,8 @@ class Saboteur(threading.Thread):
 def test_killed_and_hung_rollout_actors_are_replaced_and_nothing_is_lost(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = config(tmp_path, "faults", "run.rounds=4", "generator.num_actors=2", "generator.call_timeout_s=4",
-                 "scorer.call_timeout_s=4")
+                 "scorer.call_timeout_s=4", "generator.backend=auto")
+    assert cfg.generator.backend == "auto"  # vLLM engines: killed and hung mid-generation
     run_dir = str(tmp_path / "faults")
     saboteur = Saboteur(ray_cluster, run_dir, [(1, "generator-0", signal.SIGSTOP),   # hangs in round 1
                                                (2, "scorer-0", signal.SIGKILL),      # dies in round 2
