@@ -262,15 +262,10 @@ def build_deepspeed_cpu_ops() -> list[str]:
     """Compile, into TORCH_EXTENSIONS_DIR, the DeepSpeed op every CPU learner loads as it joins its group
     (the shared-memory allreduce, as `deepspeed.init_distributed` builds it): `make install` calls this so
     that the first run does not spend its learner's start-up compiling. Returns the ops built."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op  # what init_distributed calls (None where not applicable)
 
     put_this_environment_first_on_path()
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return []
-    builder.load()
-    return [builder.NAME]
+    return ["deepspeed_shm_comm"] if build_shm_op() is not None else []
 
 
 def put_this_environment_first_on_path() -> None:
