@@ -67,7 +67,8 @@ def ray_cluster():
     import ray
 
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    env["PYTHONPATH"] = str(REPO / "tests")  # fault-injecting reward functions live in the test modules
+    # fault-injecting reward functions live in the test modules; a PYTHONPATH already set stays behind them
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     yield ray
     ray.shutdown()
