@@ -2,8 +2,13 @@
 
 One instance per rank; the ranks of a group form one torch.distributed group (gloo on CPU, NCCL on
 GPUs). Every rank is called with its slice of each global batch and runs exactly the same number of
-micro-steps (ZeRO's collectives run in lockstep); short slices are padded with zero-weight pairs, so a
-partial last batch trains exactly its real pairs.
+micro-steps (ZeRO's collectives run in lockstep): as many as the largest slice of *this* batch needs, so a
+partial last batch costs what its real pairs cost. A slice is sorted by length and cut into micro-batches of
+near-equal size, so rows of similar length share a micro-batch and little is computed on padding; a rank
+left with no pair for a micro-step computes one zero-weight pair.
+
+Reference log-probs come with the pairs when the driver had them computed as the pairs formed
+(`reference_logprobs`, the stream's reference stage); otherwise a step computes them itself.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class Learner:
                                       weight_decay=self.cfg.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
+        self.forward_flops_per_token = forward_flops_per_token(self.engine.module)
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
 
     def _build_reference(self, device: torch.device) -> None:
@@ -152,15 +158,14 @@ class Learner:
     def train_step(self, pairs: list[Pair], pad: Pair, batch_pairs: int) -> dict:
         """One optimizer step over this rank's `pairs` of a global batch of `batch_pairs` pairs.
 
-        Returns sums (loss, correct, rewards, count) so the driver can combine ranks exactly.
+        Returns sums (loss, correct, rewards, count) so the driver can combine ranks exactly, and what the
+        step computed (tokens, padding, FLOPs) for the round's profile.
         """
         start = time.perf_counter()
         m = self.cfg.micro_batch_size
-        slots = self.gas * m
-        if len(pairs) > slots:
+        if len(pairs) > self.gas * m:
             raise ValueError(f"rank {self.rank} got {len(pairs)} pairs, more than {self.gas} x {m} micro-batches hold")
-        padded = pairs + [pad] * (slots - len(pairs))
-        weights = torch.tensor([1.0] * len(pairs) + [0.0] * (slots - len(pairs)))
+        micro_batches = length_grouped(pairs, pad, micro_steps(batch_pairs, self.world_size, m))
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
         lr = cosine_lr(self.step_in_round, self.total_steps, warmup, self.cfg.lr, self.cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
@@ -168,20 +173,26 @@ class Learner:
         # engine.backward divides by gas, the gradient all-reduce averages over ranks: scale back so the
         # step's gradient is the mean over the batch's real pairs.
         scale = self.world_size * self.gas / batch_pairs
-        sums = dict(loss=0.0, correct=0.0, chosen_reward=0.0, rejected_reward=0.0, pairs=len(pairs))
-        for k in range(self.gas):
-            micro, w = padded[k * m: (k + 1) * m], weights[k * m: (k + 1) * m].to(self.device)
-            losses, chosen_r, rejected_r = self._pair_losses(micro)
+        sums = dict(loss=0.0, correct=0.0, chosen_reward=0.0, rejected_reward=0.0, pairs=len(pairs),
+                    computed_tokens=0, padded_tokens=0, flops=0.0)
+        for k, (micro, weights) in enumerate(micro_batches):
+            # the boundary is this batch's last micro-step, whatever gas the config's full batch needs
+            self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
+            w = torch.tensor(weights, device=self.device)
+            losses, chosen_r, rejected_r, work = self._pair_losses(micro)
             if not torch.isfinite(losses).all():
                 bad = sorted({p.uid for p, x in zip(micro, losses.tolist()) if not math.isfinite(x)})
                 raise FloatingPointError(f"non-finite DPO loss for prompt uid(s) {bad} at optimizer step "
                                          f"{self.step_in_round} of the round; stopping before the update")
             self.engine.backward((losses * w).sum() * scale)
             self.engine.step()
+            chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()  # a reward model's scores carry grad
             sums["loss"] += float((losses.detach() * w).sum())
             sums["correct"] += float(((chosen_r > rejected_r).float() * w).sum())
             sums["chosen_reward"] += float((chosen_r * w).sum())
             sums["rejected_reward"] += float((rejected_r * w).sum())
+            for key in ("computed_tokens", "padded_tokens", "flops"):
+                sums[key] += work[key]
         self.step_in_round += 1
         norm = self.engine.get_global_grad_norm()
         cap = self.cfg.max_length
@@ -191,9 +202,32 @@ class Learner:
         return sums
 
     @torch.no_grad()
-    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        """log pi(y|x) - log pi_ref(y|x) per (prompt, response): its mean estimates KL(pi || pi_ref) on samples
-        of pi. Every rank must get the same lists (ZeRO-3 forwards are collective)."""
+    def reference_logprobs(self, pairs: list[Pair]) -> dict:
+        """The reference model's summed log-probs of each pair's chosen and rejected response (`logps`, in the
+        pairs' order), computed once per pair as the pairs form (the stream's reference stage) so that no
+        training step or epoch redoes them; with the `seconds` and `flops` it took. Only this rank's
+        reference model is used: no collective, any rank may be asked."""
+        start = time.perf_counter()
+        out: list[tuple[float, float]] = []
+        m = self.cfg.micro_batch_size
+        for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
+            ids, attn, resp = self._pair_sequences(group)
+            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp).tolist()
+            out.extend(zip(ref[: len(group)], ref[len(group):]))
+        order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))  # length_grouped's order
+        result: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+        for i, value in zip(order, out):
+            result[i] = value
+        real = sum(min(len(p.prompt_ids) + len(r), self.cfg.max_length) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+        return {"logps": result, "seconds": time.perf_counter() - start,
+                "flops": float(self.forward_flops_per_token * real)}
+
+    @torch.no_grad()
+    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]]) -> dict:
+        """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
+        on samples of pi; and the `seconds` it took. Every rank must get the same lists (ZeRO-3 forwards are
+        collective)."""
+        start = time.perf_counter()
         self.engine.eval()
         out: list[float] = []
         m = self.cfg.micro_batch_size
@@ -204,18 +238,31 @@ class Learner:
             ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
             out.extend((policy - ref).tolist())
         self.engine.train()
-        return out
+        return {"ratios": out, "seconds": time.perf_counter() - start}
 
-    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pair_sequences(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen rows then rejected rows, right-padded to the micro-batch's longest."""
         prompts = [p.prompt_ids for p in pairs] * 2
         responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-        ids, attn, resp = (t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
+        return tuple(t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
+
+    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        ids, attn, resp = self._pair_sequences(pairs)
         logps = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
-        with torch.no_grad():
-            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
+        have_reference = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
+        if have_reference:  # computed once, as the pairs formed
+            ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
+                               dtype=logps.dtype, device=logps.device)
+        else:
+            with torch.no_grad():
+                ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
         n, tokens = len(pairs), response_token_counts(resp)
-        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
-                        chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
+        computed, real = ids.numel(), int(attn.sum())
+        # forward + backward of the policy (3 forwards' worth) and, unless given, one reference forward
+        work = dict(computed_tokens=computed, padded_tokens=computed - real,
+                    flops=float(self.forward_flops_per_token * real * (3 if have_reference else 4)))
+        return (*dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
+                          chosen_tokens=tokens[:n], rejected_tokens=tokens[n:]), work)
 
     # -- weights out --------------------------------------------------------------------------------
 
@@ -258,6 +305,40 @@ def _innermost_optimizer(opt):
     return opt
 
 
+def micro_steps(batch_pairs: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-steps every rank runs for a global batch of `batch_pairs` pairs: what the largest strided slice
+    (ceil(batch_pairs / world_size) pairs) needs, so a partial batch runs fewer than a full one."""
+    return max(1, math.ceil(math.ceil(batch_pairs / world_size) / micro_batch_size))
+
+
+def _pair_length(p: Pair) -> int:
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+
+
+def length_grouped(pairs: list[Pair], pad: Pair | None, steps: int) -> list[tuple[list[Pair], list[float]]]:
+    """`pairs` sorted by length (prompt + longer response; stable, so the order is reproducible) and cut into
+    `steps` contiguous micro-batches of near-equal size, each with its pairs' loss weights (1). A micro-step
+    left without a pair gets one `pad` pair of weight 0, so every rank still runs `steps` micro-steps."""
+    ordered = sorted(pairs, key=_pair_length)
+    out, start = [], 0
+    for k in range(steps):
+        size = len(ordered) // steps + (k < len(ordered) % steps)
+        group = ordered[start: start + size]
+        start += size
+        if group:
+            out.append((group, [1.0] * len(group)))
+        elif pad is not None:
+            out.append(([pad], [0.0]))
+    return out
+
+
+def forward_flops_per_token(model: torch.nn.Module) -> int:
+    """Multiply-adds x 2 of one token's forward through the model's linear layers (the output head included,
+    even when it shares the embedding's weights); attention's score and mixing products are left out (a few
+    per cent at odpo's sequence lengths)."""
+    return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 class RewardLearner(Learner):
     """A learner rank training a Bradley-Terry reward model (`odpo train-rm`): the same DeepSpeed engine,
     schedule and batching as DPO, with loss -log sigmoid(r_chosen - r_rejected) and no reference model.
@@ -284,9 +365,13 @@ class RewardLearner(Learner):
         r = self.engine(input_ids=ids, attention_mask=attn).logits[:, 0].float()
         return r[: len(pairs)], r[len(pairs):]
 
-    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         chosen, rejected = self._rewards(pairs)
-        return bradley_terry_loss(chosen, rejected, reduction="none"), chosen, rejected
+        real = sum(min(len(s), self.cfg.max_length) for p in pairs for s in (p.chosen_ids, p.rejected_ids))
+        computed = 2 * len(pairs) * min(self.cfg.max_length, max(len(s) for p in pairs for s in (p.chosen_ids, p.rejected_ids)))
+        work = dict(computed_tokens=computed, padded_tokens=computed - real,
+                    flops=float(self.forward_flops_per_token * real * 3))
+        return bradley_terry_loss(chosen, rejected, reduction="none"), chosen, rejected, work
 
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair]) -> dict:

@@ -156,6 +156,9 @@ class LearnerConfig:
     smooths its sigmoid loss, so with eps > 0 the two differ."""
     reference: str = "fixed"
     """Reference model: `fixed` (the initial policy, the paper) or `previous` (last round's policy)."""
+    reference_ahead: bool = True
+    """Compute each pair's reference log-probs once, as the round's pairs form (the learner ranks do it while
+    they wait for a full batch), instead of in every training step and epoch. Same losses either way."""
     max_length: int = 2048
     """Tokens of prompt + response per training sequence; responses are cut to fit."""
     gradient_clipping: float = 1.0

@@ -111,6 +111,10 @@ class Pair:
     rejected_score: float
     columns: dict[str, Any] = field(default_factory=dict)
     """The prompt row's other columns (e.g. its answer), so a pair can be checked again by a verifier."""
+    ref_chosen_logp: float | None = None
+    ref_rejected_logp: float | None = None
+    """The reference model's summed log-probs of the two responses, once the stream's reference stage has
+    computed them (None: the training step computes them itself)."""
 
 
 @dataclass
@@ -125,6 +129,11 @@ class TrainStepStats:
     seconds: float
     tokens: int = 0
     """Prompt + chosen + rejected tokens of the step's real pairs (as trained, after cutting to max_length)."""
+    computed_tokens: int = 0
+    """Token positions the step's forwards computed, padding included (summed over ranks)."""
+    padded_tokens: int = 0
+    flops: float = 0.0
+    """Useful FLOPs of the step (linear layers, real tokens only; summed over ranks)."""
 
 
 @dataclass

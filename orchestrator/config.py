@@ -155,6 +155,12 @@ class EvalConfig:
     gold_reward: str | None = None
     """A `module:function` reward used only to evaluate (the "gold" reward, e.g. the rule behind a proxy
     reward model), reported next to the scorer's reward; null: none."""
+    overlap: bool = True
+    """Evaluate round t while round t+1 goes on (its figures still land in round t's metrics line): the
+    evaluation set is generated first on the same pools and weights, the KL's forwards reach the learner
+    before round t+1's first step, and scoring and judging overlap the round. The last round, and runs with
+    learner.reference=previous (whose reference changes at the next round), evaluate before going on.
+    false: every round waits for its evaluation."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from orchestrator.control import apply_scale_request
 from orchestrator.plots import plot_rounds
 from orchestrator.pools import ActorPool, LearnerGroup
 from orchestrator.progress import RoundProgress
-from orchestrator.report import print_summary, round_metrics
+from orchestrator.report import print_summary, profile, round_metrics
 from orchestrator.session import Session, open_session
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 
@@ -32,14 +32,17 @@ def run(cfg: OdpoConfig) -> str:
         for r in range(s.out.completed, cfg.run.rounds):
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
+            start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
             # generate -> score -> pair -> train epoch 1, streamed; epochs 2..E; export (a dead learner: again)
             trained, retries = s.retrying_learner(train, r)
+            finish_deferred_evaluation(s)  # into the last round's metrics line, before the weights move on
             sync_s = sync(s, trained)  # every generator loads version + 1
             metrics = round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s, sync_s,
                                     time.perf_counter() - trained.start, trained.skipped, trained.truncated)
-            if s.initial is not None:
+            if s.initial is not None and not defers_evaluation(s.cfg, r):
                 metrics |= evaluate(s, r)  # the held-out prompts, answered with the new weights
             commit(s, r, trained, metrics | {"faults/learner_retries": retries})
+            s.evaluation_due = s.initial is not None and defers_evaluation(s.cfg, r)
         print_summary(s.history, s.out.path)
         return s.out.path
 
@@ -71,10 +74,11 @@ def train(s: Session, r: int) -> Trained:
     progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s, telemetry=s.telemetry)
     from_data = s.fixed is not None and cfg.offline.dataset is not None  # offline.dataset: data.path is not trained on
     s.learners.start_round(r, planned_steps(len(s.fixed[r].pairs) if from_data else len(prompts), cfg))
+    gate = s.deferred.kl_sent if s.deferred is not None else None  # its KL runs on the weights before this round's
     if s.fixed is None:
-        stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress)
+        stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate)
     else:
-        stream = offline.train_round(r, s.fixed[r], cfg, s.learners, progress)
+        stream = offline.train_round(r, s.fixed[r], cfg, s.learners, progress, gate)
     progress.set_stage("epochs")
     replay_start = time.perf_counter()
     replay = replay_epochs(stream.pairs, cfg, r, s.learners, progress)
@@ -124,6 +128,32 @@ def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: lis
         raise RuntimeError(f"weight sync to version {version} failed: generators report {reported}")
 
 
+def defers_evaluation(cfg: OdpoConfig, r: int) -> bool:
+    """Round r's evaluation runs during round r + 1 (eval.overlap), except after the last round and with a
+    `previous` reference, which the next round replaces before its KL could run."""
+    return cfg.eval.overlap and r + 1 < cfg.run.rounds and cfg.learner.reference == "fixed"
+
+
+def start_deferred_evaluation(s: Session) -> None:
+    if s.evaluation_due:
+        s.deferred = evaluation.Deferred(s.out.completed - 1, s.source.eval, s.cfg, s.generators, s.scorers,
+                                         s.learners, s.initial, s.version)
+        s.evaluation_due = False
+
+
+def finish_deferred_evaluation(s: Session) -> None:
+    """The deferred evaluation's figures go into its round's metrics line (the last one committed)."""
+    if s.deferred is None:
+        return
+    deferred, s.deferred = s.deferred, None
+    metrics = deferred.result()
+    evaluation.report(metrics, f"round {deferred.round_index + 1}/{s.cfg.run.rounds}")
+    s.out.amend_last_metrics(metrics)
+    s.history[-1] |= metrics
+    s.overlapped_busy = {"generator": metrics["timing/eval_generate"], "learner": metrics["timing/eval_kl"],
+                         "scorer": metrics["timing/eval_score"] + metrics["timing/eval_judge"]}
+
+
 def evaluate(s: Session, r: int) -> dict:
     """The held-out metrics of the weights just synced, against the initial policy's answers."""
     start = time.perf_counter()
@@ -138,6 +168,8 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     """Checkpoint, pairs, metrics, then state.json: a round counts as done only once all are in place."""
     metrics |= {"pool/generators": len(s.generators), "pool/scorers": len(s.scorers),
                 "pool/generators_dropped": s.generators.dropped, "pool/scorers_dropped": s.scorers.dropped}
+    metrics |= s.startup  # this driver's start-up, in the first round line it commits
+    s.startup = {}
     s.out.write_placement(s.cluster.nodes())
     start = time.perf_counter()
     s.out.write_checkpoint(r, ray.get(trained.export_refs[0]))
@@ -145,6 +177,9 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
         s.out.save_optimizer_states(r, s.learners.optimizer_states())
     s.out.write_pairs(r, trained.stream.pairs)
     metrics["timing/checkpoint"] = time.perf_counter() - start
+    metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
+                       s.overlapped_busy)
+    s.overlapped_busy = {}
     s.out.log_metrics(metrics)
     s.out.commit(s.cfg, r + 1)
     s.history.append(metrics)

@@ -19,7 +19,9 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -43,6 +45,8 @@ class Samples:
     chunks: list[RolloutChunk]
     rewards: list[float]
     """Scorer rewards, flat in (prompt, sample) order; empty for a pairwise scorer."""
+    busy: dict[str, float] = field(default_factory=dict)
+    """Seconds the pools computed for these samples, summed over actors (`generate`, `score`)."""
 
     def items(self) -> list[tuple[list, str]]:
         return [(ro.prompt.messages, r.text) for c in self.chunks for ro in c.rollouts for r in ro.responses]
@@ -55,30 +59,53 @@ class Samples:
 def sample(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
            version: int) -> Samples:
     """Generate the eval set with the generators' current weights (checked to be `version`) and score it."""
+    return score(generate(prompts, cfg, generators, version), cfg, scorers)
+
+
+def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, version: int,
+             sent: threading.Event | None = None) -> list[RolloutChunk]:
+    """The eval set's chunks, generated with weights `version` (checked); `sent` is set once every chunk is
+    queued at the generators."""
     chunks = make_chunks(EVAL_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
-    gens, scs = generators.actors, scorers.actors
-    out: list[RolloutChunk] = generators.get([gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)],
-                                             "generating the evaluation set")
+    gens = generators.actors
+    refs = [gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)]
+    if sent is not None:
+        sent.set()
+    out: list[RolloutChunk] = generators.get(refs, "generating the evaluation set")
     stale = [c.chunk_id for c in out if c.weight_version != version]
     if stale:
         raise RuntimeError(f"evaluation chunks {stale} were generated with another weight version than {version}")
+    return out
+
+
+def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Samples:
+    scs = scorers.actors
     rewards: list[float] = []
+    busy = {"generate": sum(c.seconds for c in out), "score": 0.0}
     if cfg.scorer.type != "pairwise":
         scored = scorers.get([scs[i % len(scs)].score.remote(c) for i, c in enumerate(out)], "scoring the evaluation set")
         rewards = [x for sc in scored for row in sc.scores for x in row]
-    return Samples(out, rewards)
+        busy["score"] = sum(sc.seconds for sc in scored)
+    return Samples(out, rewards, busy)
 
 
 def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
-            learners: LearnerGroup | None) -> dict:
+            learners: LearnerGroup | None, kl_refs: list[ray.ObjectRef] | None = None) -> dict:
+    """`kl_refs`: the learner ranks' log-ratios of `now`, already asked for (else asked here)."""
     items, base = now.items(), initial.items()
     scs = scorers.actors
     per = math.ceil(len(items) / len(scs))
     triples = [(m, a, b) for (m, a), (_, b) in zip(items, base)]
     columns = now.columns()
+    start = time.perf_counter()
     probs = [p for part in scorers.get([scs[k].compare.remote(triples[k * per: (k + 1) * per],
                                                               columns[k * per: (k + 1) * per]) for k in range(len(scs))],
                                        "judging the evaluation set") for p in part]
+    judge_s = time.perf_counter() - start  # every scorer judges its share at once
+    kl, kl_s = float("nan"), 0.0
+    if learners is not None:
+        ranks = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
+        kl, kl_s = float(np.mean(ranks[0]["ratios"])), max(r["seconds"] for r in ranks)
     out = {
         "eval/prompts": len({ro.prompt.uid for c in now.chunks for ro in c.rollouts}),
         "eval/reward_mean": float(np.mean(now.rewards)) if now.rewards else float("nan"),
@@ -86,7 +113,10 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
         "eval/win_rate": float(np.mean([1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs])),
         "eval/response_chars": float(np.mean([len(t) for _, t in items])),
         "eval/response_chars_initial": float(np.mean([len(t) for _, t in base])),
-        "eval/kl": kl_estimate(now, learners) if learners is not None else float("nan"),
+        "eval/kl": kl,
+        # what the evaluation cost each pool, summed over its actors (the round's profile adds them up)
+        "timing/eval_generate": now.busy.get("generate", float("nan")), "timing/eval_score": now.busy.get("score", float("nan")),
+        "timing/eval_judge": judge_s * len(scs), "timing/eval_kl": kl_s,  # the KL: the learner ranks' compute
     }
     if cfg.eval.gold_reward:
         gold = RewardFn(cfg.eval.gold_reward)
@@ -95,11 +125,61 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     return out
 
 
-def kl_estimate(samples: Samples, learners: LearnerGroup) -> float:
-    prompts = [ro.prompt_ids for c in samples.chunks for ro in c.rollouts for _ in ro.responses]
-    responses = [r.token_ids for c in samples.chunks for ro in c.rollouts for r in ro.responses]
-    ratios = learners.get([r.log_ratios.remote(prompts, responses) for r in learners.ranks], "the KL estimate")[0]
-    return float(np.mean(ratios))
+def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup) -> list[ray.ObjectRef]:
+    """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective)."""
+    prompts = [ro.prompt_ids for c in chunks for ro in c.rollouts for _ in ro.responses]
+    responses = [r.token_ids for c in chunks for ro in c.rollouts for r in ro.responses]
+    return [r.log_ratios.remote(prompts, responses) for r in learners.ranks]
+
+
+class Deferred:
+    """Round r's held-out evaluation, run by a driver thread while round r+1 goes on (`eval.overlap`).
+
+    The generators hold round r's weights until round r+1 ends, so the evaluation set is generated first on
+    them (its chunks are queued ahead of round r+1's: `chunks_sent`); the KL's forwards are sent to the
+    learner ranks as soon as the samples exist (`kl_sent`), and round r+1's first training step waits for
+    that, so they run on round r's weights; scoring and judging go on beside the round. `result()` joins.
+    """
+
+    def __init__(self, round_index: int, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool,
+                 scorers: ActorPool, learners: LearnerGroup, initial: Samples, version: int):
+        self.round_index, self.cfg, self.scorers, self.initial = round_index, cfg, scorers, initial
+        self.chunks_sent, self.kl_sent = threading.Event(), threading.Event()
+        self.samples: Samples | None = None
+        self.outcome: dict | BaseException | None = None
+        self.start = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, args=(prompts, generators, learners, version), daemon=True,
+                                       name=f"odpo-eval-round-{round_index}")
+        self.thread.start()
+        self.chunks_sent.wait()
+
+    def _run(self, prompts: list[Prompt], generators: ActorPool, learners: LearnerGroup, version: int) -> None:
+        try:
+            chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent)
+            kl_refs = kl_requests(chunks, learners)
+            self.kl_sent.set()
+            self.samples = score(chunks, self.cfg, self.scorers)
+            self.outcome = metrics(self.samples, self.initial, self.cfg, self.scorers, learners, kl_refs)
+        except BaseException as e:  # handed to the driver by result()
+            self.outcome = e
+        finally:
+            self.chunks_sent.set()
+            self.kl_sent.set()
+
+    def redo_kl(self, learners: LearnerGroup) -> None:
+        """The learner group died (and was rebuilt from round r's checkpoint) while this evaluation's KL was
+        pending: compute it again on the new group, before the retried round trains."""
+        self.thread.join()
+        from orchestrator.pools import LearnerFailure
+
+        if isinstance(self.outcome, LearnerFailure) and self.samples is not None:
+            self.outcome = metrics(self.samples, self.initial, self.cfg, self.scorers, learners)
+
+    def result(self) -> dict:
+        self.thread.join()
+        if isinstance(self.outcome, BaseException):
+            raise RuntimeError(f"the held-out evaluation of round {self.round_index} failed: {self.outcome}") from self.outcome
+        return self.outcome | {"timing/eval": time.perf_counter() - self.start, "eval/overlapped": 1}
 
 
 def summary(m: dict) -> str:

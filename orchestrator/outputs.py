@@ -205,6 +205,17 @@ class RunDir:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in clean.items() if v is not None}, step=metrics["round"])
 
+    def amend_last_metrics(self, extra: dict) -> None:
+        """Add `extra` to the last committed round's metrics line (a deferred evaluation's figures), and to
+        wandb at that round's step (still the current one: the next round is not logged yet)."""
+        path = self.sub("metrics.jsonl")
+        lines = open(path).read().splitlines(keepends=True)
+        last = json.loads(lines[-1])
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in extra.items()}
+        write_atomic(path, "".join(lines[:-1]) + json.dumps(last | clean) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in clean.items() if v is not None}, step=last["round"])
+
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -7,6 +7,7 @@ torch.distributed group and fans calls out to them, returning object refs (`asyn
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,10 +86,20 @@ class ActorPool:
         self.remote_cls = ray.remote(cls)
         self.next_id = 0
         self.slots: list[Slot] = []
+        self.created_at = time.perf_counter()
         for slot in self._place(size, placement.timeout_s):
             slot.incarnation = incarnation  # a rebuilt learner group's actors get fresh names (learner-0.1)
             self._start(slot)
             self.slots.append(slot)
+        self.built_at: list[float] = []
+        """When each first actor's constructor had finished (a callback on its `ready` call): the pool's build
+        time, which runs while the driver does other set-up."""
+        for slot in self.slots:
+            slot.actor.ready.remote().future().add_done_callback(lambda _: self.built_at.append(time.perf_counter()))
+
+    def build_seconds(self) -> float:
+        """Seconds from the pool's creation until its last first actor was built (NaN while one is not)."""
+        return max(self.built_at) - self.created_at if len(self.built_at) == len(self.slots) else float("nan")
 
     @property
     def actors(self) -> list:
@@ -264,6 +275,19 @@ class LearnerGroup:
         w = len(self.ranks)
         return [r.train_step.remote(batch[i::w], batch[0], len(batch)) for i, r in enumerate(self.ranks)]
 
+    def async_reference_ref(self, pairs: list[Pair], k: int) -> ray.ObjectRef:
+        """Rank k mod world computes the pairs' reference log-probs (no collective: any rank can)."""
+        return self.ranks[k % len(self.ranks)].reference_logprobs.remote(pairs)
+
+    def with_reference(self, pairs: list[Pair]) -> tuple[list[Pair], float]:
+        """The pairs with their reference log-probs, spread over the ranks; and the ranks' busiest seconds."""
+        w = len(self.ranks)
+        parts = [pairs[i::w] for i in range(w)]
+        results = self.get([self.async_reference_ref(part, i) for i, part in enumerate(parts) if part],
+                           "the reference log-probs")
+        done = {id(p): q for part, res in zip(parts, results) for p, q in zip(part, attach_reference(part, res))}
+        return [done[id(p)] for p in pairs], max((res["seconds"] for res in results), default=0.0)
+
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
         self.get([r.init_nccl_sync.remote(generators, tensor_parallel_size) for r in self.ranks], "the NCCL set-up")
 
@@ -273,6 +297,11 @@ class LearnerGroup:
     def async_export_refs(self, version: int) -> list[ray.ObjectRef]:
         """All ranks take part in the gather; refs[0] (rank 0) holds the bundle, in the object store once."""
         return [r.export_weights.remote(version) for r in self.ranks]
+
+
+def attach_reference(pairs: list[Pair], result: dict) -> list[Pair]:
+    """`pairs` with the reference log-probs a learner rank's `reference_logprobs` returned for them."""
+    return [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, result["logps"])]
 
 
 def combine_step(rank_sums: list[dict]) -> TrainStepStats:
@@ -285,5 +314,7 @@ def combine_step(rank_sums: list[dict]) -> TrainStepStats:
         rejected_reward=sum(s["rejected_reward"] for s in rank_sums) / n,
         pairs=n, lr=rank_sums[0]["lr"], grad_norm=rank_sums[0]["grad_norm"],
         seconds=max(s["seconds"] for s in rank_sums), tokens=sum(s.get("tokens", 0) for s in rank_sums),
+        computed_tokens=sum(s.get("computed_tokens", 0) for s in rank_sums),
+        padded_tokens=sum(s.get("padded_tokens", 0) for s in rank_sums), flops=sum(s.get("flops", 0.0) for s in rank_sums),
     )
 

@@ -46,7 +46,9 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list[TrainS
         "timing/round": round_s, "timing/stream": stream.wall_s,
         "timing/generate": stream.busy["generate"], "timing/score": stream.busy["score"],
         "timing/train": stream.busy["train"] + sum(s.seconds for s in replay), "timing/replay": replay_s,
-        "timing/train_streamed": stream.busy["train"],
+        "timing/train_streamed": stream.busy["train"], "timing/reference": stream.busy["reference"],
+        "train/computed_tokens": sum(s.computed_tokens for s in steps), "train/padded_tokens": sum(s.padded_tokens for s in steps),
+        "train/flops": stream.learner_flops + sum(s.flops for s in replay),
         "timing/sync": sync_s, "sync/seconds": sync_s,
         **{f"faults/{k}": v for k, v in stream.faults.items()},
         "timing/generate_span": stream.generate_span_s,
@@ -60,6 +62,54 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list[TrainS
     if stream.drawn_before_round:
         metrics.update(dict.fromkeys(NOT_MEASURED_OFFLINE, math.nan))
     return metrics
+
+
+POOLS = ("generator", "scorer", "learner")
+
+
+def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
+            overlapped: dict[str, float] | None = None) -> dict:
+    """Where round `m` went (`profile/*`), from its timings: per pool, the seconds its actors computed and
+    sat idle (averaged over the pool's actors), utilisation, throughput per busy second, and the learner's
+    useful FLOP/s per rank. `round_s` runs from the round's start to its commit, evaluation included.
+
+    Busy seconds: generator = generation + the evaluation's + loading the new weights; scorer = scoring +
+    the evaluation's scoring and judging; learner = training steps (all epochs) + the reference stage + the
+    weight export + the evaluation's KL. `overlapped`: pool seconds the previous round's deferred evaluation
+    (eval.overlap) spent during this round, counted here, where they ran; a line whose own evaluation was
+    deferred counts none of it."""
+    def get(key: str) -> float:
+        v = m.get(key, 0.0)
+        return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    learner_compute = get("timing/train") + get("timing/reference")
+    overlapped = overlapped or {}
+    own_eval = not m.get("eval/overlapped") and "timing/eval" in m  # this round's evaluation ran in this round
+    if not own_eval:
+        m = {k: v for k, v in m.items() if not k.startswith("timing/eval_")}
+    busy = {  # summed over each pool's actors, except the learner's (each of its figures is already per rank)
+        "generator": (get("timing/generate") + get("timing/eval_generate") + overlapped.get("generator", 0.0)
+                      + (get("timing/sync") - export_s) * sizes["generator"]),
+        "scorer": get("timing/score") + get("timing/eval_score") + get("timing/eval_judge") + overlapped.get("scorer", 0.0),
+        "learner": (learner_compute + export_s + get("timing/eval_kl") + overlapped.get("learner", 0.0)) * sizes["learner"],
+    }
+    out = {"profile/round_s": round_s}
+    for pool in POOLS:
+        per_actor = busy[pool] / max(1, sizes[pool])
+        out[f"profile/{pool}_busy_s"] = per_actor
+        out[f"profile/{pool}_idle_s"] = max(0.0, round_s - per_actor)
+        out[f"profile/{pool}_util"] = per_actor / round_s if round_s else float("nan")
+    gen_busy, score_busy = get("timing/generate"), get("timing/score")
+    out["profile/generator_tokens_per_busy_s"] = get("gen/tokens") / gen_busy if gen_busy else float("nan")
+    out["profile/scorer_tokens_per_busy_s"] = get("gen/tokens") / score_busy if score_busy else float("nan")
+    out["profile/learner_tokens_per_busy_s"] = get("train/tokens") / learner_compute if learner_compute else float("nan")
+    out["profile/learner_flops_per_s"] = (get("train/flops") / sizes["learner"] / learner_compute if learner_compute
+                                          else float("nan"))
+    computed = get("train/computed_tokens")
+    out["profile/learner_pad_share"] = get("train/padded_tokens") / computed if computed else float("nan")
+    slowest = max(out[f"profile/{p}_busy_s"] for p in POOLS)
+    out["profile/round_over_slowest"] = round_s / slowest if slowest else float("nan")  # 1.0: nothing but the slowest pool's work
+    return out
 
 
 TABLE_COLUMNS = (("round", "round", "{:d}"), ("reward/mean", "reward mean", "{:.4f}"),

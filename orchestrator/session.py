@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import ray
@@ -61,6 +61,14 @@ class Session:
     """The offline baseline's pairs, round by round (None online)."""
     plotted_at: float = float("-inf")
     """time.monotonic() of the last drawing of plots/rounds.png (see driver.PLOT_EVERY_S)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """This driver's start-up, broken down (`startup/*`); it goes into the first round line it commits."""
+    evaluation_due: bool = False
+    """The last committed round's evaluation is still to run, during the next round (eval.overlap)."""
+    deferred: evaluation.Deferred | None = None
+    """That evaluation, running."""
+    overlapped_busy: dict[str, float] = field(default_factory=dict)
+    """Pool seconds a deferred evaluation spent during the round now running (its profile counts them)."""
 
     def pool_sizes(self) -> dict[str, int]:
         return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}
@@ -81,12 +89,15 @@ class Session:
                 self.cluster.remove(self.learners.pool)
                 self.learners = build_learners(self.cfg, self.cluster, self.out, self.policy_path, self.pad_id,
                                                attempt + 1)
+                if self.deferred is not None:  # the last round's KL, if the dead group never answered it
+                    self.deferred.redo_kl(self.learners)
         raise AssertionError("unreachable")
 
 
 @contextmanager
 def open_session(cfg: OdpoConfig) -> Iterator[Session]:
     started = time.time()  # scale requests older than this were meant for an earlier driver
+    clock = StartupClock()
     quiet_libraries()
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)  # bad data stops us here
     out = RunDir(cfg)
@@ -99,14 +110,19 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
         fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
         take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
         out.write_job_marker()
+        clock.lap("before_ray")  # prompts, models (a builtin's conversion), the run directory
         with Cluster(cfg) as cluster:
+            clock.lap("ray")
             generators = cluster.generators(policy_path, tokenizer_path)
             if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
                 train_own_reward_model(cfg, out, reward_path, generators)
+            clock.lap("reward_model")  # with the generator pool's build when it samples the policy
             scorers = cluster.scorers(reward_path)
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)
+            clock.lap("learners")  # placed, built and joined (DeepSpeed's set-up), while the other pools build
             # the initial policy's answers to the held-out prompts, before a resume loads later weights
             initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
+            clock.lap("initial_eval")
             fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
             if out.completed:
                 print(f"odpo: resuming {out.path} after round {out.completed - 1}", file=sys.stderr)
@@ -114,20 +130,44 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                 generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
             generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
             scorers.wait_ready()
+            clock.lap("rest")
             nccl = cfg.generator.weight_sync == "nccl"
             if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
                 learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
             print(f"odpo: {len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} "
                   f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}",
                   file=sys.stderr)
+            startup = clock.summary(generators=generators.build_seconds(), scorers=scorers.build_seconds())
+            print("odpo: start-up " + ", ".join(f"{k.removeprefix('startup/')} {v:.1f}s" for k, v in startup.items()),
+                  file=sys.stderr)
             yield Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
-                          learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed)
+                          learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
+                          startup=startup)
     finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
         try:
             out.close()
         except Exception as e:
             print(f"odpo: closing wandb failed ({type(e).__name__}: {e}); metrics.jsonl holds every committed round",
                   file=sys.stderr)
+
+
+class StartupClock:
+    """Seconds of the driver's start-up steps, in order (`lap`), and the pools' own build times, which
+    overlap them (a pool builds in the background from its creation until its actors are ready)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    def summary(self, **pool_builds: float) -> dict[str, float]:
+        return ({"startup/total_s": time.perf_counter() - self.start}
+                | {f"startup/{k}_s": v for k, v in self.laps.items()}
+                | {f"startup/{k}_build_s": v for k, v in pool_builds.items()})
 
 
 def build_learners(cfg: OdpoConfig, cluster: Cluster, out: RunDir, initial_policy: str, pad_id: int,

@@ -6,11 +6,15 @@ chunk goes to the least-loaded actor as results arrive (`ray.wait`), never by st
 go from generator to scorer by object ref; the driver only reads scored chunks.
 
 Scored chunks are released to pairing and training in chunk order (a small reorder buffer), so the
-training batches do not depend on which actor finished first: a run is reproducible.
+training batches do not depend on which actor finished first: a run is reproducible. With
+`learner.reference_ahead` each released chunk's pairs first go to a learner rank for their reference
+log-probs (the reference stage: the ranks do it while they wait for a full batch), and reach the training
+buffer, still in chunk order, with those attached.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +25,7 @@ import ray
 
 from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
 from orchestrator.config import OdpoConfig
-from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, combine_step
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, attach_reference, combine_step
 from orchestrator.progress import RoundProgress
 from orchestrator.selection import DROP_REASONS, make_pairs
 
@@ -36,7 +40,11 @@ class RoundStream:
     response_chars: list[int] = field(default_factory=list)
     steps: list[TrainStepStats] = field(default_factory=list)
     new_tokens: int = 0
-    busy: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0})
+    busy: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "score": 0.0, "train": 0.0,
+                                                             "reference": 0.0})
+    """Seconds each stage computed (summed over its actors); `reference`: the learner ranks' reference stage."""
+    learner_flops: float = 0.0
+    """Useful FLOPs of the learner in the streamed epoch: training steps and the reference stage."""
     generate_span_s: float = 0.0
     wall_s: float = 0.0
     first_scored_s: float = float("nan")
@@ -134,10 +142,12 @@ def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: 
 
 def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: OdpoConfig,
                  generators: ActorPool, scorers: ActorPool, learners: LearnerGroup | None,
-                 progress: RoundProgress) -> RoundStream:
+                 progress: RoundProgress, train_after: threading.Event | None = None) -> RoundStream:
     """Generate, score, pair and train (first epoch) one round's prompts; every prompt ends as a pair
     or a counted drop. A generator or scorer that dies or hangs is replaced and its chunks are redone.
-    Without `learners` nothing is trained: the offline baseline draws its fixed pairs this way."""
+    Without `learners` nothing is trained: the offline baseline draws its fixed pairs this way.
+    `train_after`: no training step is sent before it is set (the previous round's deferred evaluation
+    has sent its KL forwards, which must run on the weights before this round's steps)."""
     start = time.perf_counter()
     out = RoundStream()
     gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor, cfg.generator.call_timeout_s)
@@ -149,6 +159,9 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     next_release, batch_size = 0, cfg.learner.global_batch_size
     buffer: list[Pair] = []
     training: deque[tuple[list[ray.ObjectRef], float]] = deque()
+    ahead = learners is not None and cfg.learner.reference_ahead
+    referencing: deque[tuple[ray.ObjectRef, list[Pair], float]] = deque()  # pairs at the reference stage, in order
+    referenced: set[ray.ObjectRef] = set()
     last_gen_done = start
 
     def submit_train(batch: list[Pair]) -> None:
@@ -166,22 +179,38 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, c = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
-        while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT:
+        while referencing and referencing[0][0] in referenced:  # in release order: batches stay reproducible
+            ref, pairs, _ = referencing.popleft()
+            referenced.discard(ref)
+            result = learners.get([ref], "the reference log-probs")[0]
+            out.busy["reference"] += result["seconds"]
+            out.learner_flops += result["flops"]
+            pairs = attach_reference(pairs, result)
+            out.pairs.extend(pairs)
+            buffer.extend(pairs)
+        gated = train_after is not None and not train_after.is_set()
+        while len(buffer) >= batch_size and len(training) < MAX_TRAIN_STEPS_IN_FLIGHT and not gated:
             submit_train(buffer[:batch_size])
             buffer = buffer[batch_size:]
-        if next_release == total_chunks and buffer and not training:
+        if next_release == total_chunks and buffer and not training and not referencing and not gated:
             submit_train(buffer)  # the round's last, partial batch: trains exactly its real pairs
             buffer = []
         progress.queues(generator=len(chunks) + gen.depth(), scorer=len(to_score) + score.depth(),
-                        learner=len(buffer) + batch_size * len(training))
-        waiting = list(gen.inflight) + list(score.inflight) + [refs[0] for refs, _ in training]
-        if not waiting:
+                        learner=len(buffer) + batch_size * len(training) + sum(len(p) for _, p, _ in referencing))
+        waiting = (list(gen.inflight) + list(score.inflight) + [refs[0] for refs, _ in training]
+                   + [ref for ref, _, _ in referencing if ref not in referenced])
+        if not waiting and not (gated and buffer):
             break
-        train_deadline = training[0][1] + cfg.learner.step_timeout_s - time.perf_counter() if training else float("inf")
+        oldest = min([t for _, t in training] + [t for r, _, t in referencing if r not in referenced], default=None)
+        train_deadline = float("inf") if oldest is None else oldest + cfg.learner.step_timeout_s - time.perf_counter()
         timeout = max(0.05, min(gen.seconds_to_deadline(), score.seconds_to_deadline(), train_deadline))
-        ready, _ = ray.wait(waiting, num_returns=1, fetch_local=False, timeout=min(timeout, 3600.0))
+        if gated and buffer:  # look at the gate again soon
+            timeout = min(timeout, 0.1)
+        ready, _ = ray.wait(waiting, num_returns=1, fetch_local=False, timeout=min(timeout, 3600.0)) if waiting else ([], [])
+        if not ready and gated and buffer:
+            continue
         if not ready:  # a deadline passed: whoever is hung is replaced (or the learner round retried)
-            _handle_hang(gen, score, training, cfg, chunks, to_score, out)
+            _handle_hang(gen, score, oldest, cfg, chunks, to_score, out)
             continue
         ref = ready[0]
         if ref in gen.inflight:
@@ -216,10 +245,16 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             out.chunks_by_actor[sc.rollouts.actor] = out.chunks_by_actor.get(sc.rollouts.actor, 0) + 1
             progress.add("scored", len(sc.rollouts.rollouts), sc.rollouts.new_tokens)
             while next_release in scored:  # release in chunk order: batches are reproducible
-                pairs = _collect(scored.pop(next_release), out, cfg, round_index)  # kept in out.pairs
-                if learners is not None:  # without a learner (offline pairs drawn up front) nothing trains
-                    buffer.extend(pairs)
+                pairs = _collect(scored.pop(next_release), out, cfg, round_index)
+                if ahead and pairs:
+                    referencing.append((learners.async_reference_ref(pairs, next_release), pairs, time.perf_counter()))
+                else:
+                    out.pairs.extend(pairs)
+                    if learners is not None:  # without a learner (offline pairs drawn up front) nothing trains
+                        buffer.extend(pairs)
                 next_release += 1
+        elif any(ref == r for r, _, _ in referencing):
+            referenced.add(ref)
         else:
             refs, _ = training.popleft()
             try:
@@ -228,6 +263,7 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
                 raise LearnerFailure(f"learner rank died during a training step ({type(e).__name__}: {e})") from e
             out.steps.append(step)
             out.busy["train"] += step.seconds
+            out.learner_flops += step.flops
             progress.add("trained", step.pairs, step.tokens)
     out.pairs.sort(key=lambda p: p.uid)
     out.generate_span_s = last_gen_done - start
@@ -239,13 +275,14 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     return out
 
 
-def _handle_hang(gen: Dispatcher, score: Dispatcher, training: deque, cfg: OdpoConfig, chunks: deque,
+def _handle_hang(gen: Dispatcher, score: Dispatcher, learner_since: float | None, cfg: OdpoConfig, chunks: deque,
                  to_score: deque, out: RoundStream) -> None:
+    """`learner_since`: when the learner's oldest unfinished call (a step or a reference batch) was sent."""
     if (ref := gen.hung()) is not None:
         gen.requeue(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)", chunks, out.faults)
     elif (ref := score.hung()) is not None:
         score.requeue(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)", to_score, out.faults)
-    elif training and time.perf_counter() - training[0][1] > cfg.learner.step_timeout_s:
+    elif learner_since is not None and time.perf_counter() - learner_since > cfg.learner.step_timeout_s:
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
 
 
@@ -261,7 +298,6 @@ def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: in
     out.comparisons += sc.comparisons
     for reason, count in drops.items():
         out.drops[reason] += count
-    out.pairs.extend(pairs)
     return pairs
 
 

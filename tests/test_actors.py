@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import chat_messages
 
 from actors.generator import HFGenerator
-from actors.learner import Learner
+from actors.learner import Learner, length_grouped, micro_steps
 from actors.models import load_tokenizer, materialize_builtin
 from actors.rewards import lowercase_ratio
 from actors.scorer import Scorer
@@ -244,6 +244,78 @@ def test_learner_partial_batch_and_overflow(learner):
     assert stats["pairs"] == 3
     with pytest.raises(ValueError, match="more than"):
         learner.train_step(pairs, pairs[0], 5)
+
+
+def test_micro_batches_follow_the_batch_not_the_config():
+    """Every rank runs the micro-steps its batch's largest slice needs; slices are cut by length into near-equal
+    micro-batches of real pairs, and a zero-weight pad appears only where a rank has no pair for a micro-step."""
+    pairs = fixed_pairs(7)
+    assert [micro_steps(b, 2, 2) for b in (1, 2, 3, 4, 5, 8)] == [1, 1, 1, 1, 2, 2]
+    groups = length_grouped(pairs[0::2], pairs[0], micro_steps(7, 2, 2))  # rank 0's 4 of 7 pairs
+    assert [[p.uid for p in g] for g, _ in groups] == [[0, 2], [4, 6]]  # shortest first
+    assert all(w == [1.0] * len(g) for g, w in groups)
+    lone = length_grouped(pairs[1:2], pairs[0], 2)  # rank 1 of a 3-pair batch over 2 ranks at micro-batch 1
+    assert [([p.uid for p in g], w) for g, w in lone] == [([1], [1.0]), ([0], [0.0])]
+
+
+def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computation(tiny_policy_dir):
+    """3 pairs of a batch of 8 (4 micro-batches of 2): two micro-steps of real pairs, grouped by length. The
+    loss and the updated weights equal one padded forward over the 3 pairs with the same AdamW step."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.losses import build_sequences, dpo_loss, sequence_logprobs
+
+    cfg = LearnerConfig(global_batch_size=8, micro_batch_size=2, lr=1e-2, beta=0.1, zero_stage=0, warmup_ratio=0.0,
+                        gradient_clipping=1e9)
+    lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=1)
+    pairs = fixed_pairs(3)
+    stats = lrn.train_step(pairs, pairs[0], 3)
+    rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]  # 9, 10, 13
+    assert stats["computed_tokens"] == 4 * max(rows[:2]) + 2 * rows[2]  # [uids 0, 1] then [uid 2], 2 rows a pair
+    assert stats["padded_tokens"] == stats["computed_tokens"] - sum(
+        len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+    trained = lrn.export_weights(version=1).tensors()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    ids, attn, resp = build_sequences([p.prompt_ids for p in pairs] * 2,
+                                      [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0, 128)
+    logps = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
+    with torch.no_grad():
+        ref = sequence_logprobs(reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
+    losses, _, _ = dpo_loss(logps[:3], logps[3:], ref[:3], ref[3:], 0.1)
+    assert stats["loss"] == pytest.approx(float(losses.detach().sum()), abs=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
+    losses.mean().backward()
+    opt.step()
+    by_hand = model.state_dict()
+    assert max(float((trained[k] - by_hand[k]).abs().max()) for k in trained) < 1e-5
+
+
+def test_reference_log_probs_computed_ahead_give_the_same_step(tiny_policy_dir):
+    """The stream's reference stage: log-probs computed once per pair ahead of training give the losses the
+    step would compute itself, and the step then skips the reference forward (3 forwards' FLOPs, not 4)."""
+    import dataclasses
+
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=2, lr=1e-2, beta=0.1, zero_stage=0, warmup_ratio=0.0)
+    runs = []
+    for ahead in (False, True):
+        lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+        lrn.setup(*lrn.rendezvous_address())
+        lrn.start_round(0, total_steps=10)
+        pairs = fixed_pairs()
+        if ahead:
+            ref = lrn.reference_logprobs(pairs)["logps"]
+            pairs = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref)]
+        runs.append([lrn.train_step(pairs, pairs[0], 4) for _ in range(3)])
+    inline, ahead = runs
+    for a, b in zip(inline, ahead):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], abs=1e-5)
+        assert b["flops"] == pytest.approx(a["flops"] * 3 / 4)
+    assert ahead[2]["loss"] < ahead[0]["loss"]  # the policy moved; the reference stayed
 
 
 def test_learner_optimizer_reset_and_schedule(learner):

@@ -67,6 +67,19 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
         uids = {p["uid"] for p in pairs}
         assert not uids & seen_uids  # fresh prompts every round
         seen_uids |= uids
+        # the round's profile: every pool's busy and idle seconds make up the round, the learner's work counted
+        for pool in ("generator", "scorer", "learner"):
+            busy, idle = m[f"profile/{pool}_busy_s"], m[f"profile/{pool}_idle_s"]
+            assert 0 < busy <= m["profile/round_s"] and busy + idle == pytest.approx(m["profile/round_s"])
+        assert m["profile/round_over_slowest"] >= 1
+        assert m["timing/reference"] > 0  # the reference stage ran (learner.reference_ahead, the default)
+        assert m["train/flops"] > 0 and m["profile/learner_flops_per_s"] > 0
+        assert 0 <= m["train/padded_tokens"] < m["train/computed_tokens"]
+    startup = {k for k in metrics[0] if k.startswith("startup/")}  # this driver's start-up: in its first line only
+    assert {"startup/total_s", "startup/ray_s", "startup/learners_s", "startup/generators_build_s"} <= startup
+    assert not any(k.startswith("startup/") for k in metrics[1])
+    laps = [v for k, v in metrics[0].items() if k.startswith("startup/") and not k.endswith(("build_s", "total_s"))]
+    assert sum(laps) <= metrics[0]["startup/total_s"]
 
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +114,7 @@ def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkey
         "scorer.cpus_per_actor=0.5", "pairs.strategy=max_min_p", "pairs.length_penalty=0.001",
         "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=4", "learner.global_batch_size=8",
         "learner.loss=ipo", "learner.reference=previous", "learner.epochs=1", "learner.cpus_per_rank=0.5",
-        "metrics.wandb=false", "generator.backend=hf",
+        "metrics.wandb=false", "generator.backend=hf", "learner.reference_ahead=false",
     ])
     run_dir = run(cfg)
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -112,6 +125,7 @@ def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkey
         assert pairs and all(p["prompt_messages"][0]["role"] == "system" for p in pairs)
         assert all(p["prompt"].startswith("<system>Be kind.\n<user>Tell me about item") for p in pairs)
         assert all(p["weight_version"] == r for p in pairs)
+        assert m["timing/reference"] == 0  # learner.reference_ahead=false: every step computes its own
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
     assert_no_run_actors_left(ray_cluster)
 
@@ -129,7 +143,9 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path):
 def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_pool_size(ray_cluster, tmp_path,
                                                                                      monkeypatch):
     """Generators finish chunks in varying order, and run c starts with one generator and resumes with
-    three (the pool resized on resume): pairs, losses and checkpoints must not change."""
+    three (the pool resized on resume): pairs, losses and checkpoints must not change. Run a evaluates round
+    0 during round 1 (eval.overlap), run c before going on (round 0 was its last before the resume): the
+    held-out figures must be the same."""
     monkeypatch.chdir(REPO)
     outputs = []
     for name, sizes in (("a", (2,)), ("c", (1, 3))):
@@ -138,7 +154,7 @@ def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_poo
                 *RULE_LOOP, f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "data.prompts_per_round=32",
                 f"generator.num_actors={actors}", "generator.cpus_per_actor=0.5", "generator.chunk_size=2",
                 "generator.max_new_tokens=12", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
-                "run.overwrite=false", "run.resume=true",
+                "run.overwrite=false", "run.resume=true", "eval.prompts=8",
             ])
             run_dir = run(cfg)
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -146,7 +162,9 @@ def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_poo
         from safetensors.torch import load_file
 
         weights = load_file(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
-        outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"]) for m in metrics], pairs, weights))
+        outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"], m["eval/gold_mean"], m["eval/reward_mean"],
+                          m["eval/win_rate"], m["eval/kl"]) for m in metrics], pairs, weights))
+        assert [m.get("eval/overlapped", 0) for m in metrics] == ([1, 0] if name == "a" else [0, 0])
         assert [(m["pool/generators"], m["gen/actors_used"]) for m in metrics] == [
             (sizes[0], sizes[0]), (sizes[-1], sizes[-1])]
     (m_a, p_a, w_a), (m_c, p_c, w_c) = outputs

@@ -1,0 +1,77 @@
+"""Where a run's start-up and rounds go, per pool, for any config: runs it and prints its profile.
+
+Every figure comes from the run's own metrics.jsonl (`startup/*` in the first round line, `profile/*` and
+`timing/*` in every line; docs/architecture.md lists them), so a past run can be read the same way with
+`--from-run runs/NAME`. Printed: the start-up broken down; per round and pool the busy and idle seconds,
+utilisation and tokens per busy second; the learner's useful FLOP/s against a 1024^3 float32 matmul at the
+learner's threads on this machine; and the round's time over its slowest pool's busy time (1.0 would be
+nothing but that pool's work).
+
+    .venv/bin/python benchmarks/round_profile.py configs/smollm2.yaml scorer.type=function run.rounds=2
+    .venv/bin/python benchmarks/round_profile.py --from-run runs/smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from learner_step import matmul_flops  # noqa: E402
+
+POOLS = ("generator", "scorer", "learner")
+
+
+def show(run_dir: str, learner_threads: int) -> None:
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    startup = {k.removeprefix("startup/").removesuffix("_s"): v for k, v in lines[0].items() if k.startswith("startup/")}
+    print(f"run: {run_dir}, {len(lines)} round(s)")
+    if startup:
+        print("start-up (seconds; the pools' builds overlap the steps):")
+        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in startup.items()))
+    print()
+    header = f"{'round':>5} {'pool':<10}{'busy_s':>8}{'idle_s':>8}{'util':>6}{'tok/busy_s':>11}"
+    print(header)
+    for m in lines:
+        for pool in POOLS:
+            rate = m.get(f"profile/{pool}_tokens_per_busy_s")
+            print(f"{m['round']:>5} {pool:<10}{m[f'profile/{pool}_busy_s']:>8.1f}{m[f'profile/{pool}_idle_s']:>8.1f}"
+                  f"{m[f'profile/{pool}_util']:>6.2f}{(rate or float('nan')):>11.0f}")
+    peak = matmul_flops(learner_threads, torch.float32)
+    print()
+    print(f"{'round':>5}{'round_s':>9}{'eval_s':>8}{'stream_s':>9}{'sync_s':>8}{'round/slowest':>14}"
+          f"{'learner GFLOP/s':>16}{'vs matmul':>10}{'pad share':>10}")
+    for m in lines:
+        flops = m.get("profile/learner_flops_per_s") or float("nan")
+        print(f"{m['round']:>5}{m['profile/round_s']:>9.1f}{(m.get('timing/eval') or 0):>8.1f}{m['timing/stream']:>9.1f}"
+              f"{m['timing/sync']:>8.1f}{m['profile/round_over_slowest']:>14.2f}{flops / 1e9:>16.1f}{flops / peak:>10.2f}"
+              f"{(m.get('profile/learner_pad_share') or float('nan')):>10.3f}")
+    print(f"(matmul at the learner's {learner_threads} thread(s), float32, measured now: {peak / 1e9:.1f} GFLOP/s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", default="configs/smollm2.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, as odpo run takes them")
+    ap.add_argument("--from-run", help="print the profile of an existing run directory instead of running")
+    args = ap.parse_args()
+    if args.from_run:
+        from orchestrator.config import load_config
+
+        cfg = load_config(os.path.join(args.from_run, "config.yaml"), check_machine=False)
+        show(args.from_run, max(1, int(cfg.learner.cpus_per_rank)))
+        return
+    from orchestrator.config import load_config
+    from orchestrator.driver import run
+
+    cfg = load_config(args.config, args.overrides)
+    show(run(cfg), max(1, int(cfg.learner.cpus_per_rank)))
+
+
+if __name__ == "__main__":
+    main()
