@@ -25,9 +25,11 @@ from actors.losses import (
     bradley_terry_loss,
     build_sequences,
     cosine_lr,
+    cut_to_fit,
     dpo_loss,
     response_token_counts,
     sequence_logprobs,
+    shared_prompt_logprobs,
 )
 from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
 from actors.settings import LearnerConfig
@@ -210,33 +212,44 @@ class Learner:
         start = time.perf_counter()
         out: list[tuple[float, float]] = []
         m = self.cfg.micro_batch_size
+        real = 0
         for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
-            ids, attn, resp = self._pair_sequences(group)
-            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp).tolist()
+            logps, _, _, group_real = self._pair_logprobs(self.reference, group)
+            ref = logps.tolist()
             out.extend(zip(ref[: len(group)], ref[len(group):]))
+            real += group_real
         order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))  # length_grouped's order
         result: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
         for i, value in zip(order, out):
             result[i] = value
-        real = sum(min(len(p.prompt_ids) + len(r), self.cfg.max_length) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
         return {"logps": result, "seconds": time.perf_counter() - start,
                 "flops": float(self.forward_flops_per_token * real)}
 
     @torch.no_grad()
     def log_ratios(self, prompts: list[list[int]], responses: list[list[int]]) -> dict:
         """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
-        on samples of pi; and the `seconds` it took. Every rank must get the same lists (ZeRO-3 forwards are
-        collective)."""
+        on samples of pi; and the `seconds` it took. Responses to the same prompt next to each other (an
+        evaluation prompt's n samples) share one forward of the prompt (`shared_prompt_logprobs`). Every rank
+        must get the same lists (ZeRO-3 forwards are collective)."""
         start = time.perf_counter()
         self.engine.eval()
+        groups: list[tuple[list[int], list[list[int]]]] = []
+        for p, r in zip(prompts, responses):
+            if groups and groups[-1][0] == p:
+                groups[-1][1].append(r)
+            else:
+                groups.append((p, [r]))
         out: list[float] = []
-        m = self.cfg.micro_batch_size
-        for s in range(0, len(prompts), m):
-            ids, attn, resp = (t.to(self.device) for t in build_sequences(prompts[s: s + m], responses[s: s + m],
-                                                                            self.pad_id, self.cfg.max_length))
-            policy = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
-            ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
-            out.extend((policy - ref).tolist())
+        budget, batch = 2 * self.cfg.micro_batch_size, []  # response rows a forward takes, as a training micro-batch
+        for k, group in enumerate(groups):
+            batch.append(group)
+            if k + 1 == len(groups) or sum(len(g[1]) for g in batch) + len(groups[k + 1][1]) > budget:
+                ps, rs = [g[0] for g in batch], [g[1] for g in batch]
+                args = (ps, rs, self.pad_id, self.cfg.max_length)
+                policy = shared_prompt_logprobs(self.engine, *args)
+                ref = shared_prompt_logprobs(self.reference, *args)
+                out.extend((policy - ref).tolist())
+                batch = []
         self.engine.train()
         return {"ratios": out, "seconds": time.perf_counter() - start}
 
@@ -246,18 +259,35 @@ class Learner:
         responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         return tuple(t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
 
+    def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Summed log-probs of the chosen responses then the rejected ones, their token counts, and the token
+        positions computed and real. The prompt runs once per pair, its KV cache shared by both responses
+        (`shared_prompt_logprobs`), except under gradient checkpointing, which turns the cache off: then
+        each response runs with its own copy of the prompt."""
+        cap = self.cfg.max_length
+        cut = [(cut_to_fit(p.prompt_ids, p.chosen_ids, cap), cut_to_fit(p.prompt_ids, p.rejected_ids, cap)) for p in pairs]
+        if self.cfg.gradient_checkpointing:
+            ids, attn, resp = self._pair_sequences(pairs)
+            logps = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
+            return logps, response_token_counts(resp), ids.numel(), int(attn.sum())
+        flat = shared_prompt_logprobs(model, [p.prompt_ids for p in pairs],
+                                      [[p.chosen_ids, p.rejected_ids] for p in pairs], self.pad_id, cap)
+        counts = torch.tensor([len(c[1]) for c, _ in cut] + [len(r[1]) for _, r in cut], device=flat.device)
+        widest = max(1, max(len(x[1]) for pair in cut for x in pair))
+        computed = len(pairs) * max(len(c[0]) for c, _ in cut) + 2 * len(pairs) * widest
+        real = sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in cut)
+        return torch.cat([flat[0::2], flat[1::2]]), counts, computed, real
+
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        ids, attn, resp = self._pair_sequences(pairs)
-        logps = sequence_logprobs(self.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
+        logps, tokens, computed, real = self._pair_logprobs(self.engine, pairs)
         have_reference = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
         if have_reference:  # computed once, as the pairs formed
             ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
                                dtype=logps.dtype, device=logps.device)
         else:
             with torch.no_grad():
-                ref = sequence_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
-        n, tokens = len(pairs), response_token_counts(resp)
-        computed, real = ids.numel(), int(attn.sum())
+                ref = self._pair_logprobs(self.reference, pairs)[0]
+        n = len(pairs)
         # forward + backward of the policy (3 forwards' worth) and, unless given, one reference forward
         work = dict(computed_tokens=computed, padded_tokens=computed - real,
                     flops=float(self.forward_flops_per_token * real * (3 if have_reference else 4)))

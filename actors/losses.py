@@ -46,6 +46,54 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     return (token_lp * mask).sum(-1)
 
 
+def cut_to_fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """What `build_sequences` keeps of a row: the prompt's last tokens if prompt + 1 response token would not
+    fit, the response cut at the end to fit `max_length`."""
+    prompt = prompt[-(max_length - 1):] if len(prompt) >= max_length else prompt
+    return prompt, response[: max_length - len(prompt)]
+
+
+def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
+                           max_length: int) -> torch.Tensor:
+    """Summed log-probs of every response of every prompt (flat, in order), each prompt computed once: the
+    prompts run left-padded in one forward, their KV cache is repeated for their responses, which run
+    right-padded after it. Equal to `sequence_logprobs` over the full rows (to float precision) at a
+    fraction of the compute when prompts are long and have several responses (the n samples of an
+    evaluation prompt)."""
+    cut = [[cut_to_fit(p, r, max_length) for r in rs] for p, rs in zip(prompts, responses)]
+    kept = [c[0][0] if c else p for c, p in zip(cut, prompts)]
+    device = next(model.parameters()).device
+    width = max(len(p) for p in kept)
+    ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(kept), width), dtype=torch.long)
+    for i, p in enumerate(kept):  # left padding: every prompt ends at the last column
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each response's first token
+    owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long, device=device)
+    flat = [r for c in cut for _, r in c]
+    if not flat:
+        return torch.zeros(0, device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    rwidth = max(1, max(len(r) for r in flat))
+    rids = torch.full((len(flat), rwidth), pad_id, dtype=torch.long)
+    rmask = torch.zeros((len(flat), rwidth), dtype=torch.long)
+    for j, r in enumerate(flat):
+        rids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        rmask[j, : len(r)] = 1
+    rids, rmask = rids.to(device), rmask.to(device)
+    lengths = mask.sum(-1)[owner]
+    positions = lengths[:, None] + torch.arange(rwidth, device=device)[None, :]
+    logits = model(input_ids=rids, attention_mask=torch.cat([mask[owner], rmask], dim=1), position_ids=positions,
+                   past_key_values=cache, use_cache=True).logits[:, :-1].float()
+    rest = torch.gather(F.log_softmax(logits, dim=-1), 2, rids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    head = first[owner].gather(1, rids[:, :1]).squeeze(1) * rmask[:, 0]
+    return head + (rest * rmask[:, 1:]).sum(-1)
+
+
 def response_token_counts(response_mask: torch.Tensor) -> torch.Tensor:
     """Tokens each row's `sequence_logprobs` sums over (the response's, the first position never predicted)."""
     return response_mask[:, 1:].sum(-1)

@@ -4,13 +4,18 @@ One DeepSpeed learner rank in this process (ZeRO-2, gloo, `--threads` CPU thread
 CPUs gets), on builtin:smollm2-135m-instruct (or the tiny policy), with pairs shaped like the real-model
 task's (prompts of 40-60 tokens, responses of 4-20). Side by side in one run:
 
-1. a full global batch (8 pairs, 2 micro-batches of 4) with the reference forward in the step;
+0. a full global batch (8 pairs, 2 micro-batches of 4) as full rows, each response with its own copy of the
+   prompt (the learner before issue 13; today's path under gradient checkpointing);
+1. the same batch with each prompt computed once, its cache shared by both responses, the reference forward
+   in the step;
 2. the same batch with the reference log-probs computed ahead (the stream's reference stage), the step then
    skips that forward; the reference call's own seconds are printed beside it;
 3. a partial batch of 3 of those pairs: before issue 13 it cost what the full batch costs (padded with
    zero-weight pairs), now it costs its real pairs;
 4. the learner's useful FLOP/s (linear layers, real tokens; 3 forwards' worth per policy token, one more for
-   the reference) against a 1024^3 float32 matmul at the same threads (the machine's rate).
+   the reference) against a 1024^3 float32 matmul at the same threads (the machine's rate);
+5. the evaluation's KL terms for 16 prompts x 4 samples: full rows (before issue 13) against each prompt
+   computed once, its cache shared by its samples (`Learner.log_ratios`).
 
 Plus the padding that length grouping saves on the round's pairs (token positions computed, sorted against
 arrival order).
@@ -33,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from actors.learner import Learner, length_grouped, micro_steps  # noqa: E402
-from actors.losses import build_sequences  # noqa: E402
+from actors.losses import build_sequences, sequence_logprobs  # noqa: E402
 from actors.models import materialize_builtin  # noqa: E402
 from actors.types import Pair  # noqa: E402
 from orchestrator.config import LearnerConfig  # noqa: E402
@@ -98,6 +103,9 @@ def main() -> None:
     lrn.train_step(pairs[:2], pairs[0], 8)  # warm-up: allocations, first-call costs
 
     full_s, full = timed_step(lrn, pairs, 8, args.repeats)
+    lrn.cfg.gradient_checkpointing = True  # selects the full-row path (each response with its own copy of the
+    rows_s, rows = timed_step(lrn, pairs, 8, args.repeats)  # prompt), as before issue 13; checkpointing stays off
+    lrn.cfg.gradient_checkpointing = False
     start = time.perf_counter()
     ref = lrn.reference_logprobs(pairs)
     ref_s = time.perf_counter() - start
@@ -114,7 +122,8 @@ def main() -> None:
           f"bfloat16 {peak16 / 1e9:.1f} GFLOP/s")
     print()
     print(f"{'step':<44}{'seconds':>9}{'GFLOP/s':>10}{'vs matmul':>11}{'vs full':>9}")
-    rows = [("full batch, reference in the step", full_s, full),
+    rows = [("full batch, prompt twice (full rows, before)", rows_s, rows),
+            ("full batch, reference in the step", full_s, full),
             ("full batch, reference computed ahead", ahead_s, ahead_stats),
             ("partial batch: 3 of 8 pairs", partial_s, partial)]
     for name, s, stats in rows:
@@ -126,6 +135,27 @@ def main() -> None:
     print(f"partial batch: {partial_s / full_s:.2f} of a full batch's time for {3 / 8:.2f} of its pairs "
           f"(padded to the full batch, as before, it was 1.00)")
     print(f"reference ahead: the step takes {ahead_s / full_s:.2f} of the step with the reference forward in it")
+    print(f"prompt once per pair: the step takes {full_s / rows_s:.2f} of the full-row step's time; with the reference "
+          f"ahead {ahead_s / rows_s:.2f}")
+
+    # the evaluation's KL terms: 16 prompts x 4 samples, full rows (before) against each prompt computed once
+    kl_pairs = task_pairs(32, vocab, seed=2)
+    prompts = [p.prompt_ids for p in kl_pairs[:16] for _ in range(4)]
+    responses = [r for p in kl_pairs for r in (p.chosen_ids, p.rejected_ids)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        lrn.engine.eval()
+        rows = []
+        for s in range(0, len(prompts), 4):
+            ids, attn, resp = build_sequences(prompts[s: s + 4], responses[s: s + 4], 0, 128)
+            rows.append(sequence_logprobs(lrn.engine(input_ids=ids, attention_mask=attn).logits, ids, resp)
+                        - sequence_logprobs(lrn.reference(input_ids=ids, attention_mask=attn).logits, ids, resp))
+        lrn.engine.train()
+    full_rows_s = time.perf_counter() - start
+    shared = lrn.log_ratios(prompts, responses)
+    worst = float((torch.cat(rows) - torch.tensor(shared["ratios"])).abs().max())
+    print(f"evaluation KL, 16 prompts x 4 samples: full rows {full_rows_s:.2f} s, prompt computed once per prompt "
+          f"{shared['seconds']:.2f} s ({shared['seconds'] / full_rows_s:.2f}); largest difference {worst:.1e}")
 
     many = task_pairs(64, vocab, seed=1)
     steps = micro_steps(8, 1, 4)

@@ -78,7 +78,12 @@ def train(s: Session, r: int) -> Trained:
     if s.fixed is None:
         stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate)
     else:
-        stream = offline.train_round(r, s.fixed[r], cfg, s.learners, progress, gate)
+        if from_data:  # the dataset's rows in file order, in chunks as streaming would cut them
+            chunks = [i // cfg.generator.chunk_size for i in range(len(s.fixed[r].pairs))]
+        else:  # drawn from the round's prompts: each pair's chunk is its prompt's
+            position = {p.uid: i for i, p in enumerate(prompts)}
+            chunks = [position[p.uid] // cfg.generator.chunk_size for p in s.fixed[r].pairs]
+        stream = offline.train_round(r, s.fixed[r], cfg, s.learners, progress, chunks, gate)
     progress.set_stage("epochs")
     replay_start = time.perf_counter()
     replay = replay_epochs(stream.pairs, cfg, r, s.learners, progress)

@@ -179,7 +179,7 @@ class Deferred:
         self.thread.join()
         if isinstance(self.outcome, BaseException):
             raise RuntimeError(f"the held-out evaluation of round {self.round_index} failed: {self.outcome}") from self.outcome
-        return self.outcome | {"timing/eval": time.perf_counter() - self.start, "eval/overlapped": 1}
+        return self.outcome | {"timing/eval": time.perf_counter() - self.start, "profile/eval_overlapped": 1}
 
 
 def summary(m: dict) -> str:
@@ -219,6 +219,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
             generators.weights_ref = ray.put(WeightBundle(version=1, payload=f.read()))
         generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "loading the checkpoint")
         result = metrics(sample(source.eval, cfg, generators, scorers, 1), initial, cfg, scorers, learners)
+    result = {k: v for k, v in result.items() if k.startswith("eval/")}  # the figures; timings are a round's
     with open(os.path.join(checkpoint, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     report(result, checkpoint)

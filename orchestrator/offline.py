@@ -167,16 +167,18 @@ def load_round(path: str) -> RoundStream:
 
 
 def train_round(r: int, fixed: RoundStream, cfg: OdpoConfig, learners, progress: RoundProgress,
-                train_after: threading.Event | None = None) -> RoundStream:
+                chunks: list[int], train_after: threading.Event | None = None) -> RoundStream:
     """Round r's first epoch over its fixed pairs (in order); a RoundStream as an online round reports it.
-    `train_after`: as stream_round's (the previous round's deferred evaluation sends its KL forwards first)."""
+    `chunks`: each pair's chunk, as streaming made them (the reference stage's groups, so that the reference
+    log-probs are online's to the bit). `train_after`: as stream_round's (the previous round's deferred
+    evaluation sends its KL forwards first)."""
     start = time.perf_counter()
     if train_after is not None:
         train_after.wait()
     stream = RoundStream(**{k: getattr(fixed, k) for k in SAVED_FIELDS}, drawn_before_round=True)
     pairs = fixed.pairs
     if cfg.learner.reference_ahead:  # once for every epoch of the round
-        pairs, stream.busy["reference"] = learners.with_reference(pairs)
+        pairs, stream.busy["reference"] = learners.with_reference(pairs, chunks)
     stream.steps = replay_epochs(pairs, cfg, r, learners, progress, first=0, last=1)
     stream.pairs = sorted(pairs, key=lambda p: p.uid)  # as a streamed round hands them to the later epochs
     stream.busy["train"] = sum(s.seconds for s in stream.steps)

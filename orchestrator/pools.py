@@ -279,14 +279,19 @@ class LearnerGroup:
         """Rank k mod world computes the pairs' reference log-probs (no collective: any rank can)."""
         return self.ranks[k % len(self.ranks)].reference_logprobs.remote(pairs)
 
-    def with_reference(self, pairs: list[Pair]) -> tuple[list[Pair], float]:
-        """The pairs with their reference log-probs, spread over the ranks; and the ranks' busiest seconds."""
-        w = len(self.ranks)
-        parts = [pairs[i::w] for i in range(w)]
-        results = self.get([self.async_reference_ref(part, i) for i, part in enumerate(parts) if part],
-                           "the reference log-probs")
-        done = {id(p): q for part, res in zip(parts, results) for p, q in zip(part, attach_reference(part, res))}
-        return [done[id(p)] for p in pairs], max((res["seconds"] for res in results), default=0.0)
+    def with_reference(self, pairs: list[Pair], chunks: list[int]) -> tuple[list[Pair], float]:
+        """The pairs with their reference log-probs, computed as the stream computes them: one call per chunk
+        (`chunks[i]`: pair i's chunk; a chunk's pairs are next to each other), on rank chunk mod world; and
+        the seconds the ranks spent. The same groups give the same figures as online, to the bit."""
+        groups: list[tuple[int, list[Pair]]] = []
+        for p, c in zip(pairs, chunks):
+            if groups and groups[-1][0] == c:
+                groups[-1][1].append(p)
+            else:
+                groups.append((c, [p]))
+        results = self.get([self.async_reference_ref(group, c) for c, group in groups], "the reference log-probs")
+        done = [q for (_, group), res in zip(groups, results) for q in attach_reference(group, res)]
+        return done, sum(res["seconds"] for res in results) / len(self.ranks)
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
         self.get([r.init_nccl_sync.remote(generators, tensor_parallel_size) for r in self.ranks], "the NCCL set-up")

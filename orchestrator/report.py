@@ -84,7 +84,7 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
 
     learner_compute = get("timing/train") + get("timing/reference")
     overlapped = overlapped or {}
-    own_eval = not m.get("eval/overlapped") and "timing/eval" in m  # this round's evaluation ran in this round
+    own_eval = not m.get("profile/eval_overlapped") and "timing/eval" in m  # this round's evaluation ran in this round
     if not own_eval:
         m = {k: v for k, v in m.items() if not k.startswith("timing/eval_")}
     busy = {  # summed over each pool's actors, except the learner's (each of its figures is already per rank)

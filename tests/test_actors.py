@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import chat_messages
 
 from actors.generator import HFGenerator
-from actors.learner import Learner, length_grouped, micro_steps
+from actors.learner import Learner, _innermost_optimizer, length_grouped, micro_steps
 from actors.models import load_tokenizer, materialize_builtin
 from actors.rewards import lowercase_ratio
 from actors.scorer import Scorer
@@ -228,6 +228,25 @@ def test_learner_ipo_averages_log_ratios_over_each_response(tiny_policy_dir):
     assert sum(per_token) != pytest.approx(sum(summed), rel=1e-3)  # the sum over tokens would be another loss
 
 
+def test_log_ratios_are_the_kl_terms_of_each_sample(learner, tiny_policy_dir):
+    """The evaluation's KL terms: log pi - log pi_ref of each sample, written out token by token; the n
+    samples of a prompt share its forward."""
+    from transformers import AutoModelForCausalLM
+
+    pairs = fixed_pairs(3)
+    learner.train_step(pairs, pairs[0], 3)  # the policy moves away from the reference
+    prompts = [pairs[0].prompt_ids] * 3 + [pairs[1].prompt_ids] + [pairs[2].prompt_ids] * 2
+    responses = [pairs[0].chosen_ids, pairs[0].rejected_ids, pairs[1].chosen_ids, pairs[1].rejected_ids,
+                 pairs[2].chosen_ids, pairs[0].chosen_ids]
+    got = learner.log_ratios(prompts, responses)["ratios"]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    policy.load_state_dict(learner.export_weights(version=9).tensors())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    want = [response_logprob(policy, p, r) - response_logprob(reference, p, r) for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert any(abs(x) > 1e-3 for x in want)
+
+
 def test_learner_steps_move_parameters_and_lower_loss(learner):
     pairs = fixed_pairs()
     before = learner.export_weights(version=1).tensors()
@@ -259,8 +278,9 @@ def test_micro_batches_follow_the_batch_not_the_config():
 
 
 def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computation(tiny_policy_dir):
-    """3 pairs of a batch of 8 (4 micro-batches of 2): two micro-steps of real pairs, grouped by length. The
-    loss and the updated weights equal one padded forward over the 3 pairs with the same AdamW step."""
+    """3 pairs of a batch of 8 (4 micro-batches of 2): two micro-steps of real pairs, grouped by length, each
+    prompt computed once. The loss and the updated weights equal one padded forward of the 6 full rows with
+    the same AdamW step."""
     from transformers import AutoModelForCausalLM
 
     from actors.losses import build_sequences, dpo_loss, sequence_logprobs
@@ -272,10 +292,10 @@ def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computa
     lrn.start_round(0, total_steps=1)
     pairs = fixed_pairs(3)
     stats = lrn.train_step(pairs, pairs[0], 3)
-    rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]  # 9, 10, 13
-    assert stats["computed_tokens"] == 4 * max(rows[:2]) + 2 * rows[2]  # [uids 0, 1] then [uid 2], 2 rows a pair
-    assert stats["padded_tokens"] == stats["computed_tokens"] - sum(
-        len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+    # each pair's prompt ran once (its cache shared by both responses): fewer positions than the two full rows
+    assert stats["computed_tokens"] - stats["padded_tokens"] == sum(
+        len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert stats["computed_tokens"] < sum(len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
     trained = lrn.export_weights(version=1).tensors()
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
@@ -287,11 +307,16 @@ def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computa
         ref = sequence_logprobs(reference(input_ids=ids, attention_mask=attn).logits, ids, resp)
     losses, _, _ = dpo_loss(logps[:3], logps[3:], ref[:3], ref[3:], 0.1)
     assert stats["loss"] == pytest.approx(float(losses.detach().sum()), abs=1e-6)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
     losses.mean().backward()
-    opt.step()
-    by_hand = model.state_dict()
-    assert max(float((trained[k] - by_hand[k]).abs().max()) for k in trained) < 1e-5
+    # the step's gradient, read back from AdamW's first moment (exp_avg = (1 - beta1) g after one step), equals
+    # the mean over the 3 real pairs' losses of one padded forward: no zero-weight pair, nothing counted twice
+    adam = _innermost_optimizer(lrn.optimizer)
+    applied = [adam.state[p]["exp_avg"] / 0.1 for p in lrn.engine.module.parameters()]
+    by_hand = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(applied, by_hand)) < 1e-5
+    assert max(float(b.abs().max()) for b in by_hand) > 1e-3
+    moved = {k: v for k, v in trained.items() if not torch.equal(v, model.state_dict()[k])}
+    assert moved  # and the step was taken (the boundary fell on the batch's last micro-step)
 
 
 def test_reference_log_probs_computed_ahead_give_the_same_step(tiny_policy_dir):

@@ -164,7 +164,7 @@ def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_poo
         weights = load_file(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
         outputs.append(([(m["reward/mean"], m["train/loss"], m["pairs/count"], m["eval/gold_mean"], m["eval/reward_mean"],
                           m["eval/win_rate"], m["eval/kl"]) for m in metrics], pairs, weights))
-        assert [m.get("eval/overlapped", 0) for m in metrics] == ([1, 0] if name == "a" else [0, 0])
+        assert [m.get("profile/eval_overlapped", 0) for m in metrics] == ([1, 0] if name == "a" else [0, 0])
         assert [(m["pool/generators"], m["gen/actors_used"]) for m in metrics] == [
             (sizes[0], sizes[0]), (sizes[-1], sizes[-1])]
     (m_a, p_a, w_a), (m_c, p_c, w_c) = outputs

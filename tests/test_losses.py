@@ -333,3 +333,28 @@ def test_cosine_lr_decay_is_monotone_and_stays_above_the_floor():
 def test_cosine_lr_without_warmup_starts_at_peak():
     assert cosine_lr(0, 10, 0, 3e-4) == pytest.approx(3e-4)
     assert cosine_lr(0, 10, 0, 3e-4, 0.5) == pytest.approx(3e-4)
+
+
+def test_shared_prompt_logprobs_equal_the_full_rows(tiny_policy_dir):
+    """Each prompt computed once, its cache repeated for its responses (prompts of unequal length, 1-3
+    responses each, a one-token response, and rows cut to max_length): the same log-probs as full rows."""
+    from actors.losses import shared_prompt_logprobs
+    from actors.models import load_causal_lm
+
+    model = load_causal_lm(tiny_policy_dir, "float32").eval()
+    g = torch.Generator().manual_seed(0)
+
+    def ids(k):
+        return torch.randint(3, 250, (k,), generator=g).tolist()
+
+    prompts = [ids(5), ids(9), ids(3)]
+    responses = [[ids(4), ids(7), ids(1)], [ids(6)], [ids(2), ids(5)]]
+    rows_p = [p for p, rs in zip(prompts, responses) for _ in rs]
+    rows_r = [r for rs in responses for r in rs]
+    for max_length in (128, 8):
+        with torch.no_grad():
+            got = shared_prompt_logprobs(model, prompts, responses, 0, max_length)
+            ids_, attn, resp = build_sequences(rows_p, rows_r, 0, max_length)
+            want = sequence_logprobs(model(input_ids=ids_, attention_mask=attn).logits, ids_, resp)
+        assert got.shape == want.shape == (6,)
+        assert torch.allclose(got, want, atol=1e-4), (got, want)
