@@ -9,6 +9,8 @@ nothing but that pool's work).
 
     .venv/bin/python benchmarks/round_profile.py configs/smollm2.yaml scorer.type=function run.rounds=2
     .venv/bin/python benchmarks/round_profile.py --from-run runs/smollm2
+    .venv/bin/python benchmarks/round_profile.py configs/smollm2.yaml scorer.type=function run.rounds=2 \
+        --variants eval.overlap=false eval.overlap=true      # one run each, side by side, then their ratio
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main() -> None:
     ap.add_argument("config", nargs="?", default="configs/smollm2.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, as odpo run takes them")
     ap.add_argument("--from-run", help="print the profile of an existing run directory instead of running")
+    ap.add_argument("--variants", nargs="+", metavar="KEY=VALUE",
+                    help="run the config once per override (each its own run.name) and compare their wall times")
     args = ap.parse_args()
     if args.from_run:
         from orchestrator.config import load_config
@@ -69,8 +73,23 @@ def main() -> None:
     from orchestrator.config import load_config
     from orchestrator.driver import run
 
-    cfg = load_config(args.config, args.overrides)
-    show(run(cfg), max(1, int(cfg.learner.cpus_per_rank)))
+    if not args.variants:
+        cfg = load_config(args.config, args.overrides)
+        show(run(cfg), max(1, int(cfg.learner.cpus_per_rank)))
+        return
+    walls = []
+    for k, variant in enumerate(args.variants):
+        base = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, variant, f"run.name={base.run.name}-variant{k}"])
+        run_dir = run(cfg)
+        print(f"\n=== {variant} ===")
+        show(run_dir, max(1, int(cfg.learner.cpus_per_rank)))
+        lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        rounds = sum(m["profile/round_s"] for m in lines)  # a deferred evaluation's last part lands in the next round
+        walls.append((variant, rounds, lines[0].get("startup/total_s", 0.0)))
+    print(f"\n{'variant':<32}{'rounds_s':>10}{'startup_s':>11}{'vs first':>10}")
+    for variant, rounds, startup in walls:
+        print(f"{variant:<32}{rounds:>10.1f}{startup:>11.1f}{rounds / walls[0][1]:>10.2f}")
 
 
 if __name__ == "__main__":
