@@ -210,18 +210,15 @@ class Learner:
         training step or epoch redoes them; with the `seconds` and `flops` it took. Only this rank's
         reference model is used: no collective, any rank may be asked."""
         start = time.perf_counter()
-        out: list[tuple[float, float]] = []
+        found: dict[int, tuple[float, float]] = {}  # by the pair's identity: length_grouped reorders them
         m = self.cfg.micro_batch_size
         real = 0
         for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
             logps, _, _, group_real = self._pair_logprobs(self.reference, group)
             ref = logps.tolist()
-            out.extend(zip(ref[: len(group)], ref[len(group):]))
+            found.update((id(p), (c, r)) for p, c, r in zip(group, ref[: len(group)], ref[len(group):]))
             real += group_real
-        order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))  # length_grouped's order
-        result: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
-        for i, value in zip(order, out):
-            result[i] = value
+        result = [found[id(p)] for p in pairs]
         return {"logps": result, "seconds": time.perf_counter() - start,
                 "flops": float(self.forward_flops_per_token * real)}
 

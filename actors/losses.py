@@ -22,8 +22,7 @@ def build_sequences(
     """
     rows, masks = [], []
     for p, r in zip(prompts, responses):
-        p = p[-(max_length - 1):] if len(p) >= max_length else p
-        r = r[: max_length - len(p)]
+        p, r = cut_to_fit(p, r, max_length)
         rows.append(p + r)
         masks.append([0] * len(p) + [1] * len(r))
     width = max(len(x) for x in rows)
