@@ -73,6 +73,11 @@ class RunConfig:
     so the two differ only in where the pairs come from."""
     seed: int = 42
     """Seed of every random stream (prompt order, sampling, pair choice, model init)."""
+    staleness: int = 0
+    """Rounds a round's pairs may lag the weights they train. 0: synchronous, the recipe's (each round samples
+    the policy it trains). 1: one-step-off-policy (verl's term): round r+1's pairs are drawn while round r trains,
+    from the weights before round r's step, so generation and training overlap; each pair's weight_version
+    records what drew it (docs/architecture.md, "One-step-off-policy rounds")."""
 
 
 @dataclass
@@ -388,6 +393,7 @@ def check_run(r: RunConfig) -> None:
     _require(bool(re.fullmatch(r"[\w.-]+", r.name)), "run.name", "letters, digits, '_', '-', '.' only")
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.mode in ("online", "offline"), "run.mode", f"online or offline, got {r.mode!r}")
+    _require(r.staleness in (0, 1), "run.staleness", f"0 (synchronous) or 1 (one-step-off-policy), got {r.staleness!r}")
 
 
 def check_ray(c: RayConfig) -> None:
@@ -518,6 +524,8 @@ def check_across(cfg: OdpoConfig) -> None:
     """What one section allows depending on another."""
     g, d = cfg.generator, cfg.data
     _require(cfg.offline.dataset is None or cfg.run.mode == "offline", "offline.dataset", "only used with run.mode=offline")
+    _require(cfg.run.staleness == 0 or cfg.run.mode == "online", "run.staleness",
+             "only used with run.mode=online (the offline baseline's pairs are all drawn before its first round)")
     _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
              "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
     _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.types import TrainStepStats
-from orchestrator import evaluation, offline
+from orchestrator import ahead, evaluation, offline
 from orchestrator.config import OdpoConfig
 from orchestrator.control import apply_scale_request
 from orchestrator.plots import plot_rounds
@@ -33,15 +33,21 @@ def run(cfg: OdpoConfig) -> str:
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
             start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
-            # generate -> score -> pair -> train epoch 1, streamed; epochs 2..E; export (a dead learner: again)
+            draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
+            # generate -> score -> pair -> train epoch 1, streamed (or the pairs drawn ahead); epochs 2..E;
+            # export (a dead learner: again)
             trained, retries = s.retrying_learner(train, r)
             finish_deferred_evaluation(s)  # into the last round's metrics line, before the weights move on
+            if draw is not None:
+                s.pending[r + 1] = draw.result()  # drawn from this round's weights: done before they move on
+            lag = ahead.metrics(trained.stream.pairs, s.version, draw) if s.cfg.run.staleness else {}
             sync_s = sync(s, trained)  # every generator loads version + 1
             metrics = round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s, sync_s,
-                                    time.perf_counter() - trained.start, trained.skipped, trained.truncated)
+                                    time.perf_counter() - trained.start, trained.skipped, trained.truncated) | lag
             if s.initial is not None and not defers_evaluation(s.cfg, r):
                 metrics |= evaluate(s, r)  # the held-out prompts, answered with the new weights
-            commit(s, r, trained, metrics | {"faults/learner_retries": retries})
+            s.overlapped_busy |= {k: s.overlapped_busy.get(k, 0.0) + v for k, v in ahead.overlapped_busy(draw).items()}
+            commit(s, r, trained, metrics | {"faults/learner_retries": retries}, draw)
             s.evaluation_due = s.initial is not None and defers_evaluation(s.cfg, r)
         print_summary(s.history, s.out.path)
         return s.out.path
@@ -75,15 +81,16 @@ def train(s: Session, r: int) -> Trained:
     from_data = s.fixed is not None and cfg.offline.dataset is not None  # offline.dataset: data.path is not trained on
     s.learners.start_round(r, planned_steps(len(s.fixed[r].pairs) if from_data else len(prompts), cfg))
     gate = s.deferred.kl_sent if s.deferred is not None else None  # its KL runs on the weights before this round's
-    if s.fixed is None:
+    fixed = s.fixed[r] if s.fixed is not None else s.pending.get(r)  # offline, or drawn by the round before
+    if fixed is None:
         stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate)
     else:
         if from_data:  # the dataset's rows in file order, in chunks as streaming would cut them
             chunks = [i // cfg.generator.chunk_size for i in range(len(s.fixed[r].pairs))]
         else:  # drawn from the round's prompts: each pair's chunk is its prompt's
             position = {p.uid: i for i, p in enumerate(prompts)}
-            chunks = [position[p.uid] // cfg.generator.chunk_size for p in s.fixed[r].pairs]
-        stream = offline.train_round(r, s.fixed[r], cfg, s.learners, progress, chunks, gate)
+            chunks = [position[p.uid] // cfg.generator.chunk_size for p in fixed.pairs]
+        stream = offline.train_round(r, fixed, cfg, s.learners, progress, chunks, gate)
     progress.set_stage("epochs")
     replay_start = time.perf_counter()
     replay = replay_epochs(stream.pairs, cfg, r, s.learners, progress)
@@ -169,8 +176,9 @@ def evaluate(s: Session, r: int) -> dict:
     return metrics
 
 
-def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
-    """Checkpoint, pairs, metrics, then state.json: a round counts as done only once all are in place."""
+def commit(s: Session, r: int, trained: Trained, metrics: dict, draw: ahead.Draw | None = None) -> None:
+    """Checkpoint, pairs, metrics (and the next round's pairs when this round drew them), then state.json:
+    a round counts as done only once all are in place."""
     metrics |= {"pool/generators": len(s.generators), "pool/scorers": len(s.scorers),
                 "pool/generators_dropped": s.generators.dropped, "pool/scorers_dropped": s.scorers.dropped}
     metrics |= s.startup  # this driver's start-up, in the first round line it commits
@@ -181,12 +189,16 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     if not s.cfg.learner.reset_optimizer_each_round:  # the next round continues AdamW's moments
         s.out.save_optimizer_states(r, s.learners.optimizer_states())
     s.out.write_pairs(r, trained.stream.pairs)
+    if draw is not None:
+        ahead.save(s.out, draw)
     metrics["timing/checkpoint"] = time.perf_counter() - start
     metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
                        s.overlapped_busy)
     s.overlapped_busy = {}
     s.out.log_metrics(metrics)
     s.out.commit(s.cfg, r + 1)
+    s.pending.pop(r, None)
+    ahead.forget(s.out, r)
     s.history.append(metrics)
     s.telemetry.end_round(metrics)
     if r + 1 == s.cfg.run.rounds or time.monotonic() - s.plotted_at >= PLOT_EVERY_S:

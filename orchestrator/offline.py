@@ -102,13 +102,17 @@ def complete(fixed: PairSet, cfg: OdpoConfig, source: PromptSource, generators: 
     return rounds
 
 
-def draw_round(r: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool,
-               scorers: ActorPool) -> RoundStream:
-    """Round r's prompts through the generators (initial weights) and scorers, paired; nothing trained."""
+def draw_round(r: int, cfg: OdpoConfig, source: PromptSource, generators: ActorPool, scorers: ActorPool,
+               version: int = 0, ahead: bool = False) -> RoundStream:
+    """Round r's prompts through the generators (holding weight `version`) and scorers, paired; nothing
+    trained. The pairs come in the order streaming releases them. `ahead`: drawn while the round before
+    trains (one-step-off-policy), with a progress line of its own."""
     prompts = source.round_prompts(r)
-    print(f"odpo: offline: drawing round {r + 1}/{cfg.run.rounds}'s pairs from the initial policy", file=sys.stderr)
-    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s)
-    stream = stream_round(r, prompts, 0, cfg, generators, scorers, None, progress)
+    why = f"ahead, from weight version {version}, while round {r} trains" if ahead else "from the initial policy"
+    print(f"odpo: drawing round {r + 1}/{cfg.run.rounds}'s pairs {why}", file=sys.stderr)
+    progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s,
+                             label="(drawn ahead)" if ahead else None)
+    stream = stream_round(r, prompts, version, cfg, generators, scorers, None, progress)
     progress.close()
     position = {p.uid: i for i, p in enumerate(prompts)}
     stream.pairs.sort(key=lambda p: position[p.uid])  # the order streaming releases them to the learner online

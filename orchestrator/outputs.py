@@ -6,6 +6,8 @@ Everything a round writes appears only when complete: files go to a temporary na
     runs/<name>/metrics.jsonl              one JSON object per round
     runs/<name>/pairs/round_<k>.jsonl      prompt, chosen, rejected, scores, round, weight_version
     runs/<name>/checkpoints/round_<k>/     config.json, model.safetensors, tokenizer files
+    runs/<name>/ahead/round_<k>.jsonl      run.staleness=1: the next round's pairs, drawn during round k-1 and
+                                           committed with it (orchestrator/ahead.py)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from orchestrator.config import (
 )
 
 BASE_FILES_DIR = "base"
+AHEAD_DIR = "ahead"
 
 
 STATE_FILE = "state.json"
@@ -107,6 +110,10 @@ class RunDir:
             if os.path.isdir(self.sub(sub)):
                 for name in filter(stale, os.listdir(self.sub(sub))):
                     remove(self.sub(sub, name))
+        if os.path.isdir(self.sub(AHEAD_DIR)):  # only the pairs of the round to run next were committed
+            for name in os.listdir(self.sub(AHEAD_DIR)):
+                if name != f"round_{self.completed}.jsonl":
+                    os.remove(self.sub(AHEAD_DIR, name))
         kept = [m for m in self.history() if m["round"] < self.completed]
         write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
 
@@ -185,6 +192,11 @@ class RunDir:
             f.write(bundle.payload)
         os.replace(tmp, final)
         return final
+
+    def ahead_path(self, round_index: int) -> str:
+        """Where round `round_index`'s pairs wait when the round before drew them (run.staleness=1)."""
+        os.makedirs(self.sub(AHEAD_DIR), exist_ok=True)
+        return self.sub(AHEAD_DIR, f"round_{round_index}.jsonl")
 
     def write_pairs(self, round_index: int, pairs: list[Pair]) -> str:
         path = self.sub("pairs", f"round_{round_index}.jsonl")

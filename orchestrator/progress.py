@@ -16,10 +16,12 @@ STAGE_POOL = {"generated": "generator", "scored": "scorer", "trained": "learner"
 
 class RoundProgress:
     def __init__(self, round_index: int, rounds: int, prompts: int, interval_s: float = 10.0, stream=None,
-                 telemetry=None):
+                 telemetry=None, label: str | None = None):
+        """`label`: a second line beside the round's (one-step-off-policy: the next round's pairs, drawn ahead);
+        it prints every interval_s, never redrawn in place, and `odpo status` does not read it."""
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.label = f"round {round_index + 1}/{rounds}"
+        self.tty = self.stream.isatty() and label is None
+        self.label = f"round {round_index + 1}/{rounds}" + (f" {label}" if label else "")
         self.prompts = prompts
         self.counts = dict.fromkeys(STAGE_POOL, 0)
         self.tokens = dict.fromkeys(STAGE_POOL, 0)

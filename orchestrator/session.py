@@ -25,7 +25,7 @@ from typing import TypeVar
 import ray
 
 from actors.models import load_tokenizer, quiet_libraries
-from orchestrator import evaluation, offline
+from orchestrator import ahead, evaluation, offline
 from orchestrator.cluster import Cluster, resolve_backend
 from orchestrator.config import OdpoConfig
 from orchestrator.control import take_scale_request
@@ -68,7 +68,10 @@ class Session:
     deferred: evaluation.Deferred | None = None
     """That evaluation, running."""
     overlapped_busy: dict[str, float] = field(default_factory=dict)
-    """Pool seconds a deferred evaluation spent during the round now running (its profile counts them)."""
+    """Pool seconds a deferred evaluation or a draw ahead spent during the round now running (its profile
+    counts them)."""
+    pending: dict[int, RoundStream] = field(default_factory=dict)
+    """run.staleness=1: the pairs drawn ahead for the next round (orchestrator/ahead.py)."""
 
     def pool_sizes(self) -> dict[str, int]:
         return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}
@@ -142,7 +145,7 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                   file=sys.stderr)
             yield Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
                           learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
-                          startup=startup)
+                          startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {})
     finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
         try:
             out.close()

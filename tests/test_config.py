@@ -214,6 +214,13 @@ def test_unknown_reference():
     assert "fixed" in str(e) and "previous" in str(e)
 
 
+def test_staleness_is_zero_or_one_and_online_only():
+    e = config_error(TINY, ["run.staleness=2"])
+    assert e.key == "run.staleness" and "got 2" in str(e) and "one-step-off-policy" in str(e)
+    e = config_error(TINY, ["run.staleness=1", "run.mode=offline"])
+    assert e.key == "run.staleness" and "run.mode=online" in str(e)
+
+
 def test_zero_stage_out_of_range():
     e = config_error(TINY, ["learner.zero_stage=4"])
     assert e.key == "learner.zero_stage"

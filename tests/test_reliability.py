@@ -215,3 +215,54 @@ def test_non_finite_reward_stops_the_run_naming_the_prompt(ray_cluster, tmp_path
     with pytest.raises(Exception, match=r"non-finite reward nan for prompt uid \d+"):
         run(cfg)
     assert_no_actor_alive(ray_cluster)
+
+
+def test_one_step_off_policy_rounds_lag_one_version_and_resume_on_the_pairs_they_drew(ray_cluster, straight, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """run.staleness=1: round 0 streams as a synchronous round (equal to the fault-free synchronous run's, to
+    the weight) while round 1's pairs are drawn from the same weights; every later round trains on pairs one
+    version old. The driver dies in round 2 after training, before its commit: the resumed run trains on the
+    pairs round 1 drew and saved (it draws nothing) and ends exactly like the uninterrupted asynchronous run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from orchestrator import driver
+
+    monkeypatch.chdir(REPO)
+    full = run(config(tmp_path, "async", "run.rounds=3", "run.staleness=1"))
+    m = metrics_of(full)
+    assert [x["async/staleness_mean"] for x in m] == [0.0, 1.0, 1.0]
+    assert [x["async/staleness_max"] for x in m] == [0, 1, 1]
+    assert [x["weight_version"] for x in m] == [1, 2, 3]
+    for r, version in enumerate([0, 0, 1]):
+        pairs = [json.loads(line) for line in open(os.path.join(full, "pairs", f"round_{r}.jsonl"))]
+        assert pairs and {p["weight_version"] for p in pairs} == {version}
+    assert ["timing/draw_ahead" in x for x in m] == [True, True, False]  # the last round draws nothing
+    assert open(os.path.join(full, "pairs", "round_0.jsonl")).read() == \
+        open(os.path.join(straight, "pairs", "round_0.jsonl")).read()
+    weights = [load_file(os.path.join(d, "checkpoints", "round_0", "model.safetensors")) for d in (full, straight)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert outcome(full)[1][1] != outcome(straight)[1][1]  # round 1 trained on older samples than the synchronous run's
+    assert os.listdir(os.path.join(full, "ahead")) == []  # each drawn round's copy goes once the round commits
+    assert_every_prompt_once(config(tmp_path, "async", "run.rounds=3"), full)
+
+    commit = driver.commit
+
+    def dies_in_round_2(s, r, *args):
+        if r == 2:
+            raise KeyboardInterrupt("the driver dies in round 2, before its commit")
+        commit(s, r, *args)
+
+    cfg = config(tmp_path, "async-resumed", "run.rounds=3", "run.staleness=1", "run.overwrite=false")
+    monkeypatch.setattr(driver, "commit", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    resumed = str(tmp_path / "async-resumed")
+    assert os.listdir(os.path.join(resumed, "ahead")) == ["round_2.jsonl"]  # committed with round 1
+    monkeypatch.setattr(driver, "commit", commit)
+    capsys.readouterr()
+    run(cfg)
+    log = capsys.readouterr().err
+    assert f"resuming {resumed} after round 1" in log and "drawing round" not in log
+    assert_same_outcome(resumed, full)
+    assert_no_actor_alive(ray_cluster)

@@ -1,0 +1,101 @@
+"""One-step-off-policy rounds (`run.staleness=1`): round r+1's pairs are drawn while round r trains.
+
+verl's "one-step-off-policy" trainer overlaps the two the same way: generation of the next batch runs beside
+the current batch's training, on the weights one step older than those the batch will train. With v_k the
+weights after k rounds:
+
+    round 0   streamed as a synchronous round from v0, while round 1's pairs are drawn from v0
+    round r   trains (epoch 1 in release order, as streaming would, then epochs 2..E) on pairs drawn from
+              v_{r-1}, while round r+1's are drawn from v_r; the weight sync to v_{r+1} waits for that draw,
+              so a draw never sees two versions (the streams check every chunk's version)
+
+Each pair's `weight_version` says what drew it; metrics.jsonl has `async/staleness_mean` and `_max` (the
+rounds between the weights that drew a round's pairs and those they trained). A round's draw is saved to
+`ahead/round_<k>.jsonl` before the round that drew it commits, so a resumed run trains on those same pairs;
+a round with none saved (the first one, or one resumed from a synchronous run) streams as a synchronous round.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+from actors.types import Pair
+from orchestrator import offline
+from orchestrator.streaming import RoundStream
+
+
+class Draw(threading.Thread):
+    """Round r's pairs drawn in the background from the weights the generators hold (`version`)."""
+
+    def __init__(self, r: int, version: int, session):
+        super().__init__(name=f"odpo-draw-round-{r}", daemon=True)
+        self.round_index, self.version, self.s = r, version, session
+        self.stream: RoundStream | None = None
+        self.error: BaseException | None = None
+        self.waited_s = 0.0
+        self.start()
+
+    def run(self) -> None:
+        s = self.s
+        try:
+            self.stream = offline.draw_round(self.round_index, s.cfg, s.source, s.generators, s.scorers, self.version,
+                                             ahead=True)
+        except BaseException as e:  # raised again in the driver's thread, by result()
+            self.error = e
+
+    def result(self) -> RoundStream:
+        """The drawn round, once done (the driver waits here only for what training did not hide)."""
+        start = time.perf_counter()
+        self.join()
+        self.waited_s = time.perf_counter() - start
+        if self.error is not None:
+            raise RuntimeError(f"drawing round {self.round_index}'s pairs ahead failed: {self.error}") from self.error
+        assert self.stream is not None
+        return self.stream
+
+
+def start(s, r: int) -> Draw | None:
+    """Round r+1's draw, from the weights the generators hold now, when run.staleness=1 and r is not the last."""
+    if s.cfg.run.staleness == 0 or r + 1 >= s.cfg.run.rounds:
+        return None
+    return Draw(r + 1, s.version, s)
+
+
+def load(out, completed: int) -> dict[int, RoundStream]:
+    """The pairs the last committed round drew for the next one (resume), if it drew them."""
+    path = out.ahead_path(completed)
+    return {completed: offline.load_round(path)} if os.path.exists(path) else {}
+
+
+def save(out, draw: Draw) -> None:
+    """Before the round that drew them commits (state.json last): a resume finds them."""
+    offline.save_round(out.ahead_path(draw.round_index), draw.stream)
+
+
+def forget(out, r: int) -> None:
+    """Round r is committed with its pairs in pairs/round_<r>.jsonl: its drawn copy goes."""
+    path = out.ahead_path(r)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def metrics(pairs: list[Pair], trained_from: int, draw: Draw | None) -> dict:
+    """`async/*`: how far the round's pairs lag the weights they trained (`trained_from`), and the draw that
+    ran during the round: its seconds, what the driver waited for it after training (`timing/draw_wait`: the
+    generation training did not hide) and its pools' busy seconds, which the round's profile counts."""
+    lag = [trained_from - p.weight_version for p in pairs]
+    m = {"async/staleness_mean": sum(lag) / len(lag) if lag else math.nan, "async/staleness_max": max(lag, default=0)}
+    if draw is not None and draw.stream is not None:
+        m |= {"timing/draw_ahead": draw.stream.wall_s, "timing/draw_wait": draw.waited_s,
+              "async/drawn_tokens": draw.stream.new_tokens}
+    return m
+
+
+def overlapped_busy(draw: Draw | None) -> dict[str, float]:
+    """Pool seconds the draw spent during the round (for report.profile)."""
+    if draw is None or draw.stream is None:
+        return {}
+    return {"generator": draw.stream.busy["generate"], "scorer": draw.stream.busy["score"]}
