@@ -28,11 +28,18 @@ from orchestrator.streaming import RoundStream
 
 
 class Draw(threading.Thread):
-    """Round r's pairs drawn in the background from the weights the generators hold (`version`)."""
+    """Round r's pairs drawn in the background from the weights the generators hold (`version`), once the
+    generation on the round's critical path is done: the previous round's deferred evaluation samples (its KL
+    gates this round's first step) and, when this round streams, its own chunks (`generated`)."""
 
     def __init__(self, r: int, version: int, session):
         super().__init__(name=f"odpo-draw-round-{r}", daemon=True)
         self.round_index, self.version, self.s = r, version, session
+        self.generated = threading.Event()
+        """Set by the round's stream once its chunks are generated (a round that trains on drawn pairs: now)."""
+        if r - 1 in session.pending:
+            self.generated.set()
+        self.after = [e for e in (session.deferred.kl_sent if session.deferred is not None else None,) if e]
         self.stream: RoundStream | None = None
         self.error: BaseException | None = None
         self.waited_s = 0.0
@@ -41,6 +48,8 @@ class Draw(threading.Thread):
     def run(self) -> None:
         s = self.s
         try:
+            for event in [*self.after, self.generated]:  # the generators first serve what the learner waits for
+                event.wait()
             self.stream = offline.draw_round(self.round_index, s.cfg, s.source, s.generators, s.scorers, self.version,
                                              ahead=True)
         except BaseException as e:  # raised again in the driver's thread, by result()

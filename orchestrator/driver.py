@@ -33,7 +33,7 @@ def run(cfg: OdpoConfig) -> str:
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
             start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
-            draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
+            draw = s.draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
             # generate -> score -> pair -> train epoch 1, streamed (or the pairs drawn ahead); epochs 2..E;
             # export (a dead learner: again)
             trained, retries = s.retrying_learner(train, r)
@@ -83,7 +83,9 @@ def train(s: Session, r: int) -> Trained:
     gate = s.deferred.kl_sent if s.deferred is not None else None  # its KL runs on the weights before this round's
     fixed = s.fixed[r] if s.fixed is not None else s.pending.get(r)  # offline, or drawn by the round before
     if fixed is None:
-        stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate)
+        generated = s.draw.generated if s.draw is not None else None  # the draw ahead starts once it is set
+        stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate,
+                              generated)
     else:
         if from_data:  # the dataset's rows in file order, in chunks as streaming would cut them
             chunks = [i // cfg.generator.chunk_size for i in range(len(s.fixed[r].pairs))]

@@ -72,6 +72,8 @@ class Session:
     counts them)."""
     pending: dict[int, RoundStream] = field(default_factory=dict)
     """run.staleness=1: the pairs drawn ahead for the next round (orchestrator/ahead.py)."""
+    draw: ahead.Draw | None = None
+    """The draw running during this round."""
 
     def pool_sizes(self) -> dict[str, int]:
         return {"generator": len(self.generators), "scorer": len(self.scorers), "learner": self.cfg.learner.num_ranks}

@@ -142,12 +142,14 @@ def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: 
 
 def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: OdpoConfig,
                  generators: ActorPool, scorers: ActorPool, learners: LearnerGroup | None,
-                 progress: RoundProgress, train_after: threading.Event | None = None) -> RoundStream:
+                 progress: RoundProgress, train_after: threading.Event | None = None,
+                 generated: threading.Event | None = None) -> RoundStream:
     """Generate, score, pair and train (first epoch) one round's prompts; every prompt ends as a pair
     or a counted drop. A generator or scorer that dies or hangs is replaced and its chunks are redone.
     Without `learners` nothing is trained: the offline baseline draws its fixed pairs this way.
     `train_after`: no training step is sent before it is set (the previous round's deferred evaluation
-    has sent its KL forwards, which must run on the weights before this round's steps)."""
+    has sent its KL forwards, which must run on the weights before this round's steps). `generated`: set once
+    every chunk is generated (a draw ahead waits for it, so that it does not slow this round's generation)."""
     start = time.perf_counter()
     out = RoundStream()
     gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor, cfg.generator.call_timeout_s)
@@ -226,6 +228,8 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
             to_score.append((payload, c))
             last_gen_done = time.perf_counter()
             progress.add("generated", meta.prompts, meta.new_tokens)
+            if generated is not None and not chunks and not gen.inflight:
+                generated.set()
         elif ref in score.inflight:
             try:
                 sc: ScoredChunk = ray.get(ref)
