@@ -7,7 +7,7 @@ out: it is the same code in both), the time the driver waited for a draw after t
 gold reward after each round; then the async/sync time ratio per seed and the gold reward's difference.
 
     .venv/bin/python benchmarks/async_rounds.py                                  # smollm2, verifier-scored, 2 seeds x 3 rounds
-    .venv/bin/python benchmarks/async_rounds.py --seeds 42 43 44 --rounds 4
+    .venv/bin/python benchmarks/async_rounds.py --seeds 42 43 44 --reuse   # runs only the seeds not yet in --out
     .venv/bin/python benchmarks/async_rounds.py --config configs/tiny.yaml scorer.type=function \\
         scorer.function=actors.rewards:lowercase_ratio                            # the tiny loop: Ray overhead
 """
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "async_rounds"))
+    ap.add_argument("--reuse", action="store_true", help="read a seed's two runs from --out when both finished "
+                    "(each seed's pair is still measured side by side; seeds added later run then)")
     ap.add_argument("overrides", nargs="*", default=["scorer.type=function"],
                     help="key=value overrides for every run (default: scorer.type=function, the verifier scores)")
     args = ap.parse_args()
@@ -56,6 +58,10 @@ def main() -> None:
     results: dict[int, dict[str, list[dict]]] = {}
     for seed in args.seeds:
         results[seed] = {}
+        done = [os.path.join(args.out, f"{mode}-{seed}", "metrics.jsonl") for mode in MODES]
+        if args.reuse and all(os.path.exists(p) and len(open(p).readlines()) == args.rounds for p in done):
+            results[seed] = {mode: [json.loads(line) for line in open(p)] for mode, p in zip(MODES, done)}
+            continue
         for mode, staleness in MODES.items():
             name = f"{mode}-{seed}"
             start = time.perf_counter()
