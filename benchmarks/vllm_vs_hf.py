@@ -1,13 +1,18 @@
-"""vLLM against transformers through the generator pool, and the cost of the weight sync.
+"""vLLM against transformers through the generator pool, and the cost of the weight sync, for any config.
 
-1. Throughput: the same prompts, chunks, seeds and sampling through a pool of one generator actor
-   (2 CPUs = this machine) with each backend; tokens/s and the vLLM / transformers ratio, for the tiny
-   policy and a ~100M-parameter Llama built locally.
-2. Weight sync: a real learner rank exports its weights, the payload enters the object store once and a
-   vLLM generator reloads it in place; seconds per round against serialising the same state dict once
-   (the floor of any path that goes through host memory).
+1. Throughput: the config's own round prompts, chunks, seeds and sampling (generator.n, temperatures,
+   max_new_tokens) through the config's generator pool, built the way `odpo run` builds it, once per
+   backend; new tokens/s and the vLLM / transformers ratio. Each pool's engines are built and warmed up on
+   one chunk before the clock starts.
+2. Weight sync: the config's learner group exports the policy and the driver's own `sync_weights` loads it
+   into a vLLM generator pool, as every round does; seconds per sync (the export included) against one
+   in-process serialisation of the same state dict, the floor of any path through host memory.
 
-    .venv/bin/python benchmarks/vllm_vs_hf.py [--prompts-tiny 128] [--prompts-100m 16] [--rounds 3]
+    .venv/bin/python benchmarks/vllm_vs_hf.py                                      # configs/smollm2.yaml, ~6 min
+    .venv/bin/python benchmarks/vllm_vs_hf.py --config configs/tiny.yaml --rounds-of-prompts 2
+    .venv/bin/python benchmarks/vllm_vs_hf.py generator.cpus_per_actor=2 generator.max_new_tokens=64
+
+By default each generator gets the config's CPUs (one on the real-model config), as in a run.
 """
 
 from __future__ import annotations
@@ -18,86 +23,100 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
-from generation_throughput import build_model, through_pool  # noqa: E402
 
-from actors.generator import HFGenerator  # noqa: E402
-from actors.learner import Learner  # noqa: E402
-from actors.types import Prompt, WeightBundle  # noqa: E402
-from actors.vllm_generator import VLLMGenerator  # noqa: E402
-from orchestrator.config import GeneratorConfig, LearnerConfig  # noqa: E402
-from orchestrator.pools import ActorPool, LearnerGroup  # noqa: E402
-from orchestrator.streaming import make_chunks  # noqa: E402
+from actors.models import load_tokenizer  # noqa: E402
+from actors.types import WeightBundle  # noqa: E402
+from orchestrator.cluster import Cluster  # noqa: E402
+from orchestrator.config import OdpoConfig, load_config  # noqa: E402
+from orchestrator.data import PromptSource  # noqa: E402
+from orchestrator.driver import sync_weights  # noqa: E402
+from orchestrator.outputs import resolve_models  # noqa: E402
+from orchestrator.streaming import Dispatcher, make_chunks  # noqa: E402
 
-
-def throughput(model: str, prompts: int) -> list[tuple[str, float, int]]:
-    cfg = GeneratorConfig(n=8, temperatures=[1.0, 0.7], max_new_tokens=32, chunk_size=8, batch_size=64,
-                          cpus_per_actor=2, cpu_kvcache_gib=2)
-    chunks = make_chunks(0, [Prompt(uid=i, messages=[{"role": "user", "content": f"Describe thing {i}."}])
-                             for i in range(prompts)], cfg.chunk_size, seed=42)
-    rows = []
-    for cls in (HFGenerator, VLLMGenerator):
-        wall, tokens, _ = through_pool(model, cfg, chunks, 1, cls=cls, cpus=2.0)
-        rows.append((cls.__name__, wall, tokens))
-    return rows
+BACKENDS = ("hf", "vllm")
 
 
-def weight_sync(model: str, rounds: int) -> tuple[list[float], float, int]:
-    lcfg = LearnerConfig(global_batch_size=1, micro_batch_size=1, zero_stage=0)
-    learners = LearnerGroup(ActorPool("bench-learner", Learner, 1, 1.0, 0.0,
-                                      lambda r: (lcfg, model, "float32", r, 1, 0), 120))
-    gcfg = GeneratorConfig(n=2, max_new_tokens=4, cpus_per_actor=1, cpu_kvcache_gib=1)
-    gens = ActorPool("bench-vllm", VLLMGenerator, 1, 1.0, 0.0,
-                     lambda r: (gcfg, model, model, "float32", 64, False, "generator-0"), 120)
-    learners.setup()
-    ray.get(gens.actors[0].weight_version.remote())
-    sync_s = []
-    for version in range(1, rounds + 1):  # what the driver does each round (driver.sync_weights)
+def throughput(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, chunks) -> tuple[float, int]:
+    """Seconds and new tokens for every chunk through the config's generator pool (its actors, its
+    in-flight bound, the least-loaded actor takes the next chunk)."""
+    pool = cluster.generators(policy, tokenizer)
+    pool.wait_ready()
+    ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up, off the clock
+    dispatch, pending, tokens = Dispatcher(pool, cfg.generator.max_inflight_per_actor), list(chunks), 0
+    start = time.perf_counter()
+    while pending or dispatch.inflight:
+        while pending and dispatch.has_room():
+            c = pending.pop(0)
+            dispatch.submit(lambda a, c=c: a.generate.remote(c), c.chunk_id)
+        (ref,), _ = ray.wait(list(dispatch.inflight), num_returns=1)
+        dispatch.complete(ref)
+        tokens += ray.get(ref).new_tokens
+    wall = time.perf_counter() - start
+    cluster.remove(pool)
+    return wall, tokens
+
+
+def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, rounds: int) -> tuple[list[float], float, int]:
+    """What the driver does after each round's training: export once, then `sync_weights` (object store)."""
+    pad_id = load_tokenizer(tokenizer).pad_token_id
+    learners = cluster.learners(policy, policy, pad_id)
+    generators = cluster.generators(policy, tokenizer)
+    generators.wait_ready()
+    seconds = []
+    for version in range(1, rounds + 1):
         start = time.perf_counter()
         refs = learners.async_export_refs(version)
-        assert ray.get(gens.actors[0].load_weights.remote(refs[0])) == version
-        ray.get(refs[1:])
-        sync_s.append(time.perf_counter() - start)
+        learners.get(refs, "the weight export")
+        sync_weights(generators, learners, refs, version, nccl=False)
+        seconds.append(time.perf_counter() - start)
     from transformers import AutoModelForCausalLM
 
-    state = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    # each tensor its own copy, as the learner's export makes them (tied embeddings are two tensors there)
+    state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(policy).state_dict().items()}
     start = time.perf_counter()
     size = WeightBundle.from_tensors(1, state).num_bytes()
-    serialise_s = time.perf_counter() - start
-    learners.pool.shutdown()
-    gens.shutdown()
-    return sync_s, serialise_s, size
+    return seconds, time.perf_counter() - start, size
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts-tiny", type=int, default=128)
-    ap.add_argument("--prompts-100m", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/smollm2.yaml")
+    ap.add_argument("--rounds-of-prompts", type=int, default=2, help="how many of the config's rounds of prompts "
+                    "to generate (the first N rounds' prompts, chunked as a run chunks them)")
+    ap.add_argument("--syncs", type=int, default=3)
+    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    report = []
+    base = [*args.overrides, "metrics.wandb=false", "ray.include_dashboard=false"]
+    cfg = load_config(args.config, base)
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)
+    chunks = [c for r in range(min(args.rounds_of_prompts, cfg.run.rounds))
+              for c in make_chunks(r, source.round_prompts(r), cfg.generator.chunk_size, cfg.run.seed)]
+    prompts = sum(len(c.prompts) for c in chunks)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size, prompts in (("tiny", args.prompts_tiny), ("100m", args.prompts_100m)):
-            model = build_model(size, os.path.join(tmp, size))
-            report.append((size, prompts, throughput(model, prompts), weight_sync(model, args.rounds)))
-    ray.shutdown()
-    print("\n1. generation through a 1-actor pool (2 CPUs), n=8 (T=1.0/0.7), 32 new tokens, chunks of 8")
-    print(f"{'model':6s} {'prompts':>7s} {'backend':14s} {'wall_s':>7s} {'tokens':>7s} {'tokens/s':>9s} {'vs hf':>6s}")
-    for size, prompts, rows, _ in report:
-        base = rows[0][2] / rows[0][1]
-        for name, wall, tokens in rows:
-            print(f"{size:6s} {prompts:7d} {name:14s} {wall:7.2f} {tokens:7d} {tokens / wall:9.0f} "
-                  f"{tokens / wall / base:6.2f}")
-    print(f"\n2. weight sync per round (learner export -> object store once -> vLLM in-place reload), {args.rounds} rounds")
-    print(f"{'model':6s} {'MB':>7s} {'sync_s per round':>24s} {'serialise_once_s':>17s} {'sync / serialise':>17s}")
-    for size, _, _, (sync_s, ser_s, nbytes) in report:
-        mean = sum(sync_s) / len(sync_s)
-        print(f"{size:6s} {nbytes / 2**20:7.1f} {' '.join(f'{s:.3f}' for s in sync_s):>24s} {ser_s:17.3f} "
-              f"{mean / ser_s:17.2f}")
+        policy, tokenizer, _ = resolve_models(cfg, tmp)
+        for backend in BACKENDS:
+            bcfg = load_config(args.config, [*base, f"generator.backend={backend}"])
+            with Cluster(bcfg) as cluster:
+                rows.append((backend, *throughput(bcfg, cluster, policy, tokenizer, chunks)))
+        vcfg = load_config(args.config, [*base, "generator.backend=vllm"])
+        with Cluster(vcfg) as cluster:
+            sync_s, serialise_s, size = weight_sync(vcfg, cluster, policy, tokenizer, args.syncs)
+    g = cfg.generator
+    print(f"\n1. generation: {args.config} {' '.join(args.overrides)}; {prompts} prompts x n={g.n} "
+          f"(T={'/'.join(map(str, g.temperatures))}), {g.max_new_tokens} new tokens at most, chunks of {g.chunk_size}, "
+          f"{g.num_actors} actor(s) x {g.cpus_per_actor} CPU")
+    print(f"{'backend':8s} {'wall_s':>8s} {'tokens':>7s} {'tokens/s':>9s} {'vs hf':>6s}")
+    hf_rate = rows[0][2] / rows[0][1]
+    for backend, wall, tokens in rows:
+        print(f"{backend:8s} {wall:8.2f} {tokens:7d} {tokens / wall:9.1f} {tokens / wall / hf_rate:6.2f}")
+    mean = sum(sync_s) / len(sync_s)
+    print(f"\n2. weight sync (learner export -> object store once -> {g.num_actors} vLLM generator(s) reload in place)")
+    print(f"{'MB':>7s} {'sync_s each':>24s} {'serialise_once_s':>17s} {'sync / serialise':>17s}")
+    print(f"{size / 2**20:7.1f} {' '.join(f'{s:.2f}' for s in sync_s):>24s} {serialise_s:17.2f} {mean / serialise_s:17.2f}")
 
 
 if __name__ == "__main__":
