@@ -43,6 +43,7 @@ class Draw(threading.Thread):
         self.stream: RoundStream | None = None
         self.error: BaseException | None = None
         self.waited_s = 0.0
+        self.cancelled = False
         self.start()
 
     def run(self) -> None:
@@ -50,10 +51,20 @@ class Draw(threading.Thread):
         try:
             for event in [*self.after, self.generated]:  # the generators first serve what the learner waits for
                 event.wait()
+            if self.cancelled:
+                return
             self.stream = offline.draw_round(self.round_index, s.cfg, s.source, s.generators, s.scorers, self.version,
                                              ahead=True)
         except BaseException as e:  # raised again in the driver's thread, by result()
             self.error = e
+
+    def cancel(self) -> None:
+        """The run stops: a draw still waiting never starts; one under way ends as the pools shut down (they
+        replace nothing once closed)."""
+        self.cancelled = True
+        self.generated.set()
+        for event in self.after:
+            event.set()
 
     def result(self) -> RoundStream:
         """The drawn round, once done (the driver waits here only for what training did not hide)."""
@@ -81,6 +92,7 @@ def load(out, completed: int) -> dict[int, RoundStream]:
 
 def save(out, draw: Draw) -> None:
     """Before the round that drew them commits (state.json last): a resume finds them."""
+    os.makedirs(os.path.dirname(out.ahead_path(draw.round_index)), exist_ok=True)
     offline.save_round(out.ahead_path(draw.round_index), draw.stream)
 
 
@@ -101,6 +113,14 @@ def metrics(pairs: list[Pair], trained_from: int, draw: Draw | None) -> dict:
         m |= {"timing/draw_ahead": draw.stream.wall_s, "timing/draw_wait": draw.waited_s,
               "async/drawn_tokens": draw.stream.new_tokens}
     return m
+
+
+def add_faults(metrics: dict, draw: Draw | None) -> dict:
+    """The draw's generator and scorer restarts and regenerated chunks count in the round during which it ran."""
+    if draw is not None and draw.stream is not None:
+        for k, v in draw.stream.faults.items():
+            metrics[f"faults/{k}"] = metrics.get(f"faults/{k}", 0) + v
+    return metrics
 
 
 def overlapped_busy(draw: Draw | None) -> dict[str, float]:

@@ -42,8 +42,9 @@ def run(cfg: OdpoConfig) -> str:
                 s.pending[r + 1] = draw.result()  # drawn from this round's weights: done before they move on
             lag = ahead.metrics(trained.stream.pairs, s.version, draw) if s.cfg.run.staleness else {}
             sync_s = sync(s, trained)  # every generator loads version + 1
-            metrics = round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s, sync_s,
-                                    time.perf_counter() - trained.start, trained.skipped, trained.truncated) | lag
+            metrics = ahead.add_faults(round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s,
+                                                     sync_s, time.perf_counter() - trained.start, trained.skipped,
+                                                     trained.truncated) | lag, draw)
             if s.initial is not None and not defers_evaluation(s.cfg, r):
                 metrics |= evaluate(s, r)  # the held-out prompts, answered with the new weights
             s.overlapped_busy |= {k: s.overlapped_busy.get(k, 0.0) + v for k, v in ahead.overlapped_busy(draw).items()}

@@ -195,7 +195,6 @@ class RunDir:
 
     def ahead_path(self, round_index: int) -> str:
         """Where round `round_index`'s pairs wait when the round before drew them (run.staleness=1)."""
-        os.makedirs(self.sub(AHEAD_DIR), exist_ok=True)
         return self.sub(AHEAD_DIR, f"round_{round_index}.jsonl")
 
     def write_pairs(self, round_index: int, pairs: list[Pair]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,10 @@ class ActorPool:
         self.remote_cls = ray.remote(cls)
         self.next_id = 0
         self.slots: list[Slot] = []
+        self.lock = threading.Lock()
+        """Replacements one at a time: a round, a deferred evaluation and a draw ahead may all see one death."""
+        self.closed = False
+        """Shut down: nothing is replaced any more (a thread still streaming when the run stops)."""
         self.created_at = time.perf_counter()
         for slot in self._place(size, placement.timeout_s):
             slot.incarnation = incarnation  # a rebuilt learner group's actors get fresh names (learner-0.1)
@@ -173,10 +178,22 @@ class ActorPool:
         if not self.gang:
             remove_placement_group(slot.pg)
 
-    def replace(self, slot: Slot, reason: str) -> bool:
+    def replace(self, slot: Slot, reason: str, failed: Any = None) -> bool:
         """Kill `slot`'s actor (dead or hung) and start a new one holding the current weights, wherever there
-        is room. False: no room came within the replace timeout and the pool goes on without it."""
+        is room. False: no room came within the replace timeout and the pool goes on without it.
+        `failed`: the actor handle the caller saw fail; when another caller has replaced it meanwhile (or the
+        pool went on without the slot), nothing more is done."""
         assert not self.gang, "a gang pool (the learner group) is rebuilt as a whole, never one actor"
+        with self.lock:
+            if self.closed:
+                raise PoolExhausted(f"pool `{self.name}` is shut down")
+            if not any(x is slot for x in self.slots):  # the pool went on without it
+                return False
+            if failed is not None and slot.actor is not failed:
+                return True
+            return self._replace(slot, reason)
+
+    def _replace(self, slot: Slot, reason: str) -> bool:
         old_name = slot.name(self.name)
         print(f"odpo: {old_name} {reason}", file=sys.stderr)
         self._remove(slot)
@@ -231,6 +248,8 @@ class ActorPool:
         return len(self.slots)
 
     def shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
         for s in self.slots:
             ray.kill(s.actor, no_restart=True)
         for pg in {s.pg.id.hex(): s.pg for s in self.slots}.values():

@@ -145,9 +145,14 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             startup = clock.summary(generators=generators.build_seconds(), scorers=scorers.build_seconds())
             print("odpo: start-up " + ", ".join(f"{k.removeprefix('startup/')} {v:.1f}s" for k, v in startup.items()),
                   file=sys.stderr)
-            yield Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
-                          learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
-                          startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {})
+            session = Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
+                              learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
+                              startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {})
+            try:
+                yield session
+            finally:  # a draw ahead still running when the run stops must not outlive its pools
+                if session.draw is not None:
+                    session.draw.cancel()
     finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
         try:
             out.close()

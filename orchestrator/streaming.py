@@ -79,6 +79,8 @@ class Dispatcher:
         self.slots = list(pool.slots)  # positions stay fixed for the round; a dropped actor's never gets work
         self.load: list[float] = [0] * len(self.slots)
         self.inflight: dict[ray.ObjectRef, tuple[int, object, list]] = {}
+        self.sent_to: dict[ray.ObjectRef, object] = {}
+        """The actor handle each call went to (another thread may replace a slot's actor meanwhile)."""
         self.last_progress = [time.perf_counter()] * len(self.slots)
 
     def has_room(self) -> bool:
@@ -91,8 +93,10 @@ class Dispatcher:
     def submit(self, call: Callable[[object], ray.ObjectRef | list[ray.ObjectRef]], tag: object) -> None:
         """`call(actor)` returns a ref, or several (num_returns > 1): the first is the one waited on."""
         i = int(np.argmin(self.load))
-        refs = call(self.slots[i].actor)
+        actor = self.slots[i].actor
+        refs = call(actor)
         refs = refs if isinstance(refs, list) else [refs]
+        self.sent_to[refs[0]] = actor
         if self.load[i] == 0:
             self.last_progress[i] = time.perf_counter()
         self.load[i] += 1
@@ -101,6 +105,7 @@ class Dispatcher:
     def complete(self, ref: ray.ObjectRef) -> tuple[object, list[ray.ObjectRef]]:
         """The tag given at submission and the call's other refs."""
         i, tag, rest = self.inflight.pop(ref)
+        self.sent_to.pop(ref, None)
         self.load[i] -= 1
         self.last_progress[i] = time.perf_counter()
         return tag, rest
@@ -108,10 +113,12 @@ class Dispatcher:
     def fail(self, ref: ray.ObjectRef, reason: str) -> list:
         """The actor behind `ref` is dead or hung: replace it (or go on without it when no node has room for
         a replacement); return every tag it held, in order."""
-        i = self.inflight[ref][0]
+        i, failed = self.inflight[ref][0], self.sent_to[ref]
         lost = [r for r, (j, _, _) in self.inflight.items() if j == i]
         tags = [self.inflight.pop(r)[1] for r in lost]
-        self.load[i] = 0 if self.pool.replace(self.slots[i], reason) else float("inf")
+        for r in lost:
+            self.sent_to.pop(r, None)
+        self.load[i] = 0 if self.pool.replace(self.slots[i], reason, failed) else float("inf")
         self.last_progress[i] = time.perf_counter()
         return tags
 
@@ -150,6 +157,18 @@ def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Odp
     `train_after`: no training step is sent before it is set (the previous round's deferred evaluation
     has sent its KL forwards, which must run on the weights before this round's steps). `generated`: set once
     every chunk is generated (a draw ahead waits for it, so that it does not slow this round's generation)."""
+    try:
+        return _stream_round(round_index, prompts, version, cfg, generators, scorers, learners, progress,
+                             train_after, generated)
+    finally:  # a round with no prompts, or one that failed, holds back no draw
+        if generated is not None:
+            generated.set()
+
+
+def _stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: OdpoConfig,
+                  generators: ActorPool, scorers: ActorPool, learners: LearnerGroup | None,
+                  progress: RoundProgress, train_after: threading.Event | None,
+                  generated: threading.Event | None) -> RoundStream:
     start = time.perf_counter()
     out = RoundStream()
     gen = Dispatcher(generators, cfg.generator.max_inflight_per_actor, cfg.generator.call_timeout_s)

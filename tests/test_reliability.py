@@ -221,12 +221,13 @@ def test_one_step_off_policy_rounds_lag_one_version_and_resume_on_the_pairs_they
                                                                                        monkeypatch, capsys):
     """run.staleness=1: round 0 streams as a synchronous round (equal to the fault-free synchronous run's, to
     the weight) while round 1's pairs are drawn from the same weights; every later round trains on pairs one
-    version old. The driver dies in round 2 after training, before its commit: the resumed run trains on the
-    pairs round 1 drew and saved (it draws nothing) and ends exactly like the uninterrupted asynchronous run."""
+    version old. The driver dies in round 1's commit after everything but state.json is written (round 2's
+    draw included): the resumed run removes that uncommitted draw, trains round 1 on the pairs round 0 drew
+    and saved, draws round 2 again from the resumed weights, and ends exactly like the uninterrupted run."""
     import torch
     from safetensors.torch import load_file
 
-    from orchestrator import driver
+    from orchestrator.outputs import RunDir
 
     monkeypatch.chdir(REPO)
     full = run(config(tmp_path, "async", "run.rounds=3", "run.staleness=1"))
@@ -246,23 +247,25 @@ def test_one_step_off_policy_rounds_lag_one_version_and_resume_on_the_pairs_they
     assert os.listdir(os.path.join(full, "ahead")) == []  # each drawn round's copy goes once the round commits
     assert_every_prompt_once(config(tmp_path, "async", "run.rounds=3"), full)
 
-    commit = driver.commit
+    commit = RunDir.commit
 
-    def dies_in_round_2(s, r, *args):
-        if r == 2:
-            raise KeyboardInterrupt("the driver dies in round 2, before its commit")
-        commit(s, r, *args)
+    def dies_before_round_1_commits(self, cfg, completed_rounds):
+        if completed_rounds == 2:
+            raise KeyboardInterrupt("the driver dies in round 1's commit, before state.json")
+        commit(self, cfg, completed_rounds)
 
     cfg = config(tmp_path, "async-resumed", "run.rounds=3", "run.staleness=1", "run.overwrite=false")
-    monkeypatch.setattr(driver, "commit", dies_in_round_2)
+    monkeypatch.setattr(RunDir, "commit", dies_before_round_1_commits)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     resumed = str(tmp_path / "async-resumed")
-    assert os.listdir(os.path.join(resumed, "ahead")) == ["round_2.jsonl"]  # committed with round 1
-    monkeypatch.setattr(driver, "commit", commit)
+    assert sorted(os.listdir(os.path.join(resumed, "ahead"))) == ["round_1.jsonl", "round_2.jsonl"]
+    monkeypatch.setattr(RunDir, "commit", commit)
     capsys.readouterr()
     run(cfg)
     log = capsys.readouterr().err
-    assert f"resuming {resumed} after round 1" in log and "drawing round" not in log
+    assert f"resuming {resumed} after round 0" in log
+    assert "drawing round 3/3's pairs ahead, from weight version 1" in log  # round 2's uncommitted draw is redone
+    assert "drawing round 2/3" not in log  # round 1 trains on the committed draw
     assert_same_outcome(resumed, full)
     assert_no_actor_alive(ray_cluster)
