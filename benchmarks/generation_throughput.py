@@ -53,8 +53,17 @@ def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int, cls: typ
     pool = ActorPool(f"bench-{cls.__name__}-{actors}", cls, actors, Placement(cpus, timeout_s=60),
                      lambda r: (cfg, model, model, "float32", 256, False, f"generator-{r}"))
     ray.get([a.weight_version.remote() for a in pool.actors])  # engines built before the clock starts
+    wall, results = generate_all(pool, chunks, cfg.max_inflight_per_actor)
+    pool.shutdown()
+    results.sort(key=lambda r: r.chunk_id)
+    return wall, sum(r.new_tokens for r in results), results
+
+
+def generate_all(pool: ActorPool, chunks, max_inflight: int) -> tuple[float, list]:
+    """Every chunk through `pool` as the driver dispatches (least-loaded actor, bounded in flight), after one
+    warm-up chunk off the clock; the seconds and the results, in completion order."""
     ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up
-    dispatch, pending, results = Dispatcher(pool, cfg.max_inflight_per_actor), list(chunks), []
+    dispatch, pending, results = Dispatcher(pool, max_inflight), list(chunks), []
     start = time.perf_counter()
     while pending or dispatch.inflight:
         while pending and dispatch.has_room():
@@ -63,10 +72,7 @@ def through_pool(model: str, cfg: GeneratorConfig, chunks, actors: int, cls: typ
         (ref,), _ = ray.wait(list(dispatch.inflight), num_returns=1)
         dispatch.complete(ref)
         results.append(ray.get(ref))
-    wall = time.perf_counter() - start
-    pool.shutdown()
-    results.sort(key=lambda r: r.chunk_id)
-    return wall, sum(r.new_tokens for r in results), results
+    return time.perf_counter() - start, results
 
 
 def token_ids(results) -> list:

@@ -50,7 +50,14 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.models import is_builtin, load_causal_lm, load_tokenizer, materialize_builtin, quiet_libraries, render_prompt  # noqa: E402
+from actors.models import (  # noqa: E402
+    is_builtin,
+    load_causal_lm,
+    load_tokenizer,
+    materialize_builtin,
+    quiet_libraries,
+    render_prompt,
+)
 from actors.scorer import RewardFn  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.data import PromptSource  # noqa: E402
@@ -114,8 +121,8 @@ def main() -> None:
         overrides.append(f"eval.prompts={args.eval_prompts}")
     cfg = load_config(args.config, overrides, check_machine=False)
     quiet_libraries()
-    from transformers import TrainerCallback
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     t0 = time.perf_counter()

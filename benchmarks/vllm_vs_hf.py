@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ray  # noqa: E402
+from generation_throughput import generate_all  # noqa: E402
 
 from actors.models import load_tokenizer  # noqa: E402
 from actors.types import WeightBundle  # noqa: E402
@@ -34,7 +35,7 @@ from orchestrator.config import OdpoConfig, load_config  # noqa: E402
 from orchestrator.data import PromptSource  # noqa: E402
 from orchestrator.driver import sync_weights  # noqa: E402
 from orchestrator.outputs import resolve_models  # noqa: E402
-from orchestrator.streaming import Dispatcher, make_chunks  # noqa: E402
+from orchestrator.streaming import make_chunks  # noqa: E402
 
 BACKENDS = ("hf", "vllm")
 
@@ -44,19 +45,9 @@ def throughput(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, c
     in-flight bound, the least-loaded actor takes the next chunk)."""
     pool = cluster.generators(policy, tokenizer)
     pool.wait_ready()
-    ray.get(pool.actors[0].generate.remote(chunks[0]))  # warm-up, off the clock
-    dispatch, pending, tokens = Dispatcher(pool, cfg.generator.max_inflight_per_actor), list(chunks), 0
-    start = time.perf_counter()
-    while pending or dispatch.inflight:
-        while pending and dispatch.has_room():
-            c = pending.pop(0)
-            dispatch.submit(lambda a, c=c: a.generate.remote(c), c.chunk_id)
-        (ref,), _ = ray.wait(list(dispatch.inflight), num_returns=1)
-        dispatch.complete(ref)
-        tokens += ray.get(ref).new_tokens
-    wall = time.perf_counter() - start
+    wall, results = generate_all(pool, chunks, cfg.generator.max_inflight_per_actor)
     cluster.remove(pool)
-    return wall, tokens
+    return wall, sum(r.new_tokens for r in results)
 
 
 def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, rounds: int) -> tuple[list[float], float, int]:
