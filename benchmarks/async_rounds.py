@@ -18,23 +18,17 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from online_vs_offline import REPO, odpo  # noqa: E402
+
 MODES = {"async": "run.staleness=1", "sync": "run.staleness=0"}
 
 
-def odpo_run(config: str, overrides: list[str], log: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", config, *overrides]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1"))
-    if proc.returncode:
-        sys.exit(f"odpo run {' '.join(overrides)} failed ({proc.returncode}); see {log}")
-    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
-    out = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir="))
+def odpo_run(config: str, overrides: list[str], out: str, name: str) -> list[dict]:
+    odpo(["run", config, *overrides, f"run.output_dir={out}", f"run.name={name}"], os.path.join(out, f"{name}.log"))
     with open(os.path.join(out, name, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -64,12 +58,9 @@ def main() -> None:
             continue
         for mode, staleness in MODES.items():
             name = f"{mode}-{seed}"
-            start = time.perf_counter()
             results[seed][mode] = odpo_run(args.config, [
-                *args.overrides, f"run.output_dir={args.out}", f"run.name={name}", f"run.seed={seed}",
-                f"run.rounds={args.rounds}", "run.overwrite=true", "metrics.wandb=false", staleness],
-                os.path.join(args.out, f"{name}.log"))
-            print(f"seed {seed} {mode}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+                *args.overrides, f"run.seed={seed}", f"run.rounds={args.rounds}", "run.overwrite=true",
+                "metrics.wandb=false", staleness], args.out, name)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({str(k): v for k, v in results.items()}, f)
 

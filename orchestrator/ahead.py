@@ -22,7 +22,6 @@ import os
 import threading
 import time
 
-from actors.types import Pair
 from orchestrator import offline
 from orchestrator.streaming import RoundStream
 
@@ -39,7 +38,7 @@ class Draw(threading.Thread):
         """Set by the round's stream once its chunks are generated (a round that trains on drawn pairs: now)."""
         if r - 1 in session.pending:
             self.generated.set()
-        self.after = [e for e in (session.deferred.kl_sent if session.deferred is not None else None,) if e]
+        self.after = [session.deferred.kl_sent] if session.deferred is not None else []
         self.stream: RoundStream | None = None
         self.error: BaseException | None = None
         self.waited_s = 0.0
@@ -90,10 +89,10 @@ def load(out, completed: int) -> dict[int, RoundStream]:
     return {completed: offline.load_round(path)} if os.path.exists(path) else {}
 
 
-def save(out, draw: Draw) -> None:
-    """Before the round that drew them commits (state.json last): a resume finds them."""
-    os.makedirs(os.path.dirname(out.ahead_path(draw.round_index)), exist_ok=True)
-    offline.save_round(out.ahead_path(draw.round_index), draw.stream)
+def save(out, r: int, drawn: RoundStream) -> None:
+    """Round r's drawn pairs, before the round that drew them commits (state.json last): a resume finds them."""
+    os.makedirs(os.path.dirname(out.ahead_path(r)), exist_ok=True)
+    offline.save_round(out.ahead_path(r), drawn)
 
 
 def forget(out, r: int) -> None:
@@ -103,28 +102,22 @@ def forget(out, r: int) -> None:
         os.remove(path)
 
 
-def metrics(pairs: list[Pair], trained_from: int, draw: Draw | None) -> dict:
-    """`async/*`: how far the round's pairs lag the weights they trained (`trained_from`), and the draw that
-    ran during the round: its seconds, what the driver waited for it after training (`timing/draw_wait`: the
-    generation training did not hide) and its pools' busy seconds, which the round's profile counts."""
-    lag = [trained_from - p.weight_version for p in pairs]
-    m = {"async/staleness_mean": sum(lag) / len(lag) if lag else math.nan, "async/staleness_max": max(lag, default=0)}
-    if draw is not None and draw.stream is not None:
-        m |= {"timing/draw_ahead": draw.stream.wall_s, "timing/draw_wait": draw.waited_s,
-              "async/drawn_tokens": draw.stream.new_tokens}
-    return m
-
-
-def add_faults(metrics: dict, draw: Draw | None) -> dict:
-    """The draw's generator and scorer restarts and regenerated chunks count in the round during which it ran."""
-    if draw is not None and draw.stream is not None:
-        for k, v in draw.stream.faults.items():
-            metrics[f"faults/{k}"] = metrics.get(f"faults/{k}", 0) + v
-    return metrics
-
-
-def overlapped_busy(draw: Draw | None) -> dict[str, float]:
-    """Pool seconds the draw spent during the round (for report.profile)."""
-    if draw is None or draw.stream is None:
+def finish(s, draw: Draw | None, trained: RoundStream) -> dict:
+    """After the round's training, before its weights move on: the draw's pairs become the next round's
+    (`s.pending`), its pool seconds count in this round's profile (`s.overlapped_busy`, where they ran) and
+    its restarts in this round's faults. Returns `async/*` and the draw's timings for the metrics line: how far
+    the trained pairs lag the weights they trained from (`s.version`), the draw's seconds and what the driver
+    waited for it after training (`timing/draw_wait`: the generation training did not hide)."""
+    if s.cfg.run.staleness == 0:
         return {}
-    return {"generator": draw.stream.busy["generate"], "scorer": draw.stream.busy["score"]}
+    lag = [s.version - p.weight_version for p in trained.pairs]
+    m = {"async/staleness_mean": sum(lag) / len(lag) if lag else math.nan, "async/staleness_max": max(lag, default=0)}
+    if draw is None:
+        return m
+    drawn = s.pending[draw.round_index] = draw.result()
+    for k, v in drawn.faults.items():
+        trained.faults[k] += v
+    for pool, stage in (("generator", "generate"), ("scorer", "score")):
+        s.overlapped_busy[pool] = s.overlapped_busy.get(pool, 0.0) + drawn.busy[stage]
+    return m | {"timing/draw_ahead": drawn.wall_s, "timing/draw_wait": draw.waited_s,
+                "async/drawn_tokens": drawn.new_tokens}

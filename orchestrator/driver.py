@@ -33,22 +33,18 @@ def run(cfg: OdpoConfig) -> str:
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
             start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
-            draw = s.draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
+            s.draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
             # generate -> score -> pair -> train epoch 1, streamed (or the pairs drawn ahead); epochs 2..E;
             # export (a dead learner: again)
             trained, retries = s.retrying_learner(train, r)
             finish_deferred_evaluation(s)  # into the last round's metrics line, before the weights move on
-            if draw is not None:
-                s.pending[r + 1] = draw.result()  # drawn from this round's weights: done before they move on
-            lag = ahead.metrics(trained.stream.pairs, s.version, draw) if s.cfg.run.staleness else {}
+            lag = ahead.finish(s, s.draw, trained.stream)  # round r+1's pairs in hand before the weights move on
             sync_s = sync(s, trained)  # every generator loads version + 1
-            metrics = ahead.add_faults(round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s,
-                                                     sync_s, time.perf_counter() - trained.start, trained.skipped,
-                                                     trained.truncated) | lag, draw)
+            metrics = round_metrics(r, s.version, trained.stream, trained.replay, trained.replay_s, sync_s,
+                                    time.perf_counter() - trained.start, trained.skipped, trained.truncated) | lag
             if s.initial is not None and not defers_evaluation(s.cfg, r):
                 metrics |= evaluate(s, r)  # the held-out prompts, answered with the new weights
-            s.overlapped_busy |= {k: s.overlapped_busy.get(k, 0.0) + v for k, v in ahead.overlapped_busy(draw).items()}
-            commit(s, r, trained, metrics | {"faults/learner_retries": retries}, draw)
+            commit(s, r, trained, metrics | {"faults/learner_retries": retries})
             s.evaluation_due = s.initial is not None and defers_evaluation(s.cfg, r)
         print_summary(s.history, s.out.path)
         return s.out.path
@@ -179,7 +175,7 @@ def evaluate(s: Session, r: int) -> dict:
     return metrics
 
 
-def commit(s: Session, r: int, trained: Trained, metrics: dict, draw: ahead.Draw | None = None) -> None:
+def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     """Checkpoint, pairs, metrics (and the next round's pairs when this round drew them), then state.json:
     a round counts as done only once all are in place."""
     metrics |= {"pool/generators": len(s.generators), "pool/scorers": len(s.scorers),
@@ -192,8 +188,8 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict, draw: ahead.Draw
     if not s.cfg.learner.reset_optimizer_each_round:  # the next round continues AdamW's moments
         s.out.save_optimizer_states(r, s.learners.optimizer_states())
     s.out.write_pairs(r, trained.stream.pairs)
-    if draw is not None:
-        ahead.save(s.out, draw)
+    if r + 1 in s.pending:  # drawn during this round (run.staleness=1)
+        ahead.save(s.out, r + 1, s.pending[r + 1])
     metrics["timing/checkpoint"] = time.perf_counter() - start
     metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
                        s.overlapped_busy)

@@ -78,9 +78,9 @@ class Dispatcher:
         self.timeout_s = timeout_s
         self.slots = list(pool.slots)  # positions stay fixed for the round; a dropped actor's never gets work
         self.load: list[float] = [0] * len(self.slots)
-        self.inflight: dict[ray.ObjectRef, tuple[int, object, list]] = {}
-        self.sent_to: dict[ray.ObjectRef, object] = {}
-        """The actor handle each call went to (another thread may replace a slot's actor meanwhile)."""
+        self.inflight: dict[ray.ObjectRef, tuple[int, object, list, object]] = {}
+        """ref -> (slot position, tag, the call's other refs, the actor handle it went to: another thread may
+        replace a slot's actor meanwhile)."""
         self.last_progress = [time.perf_counter()] * len(self.slots)
 
     def has_room(self) -> bool:
@@ -96,16 +96,14 @@ class Dispatcher:
         actor = self.slots[i].actor
         refs = call(actor)
         refs = refs if isinstance(refs, list) else [refs]
-        self.sent_to[refs[0]] = actor
         if self.load[i] == 0:
             self.last_progress[i] = time.perf_counter()
         self.load[i] += 1
-        self.inflight[refs[0]] = (i, tag, refs[1:])
+        self.inflight[refs[0]] = (i, tag, refs[1:], actor)
 
     def complete(self, ref: ray.ObjectRef) -> tuple[object, list[ray.ObjectRef]]:
         """The tag given at submission and the call's other refs."""
-        i, tag, rest = self.inflight.pop(ref)
-        self.sent_to.pop(ref, None)
+        i, tag, rest, _ = self.inflight.pop(ref)
         self.load[i] -= 1
         self.last_progress[i] = time.perf_counter()
         return tag, rest
@@ -113,11 +111,9 @@ class Dispatcher:
     def fail(self, ref: ray.ObjectRef, reason: str) -> list:
         """The actor behind `ref` is dead or hung: replace it (or go on without it when no node has room for
         a replacement); return every tag it held, in order."""
-        i, failed = self.inflight[ref][0], self.sent_to[ref]
-        lost = [r for r, (j, _, _) in self.inflight.items() if j == i]
+        i, _, _, failed = self.inflight[ref]
+        lost = [r for r, (j, _, _, _) in self.inflight.items() if j == i]
         tags = [self.inflight.pop(r)[1] for r in lost]
-        for r in lost:
-            self.sent_to.pop(r, None)
         self.load[i] = 0 if self.pool.replace(self.slots[i], reason, failed) else float("inf")
         self.last_progress[i] = time.perf_counter()
         return tags
@@ -131,7 +127,7 @@ class Dispatcher:
     def hung(self) -> ray.ObjectRef | None:
         """A ref held by an actor that has made no progress for `timeout_s` while holding work."""
         now = time.perf_counter()
-        for ref, (i, _, _) in self.inflight.items():
+        for ref, (i, _, _, _) in self.inflight.items():
             if now - self.last_progress[i] > self.timeout_s:
                 return ref
         return None

@@ -266,6 +266,5 @@ def test_one_step_off_policy_rounds_lag_one_version_and_resume_on_the_pairs_they
     log = capsys.readouterr().err
     assert f"resuming {resumed} after round 0" in log
     assert "drawing round 3/3's pairs ahead, from weight version 1" in log  # round 2's uncommitted draw is redone
-    assert "drawing round 2/3" not in log  # round 1 trains on the committed draw
     assert_same_outcome(resumed, full)
     assert_no_actor_alive(ray_cluster)
