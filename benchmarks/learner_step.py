@@ -13,7 +13,7 @@ task's (prompts of 40-60 tokens, responses of 4-20). Side by side in one run:
 3. a partial batch of 3 of those pairs: before issue 13 it cost what the full batch costs (padded with
    zero-weight pairs), now it costs its real pairs;
 4. the learner's useful FLOP/s (linear layers, real tokens; 3 forwards' worth per policy token, one more for
-   the reference) against a 1024^3 float32 matmul at the same threads (the machine's rate);
+   the reference) against a 1024^3 matmul at the same threads and dtype (the machine's rate);
 5. the evaluation's KL terms for 16 prompts x 4 samples: full rows (before issue 13) against each prompt
    computed once, its cache shared by its samples (`Learner.log_ratios`).
 
@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the learner's dtype (bfloat16: DeepSpeed bf16, fp32 master weights); the ratio is taken "
+                         "against a matmul in the same dtype")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -94,7 +97,7 @@ def main() -> None:
         path = materialize_builtin("builtin:tiny-llama", tempfile.mkdtemp(prefix="odpo-bench-"), seed=0)
     cfg = LearnerConfig(global_batch_size=8, micro_batch_size=4, lr=1e-6, zero_stage=2, warmup_ratio=0.0,
                         cpus_per_rank=args.threads, max_length=128)
-    lrn = Learner(cfg, path, "float32", rank=0, world_size=1, pad_id=0)
+    lrn = Learner(cfg, path, args.dtype, rank=0, world_size=1, pad_id=0)
     lrn.setup(*lrn.rendezvous_address())
     torch.set_num_threads(args.threads)
     lrn.start_round(0, total_steps=100)
@@ -115,8 +118,9 @@ def main() -> None:
 
     peak32 = matmul_flops(args.threads, torch.float32)
     peak16 = matmul_flops(args.threads, torch.bfloat16)
+    peak = peak16 if args.dtype == "bfloat16" else peak32
     params = sum(p.numel() for p in lrn.engine.module.parameters())
-    print(f"model: {args.model} ({params / 1e6:.1f}M parameters), float32, 1 rank, {args.threads} thread(s), "
+    print(f"model: {args.model} ({params / 1e6:.1f}M parameters), {args.dtype}, 1 rank, {args.threads} thread(s), "
           f"ZeRO-2; batch of 8 pairs in micro-batches of 4; {full['tokens']} real tokens in the full batch")
     print(f"machine: 1024^3 matmul at {args.threads} thread(s): float32 {peak32 / 1e9:.1f} GFLOP/s, "
           f"bfloat16 {peak16 / 1e9:.1f} GFLOP/s")
@@ -128,9 +132,9 @@ def main() -> None:
             ("partial batch: 3 of 8 pairs", partial_s, partial)]
     for name, s, stats in rows:
         rate = stats["flops"] / s
-        print(f"{name:<44}{s:>9.2f}{rate / 1e9:>10.1f}{rate / peak32:>11.2f}{s / full_s:>9.2f}")
+        print(f"{name:<44}{s:>9.2f}{rate / 1e9:>10.1f}{rate / peak:>11.2f}{s / full_s:>9.2f}")
     print(f"{'  the reference call for those 8 pairs':<44}{ref_s:>9.2f}{ref['flops'] / ref_s / 1e9:>10.1f}"
-          f"{ref['flops'] / ref_s / peak32:>11.2f}{ref_s / full_s:>9.2f}")
+          f"{ref['flops'] / ref_s / peak:>11.2f}{ref_s / full_s:>9.2f}")
     print()
     print(f"partial batch: {partial_s / full_s:.2f} of a full batch's time for {3 / 8:.2f} of its pairs "
           f"(padded to the full batch, as before, it was 1.00)")

@@ -3,8 +3,8 @@
 Every figure comes from the run's own metrics.jsonl (`startup/*` in the first round line, `profile/*` and
 `timing/*` in every line; docs/architecture.md lists them), so a past run can be read the same way with
 `--from-run runs/NAME`. Printed: the start-up broken down; per round and pool the busy and idle seconds,
-utilisation and tokens per busy second; the learner's useful FLOP/s against a 1024^3 float32 matmul at the
-learner's threads on this machine; and the round's time over its slowest pool's busy time (1.0 would be
+utilisation and tokens per busy second; the learner's useful FLOP/s against a 1024^3 matmul at the learner's
+threads and the policy's dtype on this machine; and the round's time over its slowest pool's busy time (1.0 would be
 nothing but that pool's work).
 
     .venv/bin/python benchmarks/round_profile.py configs/smollm2.yaml scorer.type=function run.rounds=2
@@ -23,13 +23,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 from learner_step import matmul_flops  # noqa: E402
+
+from actors.models import DTYPES  # noqa: E402
 
 POOLS = ("generator", "scorer", "learner")
 
 
-def show(run_dir: str, learner_threads: int) -> None:
+def show(run_dir: str, cfg) -> None:
+    learner_threads, dtype = max(1, int(cfg.learner.cpus_per_rank)), cfg.policy.dtype
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     startup = {k.removeprefix("startup/").removesuffix("_s"): v for k, v in lines[0].items() if k.startswith("startup/")}
     print(f"run: {run_dir}, {len(lines)} round(s)")
@@ -44,7 +46,7 @@ def show(run_dir: str, learner_threads: int) -> None:
             rate = m.get(f"profile/{pool}_tokens_per_busy_s")
             print(f"{m['round']:>5} {pool:<10}{m[f'profile/{pool}_busy_s']:>8.1f}{m[f'profile/{pool}_idle_s']:>8.1f}"
                   f"{m[f'profile/{pool}_util']:>6.2f}{(rate or float('nan')):>11.0f}")
-    peak = matmul_flops(learner_threads, torch.float32)
+    peak = matmul_flops(learner_threads, DTYPES[dtype])
     print()
     print(f"{'round':>5}{'round_s':>9}{'eval_s':>8}{'stream_s':>9}{'sync_s':>8}{'round/slowest':>14}"
           f"{'learner GFLOP/s':>16}{'vs matmul':>10}{'pad share':>10}")
@@ -53,7 +55,7 @@ def show(run_dir: str, learner_threads: int) -> None:
         print(f"{m['round']:>5}{m['profile/round_s']:>9.1f}{(m.get('timing/eval') or 0):>8.1f}{m['timing/stream']:>9.1f}"
               f"{m['timing/sync']:>8.1f}{m['profile/round_over_slowest']:>14.2f}{flops / 1e9:>16.1f}{flops / peak:>10.2f}"
               f"{(m.get('profile/learner_pad_share') or float('nan')):>10.3f}")
-    print(f"(matmul at the learner's {learner_threads} thread(s), float32, measured now: {peak / 1e9:.1f} GFLOP/s)")
+    print(f"(matmul at the learner's {learner_threads} thread(s), {dtype}, measured now: {peak / 1e9:.1f} GFLOP/s)")
 
 
 def main() -> None:
@@ -68,14 +70,14 @@ def main() -> None:
         from orchestrator.config import load_config
 
         cfg = load_config(os.path.join(args.from_run, "config.yaml"), check_machine=False)
-        show(args.from_run, max(1, int(cfg.learner.cpus_per_rank)))
+        show(args.from_run, cfg)
         return
     from orchestrator.config import load_config
     from orchestrator.driver import run
 
     if not args.variants:
         cfg = load_config(args.config, args.overrides)
-        show(run(cfg), max(1, int(cfg.learner.cpus_per_rank)))
+        show(run(cfg), cfg)
         return
     walls = []
     for k, variant in enumerate(args.variants):
@@ -83,7 +85,7 @@ def main() -> None:
         cfg = load_config(args.config, [*args.overrides, variant, f"run.name={base.run.name}-variant{k}"])
         run_dir = run(cfg)
         print(f"\n=== {variant} ===")
-        show(run_dir, max(1, int(cfg.learner.cpus_per_rank)))
+        show(run_dir, cfg)
         lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         rounds = sum(m["profile/round_s"] for m in lines)  # a deferred evaluation's last part lands in the next round
         walls.append((variant, rounds, lines[0].get("startup/total_s", 0.0)))

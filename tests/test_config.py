@@ -221,6 +221,18 @@ def test_staleness_is_zero_or_one_and_online_only():
     assert e.key == "run.staleness" and "run.mode=online" in str(e)
 
 
+def test_dtype_auto_is_bfloat16_only_where_the_hardware_computes_it_fast(monkeypatch):
+    from orchestrator import config
+
+    monkeypatch.setattr(config, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
+    assert load_config(TINY, ["policy.dtype=auto"]).policy.dtype == "float32"
+    assert load_config(TINY, ["policy.dtype=auto", "learner.gpus_per_rank=1"]).policy.dtype == "bfloat16"
+    monkeypatch.setattr(config, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert load_config(TINY, ["policy.dtype=auto"]).policy.dtype == "bfloat16"
+    assert load_config(TINY, ["policy.dtype=auto"], check_machine=False).policy.dtype == "auto"  # resolved where it runs
+    assert "policy.dtype" in str(config_error(TINY, ["policy.dtype=fp8"]))
+
+
 def test_zero_stage_out_of_range():
     e = config_error(TINY, ["learner.zero_stage=4"])
     assert e.key == "learner.zero_stage"
