@@ -27,6 +27,7 @@ from actors.losses import (
     cosine_lr,
     cut_to_fit,
     dpo_loss,
+    last_token_logits,
     response_token_counts,
     sequence_logprobs,
     shared_prompt_logprobs,
@@ -412,3 +413,59 @@ class RewardLearner(Learner):
             loss += float(bradley_terry_loss(chosen, rejected, reduction="sum"))
         self.engine.train()
         return {"correct": correct, "loss": loss, "pairs": len(pairs)}
+
+
+class PairwiseLearner(Learner):
+    """A learner rank training a pairwise preference model in RLHFlow's format (`odpo train-rm` with
+    reward_training.type=pairwise; actors/preference.py): a causal LM reads both responses in one turn and is
+    trained with the next-token loss on the letter of the better one. A pair's `prompt_ids` is that input (the
+    two responses in the order drawn for it), `chosen_ids` the right letter's token id, `rejected_ids` the
+    other's; no reference model."""
+
+    def _build_reference(self, device: torch.device) -> None:
+        self.reference = None
+
+    def _load_trained_model(self):
+        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
+
+    def ready(self) -> str:
+        return f"rm-learner-{self.rank}"
+
+    def _letter_logps(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(right letter | input) and log p(other letter | input), over the whole vocabulary."""
+        logits = last_token_logits(self.engine, [p.prompt_ids[-self.cfg.max_length:] for p in pairs], self.pad_id,
+                                   self.device)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        right = torch.tensor([p.chosen_ids[0] for p in pairs], device=logp.device)
+        wrong = torch.tensor([p.rejected_ids[0] for p in pairs], device=logp.device)
+        rows = torch.arange(len(pairs), device=logp.device)
+        return logp[rows, right], logp[rows, wrong]
+
+    def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        right, wrong = self._letter_logps(pairs)
+        real = sum(min(len(p.prompt_ids), self.cfg.max_length) for p in pairs)
+        computed = len(pairs) * min(self.cfg.max_length, max(len(p.prompt_ids) for p in pairs))
+        work = dict(computed_tokens=computed, padded_tokens=computed - real,
+                    flops=float(self.forward_flops_per_token * real * 3))
+        return -right, right, wrong, work
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list[Pair]) -> dict:
+        """Held-out sums over preferences (pairs sharing a uid: one preference in its orders): P(right) from
+        the A/B softmax, averaged over the orders as the scorer judges both; right when above 0.5, half a point
+        at exactly 0.5; loss: the next-token loss, averaged over the orders."""
+        self.engine.eval()
+        by_uid: dict[int, list[tuple[float, float]]] = {}
+        m = self.cfg.micro_batch_size
+        for s in range(0, len(pairs), m):
+            right, wrong = self._letter_logps(pairs[s: s + m])
+            prob = torch.sigmoid(right - wrong)  # the two-letter softmax
+            for p, pr, loss in zip(pairs[s: s + m], prob.tolist(), (-right).tolist()):
+                by_uid.setdefault(p.uid, []).append((pr, loss))
+        self.engine.train()
+        correct, loss = 0.0, 0.0
+        for rows in by_uid.values():
+            mean = sum(pr for pr, _ in rows) / len(rows)
+            correct += 1.0 if mean > 0.5 else 0.5 if mean == 0.5 else 0.0
+            loss += sum(x for _, x in rows) / len(rows)
+        return {"correct": correct, "loss": loss, "pairs": len(by_uid)}

@@ -151,3 +151,17 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_r
     decay_steps = max(1, total_steps - warmup_steps - 1)  # the last step (total_steps - 1) is at the floor
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def last_token_logits(model, rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Next-token logits after each row (batch, vocab): the rows left-padded in one forward, their position ids
+    counted from their first real token, only the last position's logits computed."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]

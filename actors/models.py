@@ -221,15 +221,46 @@ def load_causal_lm(location: str, dtype: str, trust_remote_code: bool = False):
                                                 trust_remote_code=trust_remote_code)
 
 
-def load_reward_model(location: str, dtype: str, trust_remote_code: bool = False):
+def is_causal_lm(location: str, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint's config names a causal LM (`...ForCausalLM`): a pairwise preference model in
+    RLHFlow's format, rather than a sequence classifier."""
+    from transformers import AutoConfig
+
+    if location.startswith(BUILTIN_PREFIX):
+        return False
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    return any(a.endswith("ForCausalLM") for a in config.architectures or [])
+
+
+def load_reward_model(location: str, dtype: str, trust_remote_code: bool = False, output_field: str = "logits"):
+    """A reward model through AutoModelForSequenceClassification (with trust_remote_code, the checkpoint's own
+    class). Read from `logits`, it must have one label (a causal LM becomes a one-label classifier); a model
+    that returns its score in a field of its own (ArmoRM: `score`) keeps its config's outputs."""
     from transformers import AutoModelForSequenceClassification
 
+    labels = {"num_labels": 1} if output_field == "logits" else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        location, num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
-    if model.config.num_labels != 1:
+        location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code, **labels)
+    if output_field == "logits" and model.config.num_labels != 1:
         raise ValueError(f"{location}: a Bradley-Terry reward model has one output label, this one has "
                          f"{model.config.num_labels}")
     return model
+
+
+def read_score(output, field: str, where: str) -> torch.Tensor:
+    """One score per sequence from a reward model's output: its `field` (a Hugging Face classifier's `logits`,
+    ArmoRM's `score`), one column of it if 2-D."""
+    keys = list(output.keys()) if hasattr(output, "keys") else [k for k in vars(output) if not k.startswith("_")]
+    value = output.get(field) if hasattr(output, "get") else getattr(output, field, None)
+    if value is None:
+        raise ValueError(f"{where}: the reward model's output has no field {field!r} (scorer.output_field); "
+                         f"its fields: {keys}")
+    if value.dim() == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.dim() != 1:
+        raise ValueError(f"{where}: the reward model's {field!r} has shape {tuple(value.shape)}; odpo reads one score "
+                         f"per sequence (shape (batch,) or (batch, 1))")
+    return value.float()
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -4,10 +4,14 @@
   reward model's own chat template of prompt + assistant response);
 - a Python reward function named `module:function`, called as fn(messages, response, **columns) -> float,
   where columns are the prompt row's other dataset columns that the function names (`RewardFn`);
-- a pairwise preference judge (type `pairwise`): a function fn(messages, a, b) -> P(a better), or a
-  sequence classifier whose logit over `PAIRWISE_TEMPLATE` is the log-odds that A is better. The best
-  and the worst of n come from a knockout tournament (actors/tournament.py), all prompts of a chunk
-  batched per tournament round.
+- a pairwise preference judge (type `pairwise`): a function fn(messages, a, b) -> P(a better); a causal LM
+  in RLHFlow's format (actors/preference.py: both responses in one user turn, P(A) from the next-token
+  logits of "A" and "B"), such as RLHFlow/pair-preference-model-LLaMA3-8B; or a sequence classifier whose
+  logit over `PAIRWISE_TEMPLATE` is the log-odds that A is better. The best and the worst of n come from
+  a knockout tournament (actors/tournament.py), all prompts of a chunk batched per tournament round.
+
+A reward model's score is read from its output's `scorer.output_field`: `logits` for Hugging Face sequence
+classifiers (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1), `score` for ArmoRM (custom code, trust_remote_code).
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ from collections.abc import Callable
 
 import torch
 
-from actors.models import load_reward_model, load_tokenizer, own_process_ids, prepare_worker
+from actors.losses import last_token_logits
+from actors.models import (
+    is_causal_lm,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    own_process_ids,
+    prepare_worker,
+    read_score,
+)
+from actors.preference import PreferenceFormat
 from actors.settings import ScorerConfig
 from actors.tournament import Match, best_and_worst
 from actors.types import Messages, RolloutChunk, ScoredChunk
@@ -77,10 +91,15 @@ class Scorer:
         if cfg.type == "pairwise" and model_path is None and cfg.model_path is None:
             self.fn = import_function(cfg.function or "")
             return
-        location = model_path or cfg.model_path
+        location = self.location = model_path or cfg.model_path
         self.tokenizer = load_tokenizer(cfg.tokenizer or location, cfg.trust_remote_code)
         self.tokenizer.truncation_side = "left"  # the recipe keeps the end of long conversations
-        self.model = load_reward_model(location, cfg.dtype, cfg.trust_remote_code).eval()
+        self.format: PreferenceFormat | None = None
+        if cfg.type == "pairwise" and is_causal_lm(location, cfg.trust_remote_code):
+            self.format = PreferenceFormat(self.tokenizer, cfg.pairwise_generation_prompt)
+            self.model = load_causal_lm(location, cfg.dtype, cfg.trust_remote_code).eval()
+        else:
+            self.model = load_reward_model(location, cfg.dtype, cfg.trust_remote_code, cfg.output_field).eval()
         # The score is read at the last non-pad token: the model must know the tokenizer's pad id.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
@@ -162,6 +181,8 @@ class Scorer:
                     raise ValueError(f"{self.name}: pairwise judge gave {p} (not a probability) for prompt "
                                      f"{m[-1]['content'][:80]!r}, responses {a[:40]!r} and {b[:40]!r}")
             return probs
+        if self.format is not None:
+            return self._preferences(items)
         texts = [PAIRWISE_TEMPLATE.format(context=self.tokenizer.apply_chat_template(m, tokenize=False), a=a, b=b)
                  for m, a, b in items]
         return [0.5 * (1.0 + math.tanh(x / 2)) for x in self._logits(texts)]  # sigmoid, no overflow
@@ -179,5 +200,19 @@ class Scorer:
         for b in range(0, len(texts), self.cfg.batch_size):
             enc = self.tokenizer(texts[b: b + self.cfg.batch_size], add_special_tokens=False, padding=True,
                                  truncation=True, max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
-            out.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
+            out.extend(read_score(self.model(**enc), self.cfg.output_field, self.location).cpu().tolist())
         return out
+
+    @torch.no_grad()
+    def _preferences(self, items: list[tuple[Messages, str, str]]) -> list[float]:
+        """RLHFlow's pairwise model: P(A) = softmax over the logits of "A" and "B" at the input's last position;
+        rows left-padded with their positions counted from their first real token (as one row alone)."""
+        rows = [self.format.ids(m, a, b, self.cfg.max_length) for m, a, b in items]
+        out: list[float] = []
+        for b in range(0, len(rows), self.cfg.batch_size):
+            logits = last_token_logits(self.model, rows[b: b + self.cfg.batch_size], self.tokenizer.pad_token_id,
+                                       self.device)
+            pair = logits[:, [self.format.id_a, self.format.id_b]].float()
+            out.extend(torch.softmax(pair, dim=-1)[:, 0].cpu().tolist())
+        return out
+

@@ -105,6 +105,14 @@ class ScorerConfig(RolloutPoolConfig):
     call_timeout_s: float = 600.0
     """Seconds a scorer may hold work without finishing a chunk before it counts as hung (then replaced;
     scoring is quicker than generation, so the default is shorter)."""
+    output_field: str = "logits"
+    """Field of the reward model's output that holds its score: `logits` (Hugging Face sequence classifiers,
+    e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1) or a custom model's own (ArmoRM-Llama3-8B-v0.1: `score`, with
+    trust_remote_code); a 2-D field gives its one column."""
+    pairwise_generation_prompt: bool = True
+    """Pairwise, a causal-LM preference model (RLHFlow's format): render its user turn with the chat template's
+    generation prompt, so the next token is the assistant's answer A or B (false: without, as RLHFlow's
+    annotation script renders it)."""
     pairwise_both_orders: bool = True
     """Pairwise: judge every comparison as (a, b) and (b, a) and average, so a judge's preference for the
     first (or second) position cancels out (two judge calls per comparison)."""

@@ -172,6 +172,11 @@ class EvalConfig:
 
 @dataclass
 class RewardTrainingConfig:
+    type: str = "reward_model"
+    """What `odpo train-rm` trains: `reward_model`, a Bradley-Terry sequence classifier (one logit), or
+    `pairwise`, a preference model in RLHFlow's format (a causal LM that reads both responses in one turn and
+    answers A or B; the next-token loss on the right letter, each pair in a seeded random order), which
+    scorer.type=pairwise reads. base_model is then a causal LM (a chat model)."""
     data_path: str = "builtin:lowercase-pairs"
     """`odpo train-rm`: preference data with `prompt`, `chosen`, `rejected` (strings or chat message lists;
     a local json/jsonl/parquet file, a saved dataset, or a hub id); `builtin:lowercase-pairs`: responses
@@ -243,16 +248,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
     schema = OmegaConf.structured(OdpoConfig)
     layers = [schema]
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError("CONFIG", f"no such config file: {path}")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError("CONFIG", f"{path} is not valid YAML: {e}") from None
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError("CONFIG", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-        layers.append(_to_omegaconf(raw or {}, schema))
+        layers.extend(_to_omegaconf(raw, schema) for raw in _read_config_file(path, []))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are written key=value (for example learner.lr=1e-6)")
@@ -273,6 +269,30 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
     if check_machine:
         preflight(cfg)
     return cfg
+
+
+def _read_config_file(path: str, chain: list[str]) -> list[dict]:
+    """A config file's sections, after those of the file its top-level `base:` names (a path relative to it),
+    recursively: a variant states only what differs from its base."""
+    if not os.path.isfile(path):
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError("CONFIG", f"no such config file: {path}{where}")
+    if os.path.abspath(path) in chain:
+        raise ConfigError("base", f"config files name each other as base: {' -> '.join([*chain, os.path.abspath(path)])}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError("CONFIG", f"{path} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError("CONFIG", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw or {})
+    base = raw.pop("base", None)
+    if base is None:
+        return [raw]
+    if not isinstance(base, str):
+        raise ConfigError("base", f"{path}: base names one config file (a path relative to it), got {base!r}")
+    return [*_read_config_file(os.path.join(os.path.dirname(path), base), [*chain, os.path.abspath(path)]), raw]
 
 
 def _to_omegaconf(raw: dict, schema: Any) -> Any:
@@ -448,14 +468,13 @@ def check_scorer(s: ScorerConfig) -> None:
     if s.type == "function" or (s.type == "pairwise" and s.model_path is None):
         _check_function("scorer.function", s.function,
                         " (or scorer.model_path, a pairwise preference model)" if s.type == "pairwise" else "")
-    elif s.model_path == TRAINED_REWARD_MODEL:
-        _require(s.type == "reward_model", "scorer.model_path",
-                 "`reward_training` trains a Bradley-Terry reward model: it needs scorer.type=reward_model")
-    else:
+    elif s.model_path != TRAINED_REWARD_MODEL:  # reward_training: checked against its type in check_across
         _check_model_name("scorer.model_path", s.model_path, BUILTIN_MODELS)
     if s.tokenizer is not None:
         _check_model_name("scorer.tokenizer", s.tokenizer, ("byt5",))
     _require(s.dtype in DTYPES, "scorer.dtype", f"one of {DTYPES}")
+    _require(bool(s.output_field) and s.output_field.isidentifier(), "scorer.output_field",
+             f"the name of a field of the reward model's output (logits, score, ...), got {s.output_field!r}")
     _require(s.batch_size >= 1, "scorer.batch_size", "must be >= 1")
     _require(s.max_length >= 2, "scorer.max_length", "must be >= 2")
 
@@ -514,6 +533,8 @@ def check_reward_training(rt: RewardTrainingConfig) -> None:
     _require(rt.base_layers is None or rt.base_layers >= 1, "reward_training.base_layers", "must be >= 1 (or null: all)")
     _require(rt.lr is None or rt.lr > 0, "reward_training.lr", "must be > 0 (or null: learner.lr)")
     _require(rt.dtype in DTYPES, "reward_training.dtype", f"one of {DTYPES}, got {rt.dtype!r}")
+    _require(rt.type in ("reward_model", "pairwise"), "reward_training.type",
+             f"reward_model (a Bradley-Terry classifier) or pairwise (RLHFlow's A/B preference model), got {rt.type!r}")
     _check_function("reward_training.rule", rt.rule)
     _check_model_name("reward_training.base_model", rt.base_model, BUILTIN_MODELS)
     _require(rt.num_pairs is None or rt.num_pairs >= 4, "reward_training.num_pairs", "must be >= 4 (or null)")
@@ -526,6 +547,11 @@ def check_across(cfg: OdpoConfig) -> None:
     """What one section allows depending on another."""
     g, d = cfg.generator, cfg.data
     _require(cfg.offline.dataset is None or cfg.run.mode == "offline", "offline.dataset", "only used with run.mode=offline")
+    s, rt = cfg.scorer, cfg.reward_training
+    _require(s.type == "function" or s.model_path != TRAINED_REWARD_MODEL or s.type == rt.type, "scorer.model_path",
+             f"`reward_training` trains reward_training.type={rt.type}; scorer.type={s.type} needs the same "
+             f"(scorer.type=reward_model with a Bradley-Terry reward model, scorer.type=pairwise with "
+             f"reward_training.type=pairwise)")
     _require(cfg.run.staleness == 0 or cfg.run.mode == "online", "run.staleness",
              "only used with run.mode=online (the offline baseline's pairs are all drawn before its first round)")
     _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),

@@ -7,7 +7,12 @@ by a rule: responses made in code for the tiny workflow (`builtin:lowercase-pair
 own samples on `reward_training.prompts` (`builtin:policy-samples`: the paper's workflow, with a verifier
 standing in for human labels; the best and the worst of each prompt's n samples form a pair). A seeded share is
 held out; pairwise accuracy on it is reported before training and after every epoch. The result is a
-Hugging Face sequence classifier in `<run dir>/reward_model/`, which `scorer.type=reward_model` loads:
+Hugging Face sequence classifier in `<run dir>/reward_model/`, which `scorer.type=reward_model` loads.
+
+With reward_training.type=pairwise it is instead a pairwise preference model in RLHFlow's format
+(actors/preference.py; `PairwiseLearner`): a causal LM trained with the next-token loss on the letter (A or B)
+of the better response, each training pair shown in a seeded random order, the held-out pairs judged in both
+orders (P(A) averaged, as the scorer judges); `scorer.type=pairwise` loads it.
 
     <output_dir>/<name>/metrics.jsonl        one line per epoch (epoch -1: before training)
     <output_dir>/<name>/reward_model/        config.json, model.safetensors, tokenizer files
@@ -26,8 +31,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from actors.learner import RewardLearner
+from actors.learner import PairwiseLearner, RewardLearner
 from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
+from actors.preference import PreferenceFormat
 from actors.rewards import lowercase_ratio
 from actors.scorer import RewardFn
 from actors.types import Messages, Pair
@@ -40,7 +46,7 @@ POLICY_SAMPLES = "builtin:policy-samples"
 RM_SAMPLE_ROUND = 2_000_000
 """The chunk-seed stream of the reward model's policy samples, apart from every round's and the eval set's."""
 
-LATER_KEYS = ("prompts", "lr", "dtype", "base_layers")
+LATER_KEYS = ("prompts", "lr", "dtype", "base_layers", "type")
 """reward_training keys newer than the first saved records (see training_record)."""
 
 RECORD_FILE = "odpo_reward_training.json"
@@ -148,6 +154,24 @@ def to_pairs(items: list[tuple[Messages, str, str]], tokenizer, max_length: int)
             for i, (m, c, r) in enumerate(items)]
 
 
+def preference_pairs(items: list[tuple[Messages, str, str]], fmt: PreferenceFormat, max_length: int,
+                     orders: str, seed: int) -> list[Pair]:
+    """RLHFlow's pairwise format (`PairwiseLearner`): the input holding both responses as `prompt_ids`, the
+    right letter's token id as `chosen_ids`, the other's as `rejected_ids`. `orders="random"`: each
+    preference once, chosen as A or as B by a seeded coin (training, as RLHFlow trained theirs); `"both"`: each
+    in both orders under one uid (the held-out evaluation, which judges both as the scorer does)."""
+    coin = np.random.default_rng([seed, 11]).random(len(items)) < 0.5
+    out = []
+    for i, (m, c, r) in enumerate(items):
+        for chosen_first in ((True, False) if orders == "both" else (bool(coin[i]),)):
+            a, b = (c, r) if chosen_first else (r, c)
+            right, wrong = (fmt.id_a, fmt.id_b) if chosen_first else (fmt.id_b, fmt.id_a)
+            out.append(Pair(uid=i, round=0, weight_version=0, prompt_messages=m, prompt_text="",
+                            prompt_ids=fmt.ids(m, a, b, max_length), chosen=c, rejected=r, chosen_ids=[right],
+                            rejected_ids=[wrong], chosen_score=1.0, rejected_score=0.0))
+    return out
+
+
 def training_record(cfg: OdpoConfig) -> dict:
     """What defines a trained reward model: its data and base (the reward_training section) and the seed."""
     section, defaults = dataclasses.asdict(cfg.reward_training), dataclasses.asdict(RewardTrainingConfig())
@@ -176,6 +200,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
     initial weights), or from a pool of its own on `policy_path` (default: policy.path)."""
     quiet_libraries()
     rt, lc = cfg.reward_training, cfg.learner
+    pairwise = rt.type == "pairwise"
     base = rt.base_model
     if is_builtin(base):
         base = materialize_builtin(base, base_dir, cfg.run.seed + 1)
@@ -200,14 +225,20 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             items = load_preferences(rt.data_path, rt.num_pairs)
         if len(items) < 4:
             raise InputError(f"reward_training: only {len(items)} preference pairs to train on (at least 4 needed)")
-        pairs = to_pairs(items, tokenizer, rt.max_length)
-        order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(pairs))
-        held = max(1, int(round(rt.eval_fraction * len(pairs))))
-        held_out, train = [pairs[i] for i in order[:held]], [pairs[i] for i in order[held:]]
-        print(f"odpo: reward model from {rt.base_model}: {len(train)} training pairs, {len(held_out)} held out",
+        order = np.random.default_rng([cfg.run.seed, 7]).permutation(len(items))
+        held = max(1, int(round(rt.eval_fraction * len(items))))
+        held_items, train_items = [items[i] for i in order[:held]], [items[i] for i in order[held:]]
+        if pairwise:
+            fmt = PreferenceFormat(tokenizer, cfg.scorer.pairwise_generation_prompt)
+            held_out = preference_pairs(held_items, fmt, rt.max_length, "both", cfg.run.seed)
+            train = preference_pairs(train_items, fmt, rt.max_length, "random", cfg.run.seed)
+        else:
+            held_out, train = to_pairs(held_items, tokenizer, rt.max_length), to_pairs(train_items, tokenizer, rt.max_length)
+        kind = "pairwise preference model (RLHFlow's A/B format)" if pairwise else "reward model"
+        print(f"odpo: {kind} from {rt.base_model}: {len(train)} training pairs, {len(held_items)} held out",
               file=sys.stderr)
         rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
-        group = cluster.learner_group("rm-learner", RewardLearner,
+        group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0)]
         g = lc.global_batch_size
@@ -227,8 +258,13 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
 
         config = AutoConfig.from_pretrained(base)
         config.pad_token_id = tokenizer.pad_token_id
-        config.num_labels = 1  # a causal LM base (e.g. builtin:smollm2-135m-instruct) becomes a sequence classifier
-        config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.architectures or []]
+        if pairwise:  # stays a causal LM: the scorer reads its next-token logits of A and B
+            config.architectures = [a.replace("ForSequenceClassification", "ForCausalLM")
+                                    for a in config.architectures or []]
+        else:  # a causal LM base (e.g. builtin:smollm2-135m-instruct) becomes a sequence classifier
+            config.num_labels = 1
+            config.architectures = [a.replace("ForCausalLM", "ForSequenceClassification")
+                                    for a in config.architectures or []]
         tmp = dest + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -238,8 +274,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             f.write(bundle.payload)
         write_atomic(os.path.join(tmp, RECORD_FILE), _json(training_record(cfg)))
         os.replace(tmp, dest)
-        print(f"odpo: reward model saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
-              f"{history[-1]['eval/accuracy']:.3f}; scorer.type=reward_model scorer.model_path={dest})", file=sys.stderr)
+        print(f"odpo: {kind} saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
+              f"{history[-1]['eval/accuracy']:.3f}; scorer.type={rt.type} scorer.model_path={dest})", file=sys.stderr)
         return dest
 
 

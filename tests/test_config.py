@@ -233,6 +233,24 @@ def test_dtype_auto_is_bfloat16_only_where_the_hardware_computes_it_fast(monkeyp
     assert "policy.dtype" in str(config_error(TINY, ["policy.dtype=fp8"]))
 
 
+def test_a_variant_names_its_base_and_states_only_what_differs(tmp_path):
+    armo = load_config("configs/rlhflow_llama3_8b_armorm.yaml", check_machine=False)
+    recipe = load_config("configs/rlhflow_llama3_8b.yaml", check_machine=False)
+    assert (armo.scorer.model_path, armo.scorer.output_field, armo.scorer.trust_remote_code) == (
+        "RLHFlow/ArmoRM-Llama3-8B-v0.1", "score", True)
+    assert armo.learner == recipe.learner and armo.generator == recipe.generator and armo.run.name != recipe.run.name
+    assert armo.scorer.num_actors == recipe.scorer.num_actors == 4  # kept from the base's section
+    pairwise = load_config("configs/rlhflow_llama3_8b_pairwise.yaml", check_machine=False)
+    assert pairwise.scorer.type == "pairwise" and pairwise.data == recipe.data
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrun: {name: a}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    e = config_error(str(tmp_path / "a.yaml"))
+    assert e.key == "base" and "a.yaml -> " in str(e) and "b.yaml" in str(e)
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    assert "no such config file" in str(config_error(str(tmp_path / "c.yaml"))) and "the base of" in str(
+        config_error(str(tmp_path / "c.yaml")))
+
+
 def test_zero_stage_out_of_range():
     e = config_error(TINY, ["learner.zero_stage=4"])
     assert e.key == "learner.zero_stage"
