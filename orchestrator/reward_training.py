@@ -240,7 +240,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
-        history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0)]
+        name = "pairwise model" if pairwise else "reward model"
+        history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name)]
         g = lc.global_batch_size
         steps_per_epoch = math.ceil(len(train) / g)
         group.start_round(0, steps_per_epoch * rt.epochs)  # one warmup + cosine over the whole training
@@ -251,7 +252,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
                      for s in range(0, len(shuffled), g)]
             seen = sum(s.pairs for s in steps)
             train_loss = sum(s.loss * s.pairs for s in steps) / seen
-            history.append(evaluate(group, held_out, epoch, len(steps), train_loss, time.perf_counter() - start))
+            history.append(evaluate(group, held_out, epoch, len(steps), train_loss, time.perf_counter() - start, name))
         write_atomic(metrics_path, "".join(f"{_json(m)}\n" for m in history))
         bundle = group.get(group.async_export_refs(1), "the weight export")[0]
         from transformers import AutoConfig
@@ -291,13 +292,13 @@ def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: 
 
 
 def evaluate(group: LearnerGroup, held_out: list[Pair], epoch: int, steps: int, train_loss: float,
-             seconds: float) -> dict:
+             seconds: float, name: str = "reward model") -> dict:
     """Held-out pairwise accuracy (every rank runs the whole set: ZeRO-3 forwards are collective)."""
     result = group.get([r.evaluate.remote(held_out) for r in group.ranks], "the held-out evaluation")[0]
     m = {"epoch": epoch, "steps": steps, "train/loss": train_loss, "eval/accuracy": result["correct"] / result["pairs"],
          "eval/loss": result["loss"] / result["pairs"], "eval/pairs": result["pairs"], "timing/epoch": seconds}
     label = "before training" if epoch < 0 else f"epoch {epoch + 1}"
-    print(f"odpo: reward model {label}: held-out accuracy {m['eval/accuracy']:.3f}, loss {m['eval/loss']:.4f}"
+    print(f"odpo: {name} {label}: held-out accuracy {m['eval/accuracy']:.3f}, loss {m['eval/loss']:.4f}"
           + ("" if epoch < 0 else f", train loss {train_loss:.4f}, {steps} steps, {seconds:.1f}s"), file=sys.stderr)
     return m
 
