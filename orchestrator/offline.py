@@ -62,7 +62,9 @@ def fingerprint(cfg: OdpoConfig) -> dict:
     return {**common, "run.seed": cfg.run.seed, "data": dataclasses.asdict(cfg.data), "pairs": dataclasses.asdict(cfg.pairs),
             "generator": {k: getattr(g, k) for k in ("n", "temperatures", "top_p", "top_k", "max_new_tokens",
                                                      "stop_token_ids", "chunk_size")},
-            "scorer": {k: getattr(s, k) for k in ("type", "function", "model_path", "max_length", "pairwise_both_orders")},
+            "scorer": {k: getattr(s, k) for k in ("type", "function", "model_path", "max_length", "pairwise_both_orders")}
+            | {k: getattr(s, k) for k, default in (("output_field", "logits"), ("pairwise_generation_prompt", True))
+               if getattr(s, k) != default},  # keys added later count only when set: older pair sets still resume
             "reward_training": training_record(cfg)["reward_training"] if s.model_path == TRAINED_REWARD_MODEL else None}
 
 

@@ -237,7 +237,7 @@ def test_a_variant_names_its_base_and_states_only_what_differs(tmp_path):
     armo = load_config("configs/rlhflow_llama3_8b_armorm.yaml", check_machine=False)
     recipe = load_config("configs/rlhflow_llama3_8b.yaml", check_machine=False)
     assert (armo.scorer.model_path, armo.scorer.output_field, armo.scorer.trust_remote_code) == (
-        "RLHFlow/ArmoRM-Llama3-8B-v0.1", "score", True)
+        "RLHFlow/ArmoRM-Llama3-8B-v0.1", "score", False)  # its code runs only when the user sets it true
     assert armo.learner == recipe.learner and armo.generator == recipe.generator and armo.run.name != recipe.run.name
     assert armo.scorer.num_actors == recipe.scorer.num_actors == 4  # kept from the base's section
     pairwise = load_config("configs/rlhflow_llama3_8b_pairwise.yaml", check_machine=False)
