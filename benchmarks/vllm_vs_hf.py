@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from generation_throughput import generate_all  # noqa: E402
 
-from actors.models import load_tokenizer  # noqa: E402
+from actors.models import DTYPES, load_tokenizer  # noqa: E402
 from actors.types import WeightBundle  # noqa: E402
 from orchestrator.cluster import Cluster  # noqa: E402
 from orchestrator.config import OdpoConfig, load_config  # noqa: E402
@@ -65,8 +65,10 @@ def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, 
         seconds.append(time.perf_counter() - start)
     from transformers import AutoModelForCausalLM
 
-    # each tensor its own copy, as the learner's export makes them (tied embeddings are two tensors there)
-    state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(policy).state_dict().items()}
+    # each tensor its own copy in the policy's dtype, as the learner's export makes them (tied embeddings are two
+    # tensors there)
+    dtype = DTYPES[cfg.policy.dtype]
+    state = {k: v.detach().to(dtype).clone() for k, v in AutoModelForCausalLM.from_pretrained(policy).state_dict().items()}
     start = time.perf_counter()
     size = WeightBundle.from_tensors(1, state).num_bytes()
     return seconds, time.perf_counter() - start, size
