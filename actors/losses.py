@@ -62,14 +62,8 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list
     cut = [[cut_to_fit(p, r, max_length) for r in rs] for p, rs in zip(prompts, responses)]
     kept = [c[0][0] if c else p for c, p in zip(cut, prompts)]
     device = next(model.parameters()).device
-    width = max(len(p) for p in kept)
-    ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(kept), width), dtype=torch.long)
-    for i, p in enumerate(kept):  # left padding: every prompt ends at the last column
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    ids, mask, positions = left_padded(kept, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each response's first token
     owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long, device=device)
     flat = [r for c in cut for _, r in c]
@@ -153,15 +147,21 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_r
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def last_token_logits(model, rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Next-token logits after each row (batch, vocab): the rows left-padded in one forward, their position ids
-    counted from their first real token, only the last position's logits computed."""
+def left_padded(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows left-padded so that every one ends at the last column: ids, attention mask, and position ids
+    counted from each row's first real token (so a row computes as it would alone)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+
+
+def last_token_logits(model, rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Next-token logits after each row (batch, vocab): the rows left-padded in one forward, only the last
+    position's logits computed."""
+    ids, mask, positions = left_padded(rows, pad_id, device)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]

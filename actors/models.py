@@ -250,9 +250,9 @@ def load_reward_model(location: str, dtype: str, trust_remote_code: bool = False
 def read_score(output, field: str, where: str) -> torch.Tensor:
     """One score per sequence from a reward model's output: its `field` (a Hugging Face classifier's `logits`,
     ArmoRM's `score`), one column of it if 2-D."""
-    keys = list(output.keys()) if hasattr(output, "keys") else [k for k in vars(output) if not k.startswith("_")]
     value = output.get(field) if hasattr(output, "get") else getattr(output, field, None)
     if value is None:
+        keys = list(output.keys()) if hasattr(output, "keys") else [k for k in vars(output) if not k.startswith("_")]
         raise ValueError(f"{where}: the reward model's output has no field {field!r} (scorer.output_field); "
                          f"its fields: {keys}")
     if value.dim() == 2 and value.shape[1] == 1:

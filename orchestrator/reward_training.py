@@ -234,13 +234,12 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             train = preference_pairs(train_items, fmt, rt.max_length, "random", cfg.run.seed)
         else:
             held_out, train = to_pairs(held_items, tokenizer, rt.max_length), to_pairs(train_items, tokenizer, rt.max_length)
-        kind = "pairwise preference model (RLHFlow's A/B format)" if pairwise else "reward model"
-        print(f"odpo: {kind} from {rt.base_model}: {len(train)} training pairs, {len(held_items)} held out",
+        name = "pairwise model" if pairwise else "reward model"
+        print(f"odpo: {name} from {rt.base_model}{' (RLHFlow A/B format)' if pairwise else ''}: {len(train)} training pairs, {len(held_items)} held out",
               file=sys.stderr)
         rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
-        name = "pairwise model" if pairwise else "reward model"
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name)]
         g = lc.global_batch_size
         steps_per_epoch = math.ceil(len(train) / g)
@@ -275,7 +274,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             f.write(bundle.payload)
         write_atomic(os.path.join(tmp, RECORD_FILE), _json(training_record(cfg)))
         os.replace(tmp, dest)
-        print(f"odpo: {kind} saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
+        print(f"odpo: {name} saved to {dest} (held-out accuracy {history[0]['eval/accuracy']:.3f} -> "
               f"{history[-1]['eval/accuracy']:.3f}; scorer.type={rt.type} scorer.model_path={dest})", file=sys.stderr)
         return dest
 

@@ -6,6 +6,7 @@ sequence classifier over a Llama-3-style chat template (sfairXC/FsfairX-LLaMA3-R
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import textwrap
@@ -177,8 +178,6 @@ def armo_like_dir(tok, tmp_path_factory) -> str:
                     weights = torch.softmax(self.gate(last), dim=-1)
                     return ArmoLikeOutput(rewards=rewards, score=(rewards * weights).sum(-1, keepdim=True))
         '''))
-    import importlib.util
-
     from transformers import LlamaConfig
     spec = importlib.util.spec_from_file_location("modeling_armo_like", os.path.join(path, "modeling_armo_like.py"))
     module = importlib.util.module_from_spec(spec)
