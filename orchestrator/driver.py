@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.types import TrainStepStats
-from orchestrator import ahead, evaluation, offline
+from orchestrator import ahead, chaos, evaluation, offline
 from orchestrator.config import OdpoConfig
 from orchestrator.control import apply_scale_request
 from orchestrator.plots import plot_rounds
@@ -127,6 +127,7 @@ def sync_weights(generators: ActorPool, learners: LearnerGroup, export_refs: lis
     else:
         slots = list(generators.slots)
         refs = [slot.actor.load_weights.remote(export_refs[0]) for slot in slots]
+        chaos.point("sync", version - 1)
         reported = []
         for slot, ref in zip(slots, refs):
             try:
@@ -159,7 +160,8 @@ def finish_deferred_evaluation(s: Session) -> None:
     deferred, s.deferred = s.deferred, None
     metrics = deferred.result()
     evaluation.report(metrics, f"round {deferred.round_index + 1}/{s.cfg.run.rounds}")
-    s.out.amend_last_metrics(metrics)
+    with s.out.writing(f"round {deferred.round_index}'s evaluation into metrics.jsonl"):
+        s.out.amend_last_metrics(metrics)
     s.history[-1] |= metrics
     s.overlapped_busy = {"generator": metrics["timing/eval_generate"], "learner": metrics["timing/eval_kl"],
                          "scorer": metrics["timing/eval_score"] + metrics["timing/eval_judge"]}
@@ -182,20 +184,23 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
                 "pool/generators_dropped": s.generators.dropped, "pool/scorers_dropped": s.scorers.dropped}
     metrics |= s.startup  # this driver's start-up, in the first round line it commits
     s.startup = {}
-    s.out.write_placement(s.cluster.nodes())
-    start = time.perf_counter()
-    s.out.write_checkpoint(r, ray.get(trained.export_refs[0]))
-    if not s.cfg.learner.reset_optimizer_each_round:  # the next round continues AdamW's moments
-        s.out.save_optimizer_states(r, s.learners.optimizer_states())
-    s.out.write_pairs(r, trained.stream.pairs)
-    if r + 1 in s.pending:  # drawn during this round (run.staleness=1)
-        ahead.save(s.out, r + 1, s.pending[r + 1])
-    metrics["timing/checkpoint"] = time.perf_counter() - start
-    metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
-                       s.overlapped_busy)
+    with s.out.writing(f"round {r}'s files"):  # a full disk stops the run here, round r - 1 intact
+        s.out.write_placement(s.cluster.nodes())
+        start = time.perf_counter()
+        optimizer = [] if s.cfg.learner.reset_optimizer_each_round else s.learners.optimizer_states()
+        s.out.write_checkpoint(r, ray.get(trained.export_refs[0]), optimizer)  # AdamW's moments for the next round
+        chaos.point("checkpoint", r)
+        s.out.write_pairs(r, trained.stream.pairs)
+        if r + 1 in s.pending:  # drawn during this round (run.staleness=1)
+            ahead.save(s.out, r + 1, s.pending[r + 1])
+        metrics["timing/checkpoint"] = time.perf_counter() - start
+        metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
+                           s.overlapped_busy)
+        metrics |= s.telemetry.driver_usage()  # the driver's own CPU and memory, round by round
+        s.out.log_metrics(metrics)
+        chaos.point("commit", r)
+        s.out.commit(s.cfg, r + 1)
     s.overlapped_busy = {}
-    s.out.log_metrics(metrics)
-    s.out.commit(s.cfg, r + 1)
     s.pending.pop(r, None)
     ahead.forget(s.out, r)
     s.history.append(metrics)

@@ -29,6 +29,7 @@ import ray
 from actors.models import load_tokenizer, quiet_libraries
 from actors.scorer import RewardFn
 from actors.types import Prompt, RolloutChunk, WeightBundle
+from orchestrator import chaos
 from orchestrator.cluster import Cluster
 from orchestrator.config import InputError, InputNotFound, OdpoConfig
 from orchestrator.data import PromptSource
@@ -67,11 +68,15 @@ def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, vers
     """The eval set's chunks, generated with weights `version` (checked); `sent` is set once every chunk is
     queued at the generators."""
     chunks = make_chunks(EVAL_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
-    gens = generators.actors
-    refs = [gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)]
-    if sent is not None:
-        sent.set()
-    out: list[RolloutChunk] = generators.get(refs, "generating the evaluation set")
+
+    def all_sent() -> None:
+        if sent is not None:
+            sent.set()
+        chaos.point("eval", version - 1)  # the round whose weights these are
+
+    # a generator that dies or hangs is replaced and its chunks are redone (same seeds: the same samples)
+    out: list[RolloutChunk] = generators.map(lambda a, c: a.generate.remote(c), chunks,
+                                             "generating the evaluation set", on_sent=all_sent)
     stale = [c.chunk_id for c in out if c.weight_version != version]
     if stale:
         raise RuntimeError(f"evaluation chunks {stale} were generated with another weight version than {version}")
@@ -79,11 +84,10 @@ def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, vers
 
 
 def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Samples:
-    scs = scorers.actors
     rewards: list[float] = []
     busy = {"generate": sum(c.seconds for c in out), "score": 0.0}
     if cfg.scorer.type != "pairwise":
-        scored = scorers.get([scs[i % len(scs)].score.remote(c) for i, c in enumerate(out)], "scoring the evaluation set")
+        scored = scorers.map(lambda a, c: a.score.remote(c), out, "scoring the evaluation set")
         rewards = [x for sc in scored for row in sc.scores for x in row]
         busy["score"] = sum(sc.seconds for sc in scored)
     return Samples(out, rewards, busy)
@@ -93,14 +97,14 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
             learners: LearnerGroup | None, kl_refs: list[ray.ObjectRef] | None = None) -> dict:
     """`kl_refs`: the learner ranks' log-ratios of `now`, already asked for (else asked here)."""
     items, base = now.items(), initial.items()
-    scs = scorers.actors
-    per = math.ceil(len(items) / len(scs))
+    size = len(scorers)
+    per = math.ceil(len(items) / size)
     triples = [(m, a, b) for (m, a), (_, b) in zip(items, base)]
     columns = now.columns()
+    shares = [(triples[k * per: (k + 1) * per], columns[k * per: (k + 1) * per]) for k in range(size)]
     start = time.perf_counter()
-    probs = [p for part in scorers.get([scs[k].compare.remote(triples[k * per: (k + 1) * per],
-                                                              columns[k * per: (k + 1) * per]) for k in range(len(scs))],
-                                       "judging the evaluation set") for p in part]
+    probs = [p for part in scorers.map(lambda a, share: a.compare.remote(*share), shares, "judging the evaluation set")
+             for p in part]
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
     kl, kl_s = float("nan"), 0.0
     if learners is not None:
@@ -116,7 +120,7 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
         "eval/kl": kl,
         # what the evaluation cost each pool, summed over its actors (the round's profile adds them up)
         "timing/eval_generate": now.busy.get("generate", float("nan")), "timing/eval_score": now.busy.get("score", float("nan")),
-        "timing/eval_judge": judge_s * len(scs), "timing/eval_kl": kl_s,  # the KL: the learner ranks' compute
+        "timing/eval_judge": judge_s * size, "timing/eval_kl": kl_s,  # the KL: the learner ranks' compute
     }
     if cfg.eval.gold_reward:
         gold = RewardFn(cfg.eval.gold_reward)

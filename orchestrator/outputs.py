@@ -12,13 +12,18 @@ Everything a round writes appears only when complete: files go to a temporary na
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from actors.types import Pair, WeightBundle
+from orchestrator import integrity
 from orchestrator.config import (
     TRAINED_REWARD_MODEL,
     InputError,
@@ -27,6 +32,11 @@ from orchestrator.config import (
     OutputExists,
     to_yaml,
 )
+
+
+class WriteFailed(InputError):
+    """A run directory's write failed (a full disk): the run stops; the last committed round is intact."""
+
 
 BASE_FILES_DIR = "base"
 AHEAD_DIR = "ahead"
@@ -55,16 +65,17 @@ class RunDir:
             elif not cfg.run.resume:
                 raise OutputExists(f"run directory {self.path} exists; set run.resume=true to continue it, "
                                       "run.overwrite=true to replace it, or choose another run.name")
-            elif os.path.exists(state_path):
-                self._load_state(cfg, state_path)
+            elif os.path.exists(state_path) or self._checkpoint_rounds():
+                self._resume(cfg, state_path)
                 self._drop_uncommitted()
             elif os.listdir(self.path) and not os.path.exists(os.path.join(self.path, "config.yaml")):
                 raise OutputExists(f"{self.path} exists and is not an odpo run directory")
             else:  # died before its first commit: nothing is done, whatever round 0 left is redone
                 self._drop_uncommitted()
-        for sub in ("pairs", "checkpoints", BASE_FILES_DIR):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-        write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
+        with self.writing("the run directory"):
+            for sub in ("pairs", "checkpoints", BASE_FILES_DIR):
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
         self.wandb_run = None
         if cfg.metrics.wandb and cfg.metrics.wandb_mode != "disabled":
             import wandb
@@ -74,21 +85,122 @@ class RunDir:
                                         id=self.wandb_id, resume="allow" if self.wandb_id else None)
             self.wandb_id = self.wandb_run.id
 
-    def _load_state(self, cfg: OdpoConfig, state_path: str) -> None:
-        with open(state_path) as f:
-            state = json.load(f)
+    def _resume(self, cfg: OdpoConfig, state_path: str) -> None:
+        """Continue after the last committed round whose files are intact (integrity.py). A state.json that
+        is missing or does not parse is rebuilt from the files; a damaged round is set aside in damaged/
+        with every round after it, and redone. Never a silent start from round 0 over good rounds."""
+        state, damage = self._read_state(state_path)
+        if state is not None:
+            fixed, claimed, self.wandb_id = state["fixed"], state["completed_rounds"], state.get("wandb_id")
+        else:  # the rounds are those with a checkpoint; the fixed keys as the last driver saved them
+            fixed, claimed = self._fixed_from_config(damage), max(self._checkpoint_rounds(), default=-1) + 1
         for key in RESUME_FIXED_KEYS:
             section, name = key.split(".")
             now = getattr(getattr(cfg, section), name)
             # a key newer than the run directory: the run used that key's default (run.mode: online)
-            was = state["fixed"][key] if key in state["fixed"] else getattr(getattr(OdpoConfig(), section), name)
+            was = fixed[key] if key in fixed else getattr(getattr(OdpoConfig(), section), name)
             if was != now:
                 raise InputError(f"cannot resume {self.path}: `{key}` was {was!r} and is now "
                                  f"{now!r}; keep it, or start a new run (run.name) or overwrite (run.overwrite=true)")
-        self.completed, self.wandb_id = state["completed_rounds"], state.get("wandb_id")
-        if self.completed > cfg.run.rounds:
-            raise InputError(f"cannot resume {self.path}: it has {self.completed} rounds done, more than "
+        if claimed > cfg.run.rounds:
+            raise InputError(f"cannot resume {self.path}: it has {claimed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
+        intact, problem = self._intact_rounds(claimed)
+        damage = damage or problem
+        self.completed = intact
+        if damage is None:
+            return
+        aside = self._set_aside(intact, claimed)
+        where = f"; round {intact}'s files and every later round's are kept in {aside}" if aside else ""
+        done = f"{claimed} round(s) were committed" if state is not None else f"{claimed} round(s) have a checkpoint"
+        print(f"odpo: {damage}: resuming {self.path} after round {intact - 1}, the last round whose files are intact"
+              if intact else f"odpo: {damage}: no round of {self.path} has intact files; starting it from round 0",
+              f"({done}{where})", file=sys.stderr)
+        with self.writing("state.json"):
+            self.commit(cfg, intact)
+
+    def _read_state(self, state_path: str) -> tuple[dict | None, str | None]:
+        """state.json, or None and what is wrong with it (missing, does not parse, or lacks its fields)."""
+        if not os.path.exists(state_path):
+            return None, f"{state_path} is missing"
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+            if not (isinstance(state, dict) and isinstance(state.get("completed_rounds"), int)
+                    and state["completed_rounds"] >= 0 and isinstance(state.get("fixed"), dict)):
+                raise ValueError("no completed_rounds and fixed keys")
+            return state, None
+        except (ValueError, UnicodeDecodeError) as e:
+            return None, f"{state_path} does not parse ({type(e).__name__}: {str(e)[:80]})"
+
+    def _fixed_from_config(self, damage: str) -> dict:
+        """The keys a resume may not change, from config.yaml (the last driver's resolved config)."""
+        import yaml
+
+        try:
+            with open(self.sub("config.yaml")) as f:
+                saved = yaml.safe_load(f)
+            return {k: saved[k.split(".")[0]][k.split(".")[1]] for k in RESUME_FIXED_KEYS}
+        except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
+            raise InputError(f"cannot resume {self.path}: {damage}, and config.yaml, which would stand in for it, "
+                             f"cannot be read ({type(e).__name__}: {e}); restore one of them, or start a new run "
+                             "(run.name) or overwrite (run.overwrite=true)") from None
+
+    def _checkpoint_rounds(self) -> list[int]:
+        """Rounds with a checkpoint under its final name (written whole: renamed from .tmp)."""
+        folder = self.sub("checkpoints")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return sorted(int(n.split("_")[1]) for n in names if n.startswith("round_") and n.split("_")[1].isdigit())
+
+    def _intact_rounds(self, claimed: int) -> tuple[int, str | None]:
+        """How many of the `claimed` rounds can be kept, and what is wrong with the first that cannot: every
+        kept round's metrics line and pairs file intact, and the last kept round's checkpoint too (the one a
+        resume loads; earlier checkpoints are outputs only)."""
+        lines, torn = integrity.metrics_lines(self.sub("metrics.jsonl"))
+        problem = None
+        intact = 0
+        for r in range(claimed):
+            m = lines.get(r)
+            if m is None:
+                problem = next(iter(torn), f"{self.sub('metrics.jsonl')} has no line for round {r}")
+                break
+            count = m.get("pairs/count")
+            if problem := integrity.jsonl_problem(self.sub("pairs", f"round_{r}.jsonl"), count):
+                break
+            intact = r + 1
+        while intact and (broken := integrity.checkpoint_problem(self.checkpoint_dir(intact - 1))):
+            problem = broken  # the nearest round before it with a whole checkpoint is the resume point
+            intact -= 1
+        if intact and self._ahead_problem(intact):
+            problem = problem or self._ahead_problem(intact)
+        return intact, problem
+
+    def _ahead_problem(self, completed: int) -> str | None:
+        """A damaged draw of the next round (run.staleness=1) is not used: that round streams synchronously."""
+        path = self.ahead_path(completed)
+        if not os.path.exists(path) or not (problem := integrity.jsonl_problem(path)):
+            return None
+        os.remove(path)
+        return f"{problem} (not used: round {completed} streams its pairs anew)"
+
+    def _set_aside(self, intact: int, claimed: int) -> str | None:
+        """Move what rounds `intact`..`claimed`-1 committed (checkpoints, pairs, their draws) and a copy of
+        metrics.jsonl as it was into damaged/<UTC time>/: nothing a resume gives up is deleted."""
+        moves = [self.sub(sub, f"round_{r}{ext}") for r in range(intact, claimed)
+                 for sub, ext in (("checkpoints", ""), ("pairs", ".jsonl"), (AHEAD_DIR, ".jsonl"))]
+        moves = [p for p in moves if os.path.exists(p)]
+        if not moves and claimed <= intact:
+            return None
+        aside = self.sub("damaged", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        with self.writing(f"{aside} (setting damaged rounds aside)"):
+            for path in moves:
+                dest = os.path.join(aside, os.path.relpath(path, self.path))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(path, dest)
+            if os.path.exists(self.sub("metrics.jsonl")):
+                os.makedirs(aside, exist_ok=True)
+                shutil.copyfile(self.sub("metrics.jsonl"), os.path.join(aside, "metrics.jsonl"))
+        return aside
 
     def write_job_marker(self) -> None:
         """job.json: the Ray job this driver runs as (`odpo submit` puts its id in the job's metadata), so
@@ -103,6 +215,18 @@ class RunDir:
 
     def _drop_uncommitted(self) -> None:
         """Remove what rounds at or after `self.completed` wrote before the driver died."""
+        self.remove_uncommitted()
+        if os.path.isdir(self.sub(AHEAD_DIR)):  # only the pairs of the round to run next were committed
+            for name in os.listdir(self.sub(AHEAD_DIR)):
+                if name != f"round_{self.completed}.jsonl":
+                    os.remove(self.sub(AHEAD_DIR, name))
+        rounds, _ = integrity.metrics_lines(self.sub("metrics.jsonl"))  # lines that do not parse are uncommitted
+        kept = [rounds[r] for r in sorted(rounds) if r < self.completed]
+        with self.writing("metrics.jsonl"):
+            write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
+
+    def remove_uncommitted(self) -> None:
+        """Checkpoints and pairs files of rounds at or after `self.completed` (and half-written .tmp ones)."""
         def stale(name: str) -> bool:
             return name.endswith(".tmp") or int(name.split("_")[1].split(".")[0]) >= self.completed
 
@@ -110,12 +234,27 @@ class RunDir:
             if os.path.isdir(self.sub(sub)):
                 for name in filter(stale, os.listdir(self.sub(sub))):
                     remove(self.sub(sub, name))
-        if os.path.isdir(self.sub(AHEAD_DIR)):  # only the pairs of the round to run next were committed
-            for name in os.listdir(self.sub(AHEAD_DIR)):
-                if name != f"round_{self.completed}.jsonl":
-                    os.remove(self.sub(AHEAD_DIR, name))
-        kept = [m for m in self.history() if m["round"] < self.completed]
-        write_atomic(self.sub("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in kept))
+
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A write that fails (a full disk, a quota, a read-only mount) stops the run with what to do: the
+        last committed round is intact, since nothing but state.json commits a round."""
+        try:
+            yield
+        except OSError as e:
+            try:  # what the failed round wrote goes now: a full disk gets its space back
+                self.remove_uncommitted()
+            except OSError:
+                pass
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(self.path).free / 2**20 if os.path.isdir(self.path) else float("nan")
+                fix = f"free space on the disk that holds {self.path} ({free:.0f} MiB free now)"
+            else:
+                fix = "fix the cause"
+            done = (f"round {self.completed - 1} is the last committed round and is intact" if self.completed
+                    else "no round is committed yet")
+            raise WriteFailed(f"could not write {what}: {e.strerror or e} ({e.filename or self.path}); {done}: "
+                              f"{fix}, then run the same command again to resume") from e
 
     def commit(self, cfg: OdpoConfig, completed_rounds: int) -> None:
         """The round's files are all in place: record it as done (the last write of a round)."""
@@ -131,7 +270,14 @@ class RunDir:
         if not os.path.isdir(folder):
             return False
         path = os.path.join(folder, record)
-        saved = json.load(open(path)) if os.path.exists(path) else {}
+        try:
+            saved = json.load(open(path)) if os.path.exists(path) else {}
+        except ValueError as e:  # damaged: what it was made with is unknown
+            if self.completed:
+                raise InputError(f"cannot resume {self.path}: {path} does not parse ({e}), so the {what} it "
+                                 f"describes cannot be checked; restore it, or remove {folder} and start a new run "
+                                 "(run.name)") from None
+            saved = {"(unreadable record)": str(path)}
         now = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples become lists)
         if saved == now:
             return True
@@ -156,14 +302,6 @@ class RunDir:
         with open(os.path.join(self.checkpoint_dir(round_index), "model.safetensors"), "rb") as f:
             return WeightBundle(version=version, payload=f.read())
 
-    def save_optimizer_states(self, round_index: int, payloads: list[bytes]) -> None:
-        """Each learner rank's AdamW state beside the round's checkpoint (learner.reset_optimizer_each_round=false)."""
-        folder = os.path.join(self.checkpoint_dir(round_index), "optimizer")
-        os.makedirs(folder, exist_ok=True)
-        for rank, payload in enumerate(payloads):
-            with open(os.path.join(folder, f"rank_{rank}.safetensors"), "wb") as f:
-                f.write(payload)
-
     def load_optimizer_states(self, round_index: int, ranks: int) -> list[bytes]:
         paths = [os.path.join(self.checkpoint_dir(round_index), "optimizer", f"rank_{r}.safetensors")
                  for r in range(ranks)]
@@ -183,14 +321,33 @@ class RunDir:
         AutoConfig.from_pretrained(policy_path).save_pretrained(self.sub(BASE_FILES_DIR))
         tokenizer.save_pretrained(self.sub(BASE_FILES_DIR))
 
-    def write_checkpoint(self, round_index: int, bundle: WeightBundle) -> str:
-        final = self.sub("checkpoints", f"round_{round_index}")
+    def write_checkpoint(self, round_index: int, bundle: WeightBundle, optimizer_states: list[bytes] = ()) -> str:
+        """The round's checkpoint: the policy's config and tokenizer, the synced weights as they are, each
+        learner rank's AdamW state (`optimizer/rank_<r>.safetensors`, learner.reset_optimizer_each_round=false)
+        and, last, checksums.json; written in `round_<k>.tmp` and renamed whole. A failed write leaves nothing."""
+        final = self.checkpoint_dir(round_index)
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.sub(BASE_FILES_DIR), tmp)
-        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:  # the synced bytes, written as they are
-            f.write(bundle.payload)
-        os.replace(tmp, final)
+        try:
+            for root, _, files in os.walk(self.sub(BASE_FILES_DIR)):
+                for name in files:
+                    src = os.path.join(root, name)
+                    dest = os.path.join(tmp, os.path.relpath(src, self.sub(BASE_FILES_DIR)))
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with open(src, "rb") as f:
+                        write_bytes(dest, f.read())
+            write_bytes(os.path.join(tmp, "model.safetensors"), bundle.payload)
+            for rank, payload in enumerate(optimizer_states):
+                os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
+                write_bytes(os.path.join(tmp, "optimizer", f"rank_{rank}.safetensors"), payload)
+            write_bytes(os.path.join(tmp, integrity.CHECKSUMS_FILE),
+                        json.dumps(integrity.checksums(tmp), indent=1).encode())
+            if os.path.exists(final):  # this round's, uncommitted (written again after a failed commit)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def ahead_path(self, round_index: int) -> str:
@@ -272,10 +429,21 @@ def resolve_models(cfg: OdpoConfig, run_dir: str, build: bool = True) -> tuple[s
     return policy, cfg.policy.tokenizer or policy, reward
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+def write_bytes(path: str, data: bytes) -> None:
+    """Every file of a run directory is written here (so a test can fail it as a full disk would), to disk."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """`text` at `path` whole or not at all: written to `path`.tmp and renamed; a failed write leaves no .tmp."""
+    tmp = path + ".tmp"
+    try:
+        write_bytes(tmp, text.encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

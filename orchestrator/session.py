@@ -110,17 +110,20 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
         policy_path, tokenizer_path, reward_path = resolve_models(cfg, out.path)
         tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
         source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
-        out.save_policy_files(policy_path, tokenizer)
+        with out.writing("the policy's config and tokenizer (base/)"):
+            out.save_policy_files(policy_path, tokenizer)
         # offline: saved rounds checked against the settings, a dataset's rows made into pairs (a bad one stops us)
         fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
         take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
-        out.write_job_marker()
+        with out.writing("job.json"):
+            out.write_job_marker()
         clock.lap("before_ray")  # prompts, models (a builtin's conversion), the run directory
         with Cluster(cfg) as cluster:
             clock.lap("ray")
             generators = cluster.generators(policy_path, tokenizer_path)
             if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
-                train_own_reward_model(cfg, out, reward_path, generators)
+                with out.writing("the run's reward model (reward_model/)"):
+                    train_own_reward_model(cfg, out, reward_path, generators)
             clock.lap("reward_model")  # with the generator pool's build when it samples the policy
             scorers = cluster.scorers(reward_path)
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)

@@ -24,6 +24,7 @@ import numpy as np
 import ray
 
 from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
+from orchestrator import chaos
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, attach_reference, combine_step
 from orchestrator.progress import RoundProgress
@@ -180,22 +181,32 @@ def _stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Od
     referencing: deque[tuple[ray.ObjectRef, list[Pair], float]] = deque()  # pairs at the reference stage, in order
     referenced: set[ray.ObjectRef] = set()
     last_gen_done = start
+    reached: set[str] = set()
 
     def submit_train(batch: list[Pair]) -> None:
         if not out.steps and not training:
             out.first_train_s = time.perf_counter() - start
             out.released_at_first_train = next_release
         training.append((learners.async_train_step_refs(batch), time.perf_counter()))
+        if "train" not in reached:
+            reached.add("train")
+            chaos.point("train", round_index)
 
     while True:
         while chunks and gen.has_room():
             c = chunks.popleft()
             gen.submit(lambda a, c=c: a.generate_with_meta.options(num_returns=2).remote(c), c)
+        if gen.inflight and "generate" not in reached:  # chaos drills (orchestrator/chaos.py) strike here
+            reached.add("generate")
+            chaos.point("generate", round_index)
         while to_score and score.has_room():
             if not score.inflight and not scored and next_release == 0:
                 out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, c = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
+        if score.inflight and "score" not in reached:
+            reached.add("score")
+            chaos.point("score", round_index)
         while referencing and referencing[0][0] in referenced:  # in release order: batches stay reproducible
             ref, pairs, _ = referencing.popleft()
             referenced.discard(ref)

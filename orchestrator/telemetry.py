@@ -12,6 +12,8 @@ prefix, tagged with the run name; Ray's Grafana dashboards and any Prometheus sc
                                         for a full batch or in training steps)
     ray_odpo_pool_actors{pool}          actors in each pool
     ray_odpo_reward_mean, ray_odpo_loss the last completed round's mean reward and DPO loss
+    ray_odpo_driver_cpu_seconds         the driver process's own CPU seconds in the last round
+    ray_odpo_driver_rss_megabytes       the driver process's resident memory at the last commit
 
 Ray exports what was recorded every few seconds (about 10 s), so a scrape sees values that recent.
 """
@@ -40,7 +42,11 @@ class Telemetry:
         self.actors = Gauge("odpo_pool_actors", "Actors in each pool.", tag_keys=("run", "pool"))
         self.reward = Gauge("odpo_reward_mean", "Mean reward of the last completed round.", tag_keys=("run",))
         self.loss = Gauge("odpo_loss", "Mean DPO loss of the last completed round.", tag_keys=("run",))
+        self.driver_cpu = Gauge("odpo_driver_cpu_seconds", "The driver's CPU seconds in the last round.",
+                                tag_keys=("run",))
+        self.driver_rss = Gauge("odpo_driver_rss_megabytes", "The driver's resident memory.", tag_keys=("run",))
         self._last_queue = 0.0
+        self._cpu_at = time.process_time()
 
     def _t(self, **extra: str) -> dict[str, str]:
         return {**self.tags, **extra}
@@ -65,6 +71,18 @@ class Telemetry:
             self._last_queue = now
             for pool, depth in depths.items():
                 self.queue.set(depth, tags=self._t(pool=pool))
+
+    def driver_usage(self) -> dict[str, float]:
+        """The driver process's CPU seconds (all its threads) since the last call (or the session's start), and
+        its resident memory now: a driver that grows with the rounds shows here (`driver/*` in each round line)."""
+        import psutil
+
+        now = time.process_time()
+        usage = {"driver/cpu_s": now - self._cpu_at, "driver/rss_mb": psutil.Process().memory_info().rss / 2**20}
+        self._cpu_at = now
+        self.driver_cpu.set(usage["driver/cpu_s"], tags=self._t())
+        self.driver_rss.set(usage["driver/rss_mb"], tags=self._t())
+        return usage
 
     def end_round(self, metrics: dict) -> None:
         self.weight_version.set(metrics["weight_version"], tags=self._t())

@@ -130,7 +130,7 @@ def straight(ray_cluster, tmp_path_factory) -> str:
 def outcome(run_dir, rounds: int = 3) -> tuple[list[dict], list[str]]:
     """Metrics without wall-clock figures or fault counters, and every round's pairs file as text."""
     m = [{k: v for k, v in x.items() if not k.startswith(("timing/", "sync/", "stream/first", "stream/overlap",
-                                                          "faults/", "profile/", "startup/"))
+                                                          "faults/", "profile/", "startup/", "driver/"))
           and not k.endswith("tokens_per_s")}
          for x in metrics_of(str(run_dir))]
     return m, [open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl")).read() for r in range(rounds)]
