@@ -104,3 +104,118 @@ def actor_pid(target: str) -> int | None:
         if info.get("State") == "ALIVE" and (name == target or name.startswith(target + ".")):
             return int(info["Pid"])
     return None
+
+
+# ---- drills: a seeded plan, the driver run (and resumed) under it, the outcome checked -------------------------
+
+ACTOR_SIGNALS = ("SIGKILL", "SIGSTOP")
+
+
+def draw_plan(seed: int, rounds: int, sizes: dict[str, int], faults: int, driver_kills: int) -> list[dict]:
+    """`faults` actor faults and `driver_kills` driver deaths, drawn from `seed`: every point of a round is
+    used in turn (in an order drawn from the seed), each at a random round, on a random actor that can be
+    busy there, killed or stopped. `sizes`: actors per pool (generator, scorer, learner).
+    The learner is struck where a round can retry it (generation, scoring, training, a deferred evaluation);
+    a stopped learner is found by learner.step_timeout_s, a stopped generator or scorer by its call timeout."""
+    import random
+
+    rng = random.Random(seed)
+    plan: list[dict] = []
+    points = list(POINTS)
+    rng.shuffle(points)
+    for k in range(faults):
+        point = points[k % len(points)]
+        # the last round's evaluation is not deferred, and an actor struck idle after the last round's sync is
+        # never called again
+        r = rng.randrange(rounds - 1 if point in ("eval", "checkpoint", "commit") else rounds)
+        pools = ["generator"] if point == "sync" else ["generator", "scorer"]
+        if point in ("generate", "score", "train", "eval"):
+            pools.append("learner")
+        pool = rng.choice(pools)
+        plan.append({"round": r, "point": point, "target": f"{pool}-{rng.randrange(sizes[pool])}",
+                     "signal": rng.choice(ACTOR_SIGNALS)})
+    for _ in range(driver_kills):
+        plan.append({"round": rng.randrange(rounds), "point": rng.choice(POINTS), "target": "driver",
+                     "signal": "SIGKILL"})
+    return sorted(plan, key=lambda f: (f["round"], POINTS.index(f["point"])))
+
+
+def drill(cmd: list[str], plan: list[dict], folder: str, max_starts: int, timeout_s: float = 1800,
+          cwd: str | None = None) -> dict:
+    """Run `cmd` (an `odpo run` that resumes by default) under `plan`, again after every driver kill, until it
+    ends well. Each driver is a process-group leader (its local Ray cluster dies with it). Returns the driver
+    starts, the faults fired (from the plan's log) and the last driver's stderr. A driver that fails without
+    a planned kill stops the drill (RuntimeError with its stderr's tail)."""
+    import subprocess
+
+    os.makedirs(folder, exist_ok=True)
+    plan_path, log = os.path.join(folder, "plan.json"), os.path.join(folder, "fired.jsonl")
+    with open(plan_path, "w") as f:
+        json.dump({"log": log, "faults": plan}, f, indent=1)
+    env = dict(os.environ, ODPO_CHAOS=plan_path, RAY_ADDRESS="")
+    for start in range(1, max_starts + 1):
+        with open(os.path.join(folder, f"driver_{start}.log"), "w+") as err:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s,
+                                  start_new_session=True)
+            err.seek(0)
+            stderr = err.read()
+        fired = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        if proc.returncode == 0:
+            return {"driver_starts": start, "fired": fired, "stderr": stderr}
+        if not (fired and fired[-1]["target"] == "driver" and proc.returncode == -signal.SIGKILL):
+            raise RuntimeError(f"driver {start} failed (exit {proc.returncode}) without a planned kill:\n"
+                               f"{stderr[-4000:]}")
+    raise RuntimeError(f"{max_starts} driver starts were not enough")
+
+
+OUTCOME_KEYS = ("round", "weight_version", "prompts/", "pairs/", "drop/", "reward/", "train/", "gen/tokens",
+                "gen/response_chars", "eval/")
+"""What a round produced, as opposed to how (timings, faults, which actor did what)."""
+
+
+def outcome(run_dir: str) -> tuple[list[dict], list[str], bytes]:
+    """A finished run's metrics (OUTCOME_KEYS, throughputs aside), its pairs files and its last weights."""
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    metrics = [{k: v for k, v in m.items() if k.startswith(OUTCOME_KEYS) and not k.endswith("_per_s")} for m in lines]
+    pairs = [open(os.path.join(run_dir, "pairs", f"round_{m['round']}.jsonl")).read() for m in lines]
+    with open(os.path.join(run_dir, "checkpoints", f"round_{len(lines) - 1}", "model.safetensors"), "rb") as f:
+        weights = f.read()
+    return metrics, pairs, weights
+
+
+def differences(run_dir: str, calm_dir: str) -> list[str]:
+    """Where a run's outcome differs from the fault-free run's (empty: identical)."""
+    (m, p, w), (m0, p0, w0) = outcome(run_dir), outcome(calm_dir)
+    out = [f"{len(m)} rounds, the fault-free run has {len(m0)}"] if len(m) != len(m0) else []
+    out += [f"round {r}: {k} = {a.get(k)!r}, fault-free {b.get(k)!r}" for r, (a, b) in enumerate(zip(m, m0))
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    out += [f"round {r}: pairs differ" for r, (a, b) in enumerate(zip(p, p0)) if a != b]
+    if w != w0:
+        out.append("the final weights differ")
+    return out
+
+
+def accounting_problems(cfg, run_dir: str) -> list[str]:
+    """Every prompt of every round exactly once (a pair or a counted drop, never two pairs), and versions
+    consistent: round r trained from version r (r - staleness at most) and left version r + 1."""
+    from orchestrator.data import PromptSource
+
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)
+    problems = []
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        m = json.loads(line)
+        r = m["round"]
+        pairs = [json.loads(x) for x in open(os.path.join(run_dir, "pairs", f"round_{r}.jsonl"))]
+        uids = [p["uid"] for p in pairs]
+        if len(uids) != len(set(uids)):
+            problems.append(f"round {r}: a prompt made two pairs")
+        if not set(uids) <= {p.uid for p in source.round_prompts(r)}:
+            problems.append(f"round {r}: pairs of prompts not in the round")
+        drops = sum(v for k, v in m.items() if k.startswith("drop/"))
+        if len(pairs) + drops != cfg.data.prompts_per_round:
+            problems.append(f"round {r}: {len(pairs)} pairs + {drops} drops != {cfg.data.prompts_per_round} prompts")
+        if m["weight_version"] != r + 1:
+            problems.append(f"round {r}: weight_version {m['weight_version']}, expected {r + 1}")
+        if any(not r - cfg.run.staleness <= p["weight_version"] <= r for p in pairs):
+            problems.append(f"round {r}: pairs from weight versions {sorted({p['weight_version'] for p in pairs})}")
+    return problems

@@ -147,7 +147,7 @@ class Cluster:
         pool = self._add(ActorPool(name, cls, lc.num_ranks, self.placement(lc), args_for_rank,
                                    incarnation=incarnation, gang=True))
         group = LearnerGroup(pool, lc.step_timeout_s)
-        group.setup()
+        group.setup(self.cfg.ray.actor_start_timeout_s)
         return group
 
     def _add(self, pool: ActorPool) -> ActorPool:

@@ -112,7 +112,7 @@ def jsonl_problem(path: str, expected_lines: int | None = None, skip_first: bool
         data = f.read()
     if data and not data.endswith(b"\n"):
         return f"{path} ends in the middle of a line (cut short)"
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    lines = _lines(data)
     for i, line in enumerate(lines, 1):
         try:
             if not isinstance(json.loads(line), dict):
@@ -131,7 +131,7 @@ def metrics_lines(path: str) -> tuple[dict[int, dict], list[str]]:
     if not os.path.exists(path):
         return rounds, [f"{path} is missing"]
     with open(path, "rb") as f:
-        lines = f.read().decode("utf-8", errors="replace").splitlines()
+        lines = _lines(f.read())
     for i, line in enumerate(lines, 1):
         try:
             m = json.loads(line)
@@ -139,3 +139,9 @@ def metrics_lines(path: str) -> tuple[dict[int, dict], list[str]]:
         except (ValueError, TypeError, KeyError) as e:
             problems.append(f"{path}: line {i} does not parse ({type(e).__name__}: {str(e)[:80]})")
     return rounds, problems
+
+
+def _lines(data: bytes) -> list[str]:
+    """JSON lines split at "\\n" only: a response's text may hold U+2028, U+0085 or \\x1c, which
+    str.splitlines() also splits at (json.dumps(ensure_ascii=False) leaves them raw)."""
+    return [line.decode("utf-8", errors="replace") for line in data.split(b"\n") if line]

@@ -106,7 +106,7 @@ class RunDir:
             raise InputError(f"cannot resume {self.path}: it has {claimed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
         intact, problem = self._intact_rounds(claimed)
-        damage = damage or problem
+        damage = "; ".join(p for p in (damage, problem) if p) or None
         self.completed = intact
         if damage is None:
             return

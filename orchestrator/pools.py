@@ -311,19 +311,24 @@ class LearnerGroup:
         self.ranks = pool.actors
         self.timeout_s = timeout_s
 
-    def get(self, refs: list[ray.ObjectRef], what: str) -> list:
+    def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None,
+            timeout_key: str = "learner.step_timeout_s") -> list:
         """ray.get on the learner ranks: death or a hang becomes a LearnerFailure (the round is retried)."""
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return ray.get(refs, timeout=None if self.timeout_s == float("inf") else self.timeout_s)
+            return ray.get(refs, timeout=None if timeout_s == float("inf") else timeout_s)
         except ray.exceptions.GetTimeoutError as e:
-            raise LearnerFailure(f"learner {what} took longer than learner.step_timeout_s={self.timeout_s:.0f}s") from e
+            raise LearnerFailure(f"learner {what} took longer than {timeout_key}={timeout_s:.0f}s") from e
         except ray.exceptions.RayActorError as e:
             raise LearnerFailure(f"a learner rank died during {what} ({type(e).__name__})") from e
 
-    def setup(self) -> int:
-        """Rendezvous the ranks into one process group and build their engines. Returns #parameters."""
-        addr, port = self.get([self.ranks[0].rendezvous_address.remote()], "rendezvous")[0]
-        return self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up")[0]
+    def setup(self, timeout_s: float | None = None) -> int:
+        """Rendezvous the ranks into one process group and build their engines (within `timeout_s`, an actor's
+        start timeout: building the engines is a start, not a step). Returns #parameters."""
+        addr, port = self.get([self.ranks[0].rendezvous_address.remote()], "rendezvous", timeout_s,
+                              "ray.actor_start_timeout_s")[0]
+        return self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up", timeout_s,
+                        "ray.actor_start_timeout_s")[0]
 
     def start_round(self, round_index: int, total_steps: int) -> None:
         self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks], "start of round")

@@ -151,6 +151,9 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             session = Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
                               learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
                               startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {})
+            # the last committed round's deferred evaluation, lost with the driver that was running it, runs now
+            session.evaluation_due = bool(initial is not None and session.history
+                                          and "eval/win_rate" not in session.history[-1])
             try:
                 yield session
             finally:  # a draw ahead still running when the run stops must not outlive its pools

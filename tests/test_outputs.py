@@ -27,9 +27,14 @@ def config(tmp_path, *overrides: str):
                                              "metrics.wandb=false", *overrides])
 
 
+GENERATED = "good\u2028and\x85more\x1c\u2029end"
+"""A response as a tiny random model writes them: characters str.splitlines() splits at, which JSON keeps raw
+(a first chaos drill took such a pairs file for a torn one)."""
+
+
 def pair(uid: int, k: int) -> Pair:
     return Pair(uid=uid, round=k, weight_version=k, prompt_messages=[{"role": "user", "content": f"q{uid}"}],
-                prompt_text=f"q{uid}", prompt_ids=[1, 2], chosen="good", rejected="bad", chosen_ids=[3],
+                prompt_text=f"q{uid}", prompt_ids=[1, 2], chosen=GENERATED, rejected="bad", chosen_ids=[3],
                 rejected_ids=[4], chosen_score=1.0, rejected_score=0.0)
 
 
@@ -168,6 +173,8 @@ def test_state_json_that_does_not_parse_is_rebuilt_from_the_round_files(tmp_path
     err = capsys.readouterr().err
     assert again.completed == 3
     assert "state.json does not parse" in err and "3 round(s) have a checkpoint" in err
+    raw = open(again.sub("pairs", "round_2.jsonl"), "rb").read()
+    assert "\u2028".encode() in raw and [json.loads(x)["chosen"] for x in raw.split(b"\n") if x] == [GENERATED] * 3
     assert json.load(open(again.sub("state.json")))["completed_rounds"] == 3
     assert not os.path.exists(again.sub("damaged"))  # every round kept
 
