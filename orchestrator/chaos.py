@@ -84,9 +84,9 @@ def fire(fault: dict) -> None:
     print(f"odpo: chaos: {fault['signal']} to {fault['target']} at {fault['point']} of round {fault['round']}",
           file=sys.stderr, flush=True)
     if fault["target"] == "driver":
-        if os.getpgrp() == os.getpid():
+        if sig == signal.SIGKILL and os.getpgrp() == os.getpid():
             os.killpg(os.getpgrp(), sig)
-        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)  # SIGSTOP: the driver alone pauses (until a SIGCONT: chaos.drill sends one)
         return
     pid = actor_pid(fault["target"])
     if pid is None:
@@ -110,9 +110,22 @@ def actor_pid(target: str) -> int | None:
 
 ACTOR_SIGNALS = ("SIGKILL", "SIGSTOP")
 
+DRILL = ["scorer.type=function", "eval.prompts=8", "data.prompts_per_round=32", "generator.chunk_size=4",
+         "generator.max_new_tokens=16", "generator.backend=hf", "generator.num_actors=2", "scorer.num_actors=2",
+         "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
+         "generator.call_timeout_s=6", "scorer.call_timeout_s=6", "learner.step_timeout_s=20",
+         "generator.max_restarts=1000", "scorer.max_restarts=1000", "learner.max_round_retries=5",
+         "run.overwrite=false"]
+"""configs/tiny.yaml as a drill runs it: two generators and two scorers (one of each can die while the other
+works), the rule as reward, the held-out evaluation on (deferred into the next round, so faults reach it
+mid-round), timeouts that find a stopped actor in seconds, and restart budgets no drill spends."""
+DRILL_SIZES = {"generator": 2, "scorer": 2, "learner": 1}
 
-def draw_plan(seed: int, rounds: int, sizes: dict[str, int], faults: int, driver_kills: int) -> list[dict]:
-    """`faults` actor faults and `driver_kills` driver deaths, drawn from `seed`: every point of a round is
+
+def draw_plan(seed: int, rounds: int, sizes: dict[str, int], faults: int, driver_kills: int,
+              driver_pauses: int = 0) -> list[dict]:
+    """`faults` actor faults, `driver_kills` driver deaths and `driver_pauses` driver SIGSTOPs (chaos.drill
+    continues the driver after a while), drawn from `seed`: every point of a round is
     used in turn (in an order drawn from the seed), each at a random round, on a random actor that can be
     busy there, killed or stopped. `sizes`: actors per pool (generator, scorer, learner).
     The learner is struck where a round can retry it (generation, scoring, training, a deferred evaluation);
@@ -134,38 +147,69 @@ def draw_plan(seed: int, rounds: int, sizes: dict[str, int], faults: int, driver
         pool = rng.choice(pools)
         plan.append({"round": r, "point": point, "target": f"{pool}-{rng.randrange(sizes[pool])}",
                      "signal": rng.choice(ACTOR_SIGNALS)})
-    for _ in range(driver_kills):
+    for k in range(driver_kills + driver_pauses):
         plan.append({"round": rng.randrange(rounds), "point": rng.choice(POINTS), "target": "driver",
-                     "signal": "SIGKILL"})
+                     "signal": "SIGKILL" if k < driver_kills else "SIGSTOP"})
     return sorted(plan, key=lambda f: (f["round"], POINTS.index(f["point"])))
 
 
 def drill(cmd: list[str], plan: list[dict], folder: str, max_starts: int, timeout_s: float = 1800,
-          cwd: str | None = None) -> dict:
+          cwd: str | None = None, pause_s: float = 10.0) -> dict:
     """Run `cmd` (an `odpo run` that resumes by default) under `plan`, again after every driver kill, until it
-    ends well. Each driver is a process-group leader (its local Ray cluster dies with it). Returns the driver
-    starts, the faults fired (from the plan's log) and the last driver's stderr. A driver that fails without
-    a planned kill stops the drill (RuntimeError with its stderr's tail)."""
+    ends well. Each driver is a process-group leader (its local Ray cluster dies with it); a driver that
+    stopped itself (SIGSTOP) is continued after `pause_s`. Returns the driver starts, the faults fired (from
+    the plan's log) and the last driver's stderr. A driver that fails without a planned kill stops the drill
+    (RuntimeError with its stderr's tail)."""
     import subprocess
+    import time
 
     os.makedirs(folder, exist_ok=True)
     plan_path, log = os.path.join(folder, "plan.json"), os.path.join(folder, "fired.jsonl")
     with open(plan_path, "w") as f:
         json.dump({"log": log, "faults": plan}, f, indent=1)
     env = dict(os.environ, ODPO_CHAOS=plan_path, RAY_ADDRESS="")
+
+    def fired() -> list[dict]:
+        return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+
     for start in range(1, max_starts + 1):
         with open(os.path.join(folder, f"driver_{start}.log"), "w+") as err:
-            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s,
-                                  start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            deadline = time.monotonic() + timeout_s
+            first = seen = len(fired())
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    raise RuntimeError(f"driver {start} ran past {timeout_s:.0f}s")
+                now = fired()
+                for fault in now[seen:]:
+                    if fault["target"] == "driver" and fault["signal"] == "SIGSTOP":
+                        while proc.poll() is None and _state(proc.pid) != "T":
+                            time.sleep(0.05)
+                        time.sleep(pause_s)
+                        os.kill(proc.pid, signal.SIGCONT)
+                seen = len(now)
+                time.sleep(0.2)
             err.seek(0)
             stderr = err.read()
-        fired = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        done = fired()
         if proc.returncode == 0:
-            return {"driver_starts": start, "fired": fired, "stderr": stderr}
-        if not (fired and fired[-1]["target"] == "driver" and proc.returncode == -signal.SIGKILL):
+            return {"driver_starts": start, "fired": done, "stderr": stderr}
+        killed = any(f["target"] == "driver" and f["signal"] == "SIGKILL" for f in done[first:])
+        if not (killed and proc.returncode == -signal.SIGKILL):
             raise RuntimeError(f"driver {start} failed (exit {proc.returncode}) without a planned kill:\n"
                                f"{stderr[-4000:]}")
     raise RuntimeError(f"{max_starts} driver starts were not enough")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (T: stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
 
 
 OUTCOME_KEYS = ("round", "weight_version", "prompts/", "pairs/", "drop/", "reward/", "train/", "gen/tokens",
@@ -173,14 +217,24 @@ OUTCOME_KEYS = ("round", "weight_version", "prompts/", "pairs/", "drop/", "rewar
 """What a round produced, as opposed to how (timings, faults, which actor did what)."""
 
 
-def outcome(run_dir: str) -> tuple[list[dict], list[str], bytes]:
-    """A finished run's metrics (OUTCOME_KEYS, throughputs aside), its pairs files and its last weights."""
+def outcome(run_dir: str) -> tuple[list[dict], list[str], dict]:
+    """A finished run's metrics (OUTCOME_KEYS, throughputs aside), its pairs files and its last weights: each
+    tensor's dtype, shape and raw bytes, and the file's metadata (compared as a mapping: safetensors writes
+    its metadata from a hash map, in an order that changes from process to process)."""
+    import torch
+    from safetensors import safe_open
+
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     metrics = [{k: v for k, v in m.items() if k.startswith(OUTCOME_KEYS) and not k.endswith("_per_s")} for m in lines]
     pairs = [open(os.path.join(run_dir, "pairs", f"round_{m['round']}.jsonl")).read() for m in lines]
-    with open(os.path.join(run_dir, "checkpoints", f"round_{len(lines) - 1}", "model.safetensors"), "rb") as f:
-        weights = f.read()
+    path = os.path.join(run_dir, "checkpoints", f"round_{len(lines) - 1}", "model.safetensors")
+    with safe_open(path, "pt") as f:
+        weights = {"__metadata__": f.metadata()}
+        for name in f.keys():
+            t = f.get_tensor(name).contiguous()
+            weights[name] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
     return metrics, pairs, weights
+
 
 
 def differences(run_dir: str, calm_dir: str) -> list[str]:
@@ -191,7 +245,8 @@ def differences(run_dir: str, calm_dir: str) -> list[str]:
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     out += [f"round {r}: pairs differ" for r, (a, b) in enumerate(zip(p, p0)) if a != b]
     if w != w0:
-        out.append("the final weights differ")
+        out.append("the final weights differ: " + ", ".join(k for k in sorted(w.keys() | w0.keys())
+                                                             if w.get(k) != w0.get(k))[:300])
     return out
 
 

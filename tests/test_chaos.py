@@ -2,11 +2,12 @@
 
 A plan drawn from a seed (orchestrator/chaos.py) kills (SIGKILL) or hangs (SIGSTOP) generators, scorers and
 the learner rank at every point of a round (generation, scoring, training, the weight sync, the checkpoint,
-the commit, a held-out evaluation) and kills the driver itself, whose next start resumes. The run must end
-exactly as the fault-free run with the same seed does: every metric of what it produced, every pairs file
-and the final weights, to the byte (the transformers generator, the rule as reward and DeepSpeed on CPU are
-deterministic; which actor did what, timings and fault counters are not compared). The same holds after a
-resume from damaged files and after a full disk stopped the run.
+the commit, a held-out evaluation), pauses the driver (SIGSTOP, SIGCONT ten seconds later) and kills it,
+after which the same command resumes. The run must end exactly as the fault-free run with the same seed
+does: every metric of what it produced, every pairs file and the final weights, to the bit (the
+transformers generator, the rule as reward and DeepSpeed on CPU are deterministic; which actor did what,
+timings and fault counters are not compared). The same holds after a resume from damaged files and after
+a full disk stopped the run.
 
 benchmarks/chaos_soak.py runs the same drill longer (docs/reliability.md has its figure).
 """
@@ -31,16 +32,8 @@ from orchestrator.outputs import WriteFailed
 pytestmark = pytest.mark.slow
 
 ROUNDS = 5
-DRILL = ["scorer.type=function", "eval.prompts=8", "data.prompts_per_round=32", "generator.chunk_size=4",
-         "generator.max_new_tokens=16", "generator.backend=hf", "generator.num_actors=2", "scorer.num_actors=2",
-         "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
-         "generator.call_timeout_s=6", "scorer.call_timeout_s=6", "learner.step_timeout_s=20",
-         "generator.max_restarts=50", "scorer.max_restarts=50", "learner.max_round_retries=5",
-         "run.overwrite=false", f"run.rounds={ROUNDS}"]
-"""Two generators and two scorers (one of each can die while the other works), the held-out evaluation on
-(deferred into the next round, so faults reach it mid-round), timeouts short enough to find a stopped actor
-in seconds, and restart budgets no drill spends."""
-SIZES = {"generator": 2, "scorer": 2, "learner": 1}
+DRILL = [*chaos.DRILL, f"run.rounds={ROUNDS}"]
+SIZES = chaos.DRILL_SIZES
 
 
 def config(tmp_path, name: str, *overrides: str):
@@ -79,15 +72,16 @@ def recovered(logs: list[str], fired: list[dict]) -> list[str]:
 
 
 def test_a_seeded_chaos_run_survives_every_fault_and_ends_like_the_fault_free_run(calm, tmp_path):
-    plan = chaos.draw_plan(seed=11, rounds=ROUNDS, sizes=SIZES, faults=9, driver_kills=2)
+    plan = chaos.draw_plan(seed=11, rounds=ROUNDS, sizes=SIZES, faults=9, driver_kills=2, driver_pauses=1)
     assert {f["point"] for f in plan} == set(chaos.POINTS)  # every point of a round is struck
     assert {f["target"].split("-")[0] for f in plan} == {"generator", "scorer", "learner", "driver"}
     assert {f["signal"] for f in plan if f["target"] != "driver"} == {"SIGKILL", "SIGSTOP"}
+    assert [f["signal"] for f in plan if f["target"] == "driver"] == ["SIGKILL", "SIGSTOP", "SIGKILL"]
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", "configs/tiny.yaml", f"run.output_dir={tmp_path}",
            "run.name=chaos", *DRILL, "ray.include_dashboard=false"]
     result = chaos.drill(cmd, plan, str(tmp_path / "drill"), max_starts=3, cwd=str(REPO))
     assert len(result["fired"]) == len(plan), "a planned fault never fired"
-    assert result["driver_starts"] == 3  # two killed, the third finished
+    assert result["driver_starts"] == 3  # two killed, the third finished; the paused one went on
     logs = [open(tmp_path / "drill" / f"driver_{k}.log").read() for k in (1, 2, 3)]
     assert not recovered(logs, result["fired"])
     assert "resuming" in logs[1] and "resuming" in logs[2]
