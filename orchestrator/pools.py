@@ -26,6 +26,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.types import Pair, TrainStepStats
 
+LAST_LOOK_S = 2.0
+"""Seconds an actor past its call timeout gets to show a finished call before it is replaced as hung: a
+driver that was itself paused wakes with every deadline past and finished results not yet read."""
+
 
 class PlacementError(RuntimeError):
     pass
@@ -267,6 +271,10 @@ class ActorPool:
                     reason = f"died ({type(e).__name__}) while {what}"
             else:
                 actor = waiting_on[min(waiting_on, key=lambda k: progress[k])]
+                held = [r for r, (_, _, a) in pending.items() if a is actor]
+                if ray.wait(held, num_returns=1, timeout=LAST_LOOK_S, fetch_local=False)[0]:
+                    progress[id(actor)] = time.monotonic()  # late, not hung (the driver may have been paused)
+                    continue
                 slot = next(sl for _, sl, a in pending.values() if a is actor)
                 reason = f"finished nothing for {timeout:.0f}s while {what} (hung)"
             for ref in [r for r, (_, _, a) in pending.items() if a is actor]:

@@ -26,7 +26,14 @@ import ray
 from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
 from orchestrator import chaos
 from orchestrator.config import OdpoConfig
-from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, attach_reference, combine_step
+from orchestrator.pools import (
+    LAST_LOOK_S,
+    ActorPool,
+    LearnerFailure,
+    LearnerGroup,
+    attach_reference,
+    combine_step,
+)
 from orchestrator.progress import RoundProgress
 from orchestrator.selection import DROP_REASONS, make_pairs
 
@@ -132,6 +139,17 @@ class Dispatcher:
             if now - self.last_progress[i] > self.timeout_s:
                 return ref
         return None
+
+    def answers_after_all(self, ref: ray.ObjectRef, seconds: float = LAST_LOOK_S) -> bool:
+        """A last look before an actor is called hung: does any call it holds finish within `seconds`? A driver
+        that was itself stopped or starved (a pause, a swap storm) wakes with every deadline past and the
+        actors' finished results not yet read: that is not the actors' hang."""
+        i = self.inflight[ref][0]
+        held = [r for r, (j, _, _, _) in self.inflight.items() if j == i]
+        ready, _ = ray.wait(held, num_returns=1, timeout=seconds, fetch_local=False)
+        if ready:
+            self.last_progress[i] = time.perf_counter()
+        return bool(ready)
 
     def seconds_to_deadline(self) -> float:
         busy = [self.last_progress[i] for i in range(len(self.load)) if 0 < self.load[i] < float("inf")]
@@ -309,9 +327,11 @@ def _handle_hang(gen: Dispatcher, score: Dispatcher, learner_since: float | None
                  to_score: deque, out: RoundStream) -> None:
     """`learner_since`: when the learner's oldest unfinished call (a step or a reference batch) was sent."""
     if (ref := gen.hung()) is not None:
-        gen.requeue(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)", chunks, out.faults)
+        if not gen.answers_after_all(ref):
+            gen.requeue(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)", chunks, out.faults)
     elif (ref := score.hung()) is not None:
-        score.requeue(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)", to_score, out.faults)
+        if not score.answers_after_all(ref):
+            score.requeue(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)", to_score, out.faults)
     elif learner_since is not None and time.perf_counter() - learner_since > cfg.learner.step_timeout_s:
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
 

@@ -249,3 +249,43 @@ def test_driver_applies_a_scale_request_and_survives_one_the_cluster_cannot_meet
     finally:
         gens.shutdown()
         scorers.shutdown()
+
+
+class Sleeper:
+    """An actor whose call takes as long as it is told: late, stopped (SIGSTOP) or killed by the test."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def ready(self) -> str:
+        return self.name
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def work(self, seconds: float) -> tuple[int, float]:
+        time.sleep(seconds)
+        return os.getpid(), seconds
+
+
+def test_map_replaces_dead_and_stopped_actors_but_not_late_ones(ray_cluster):
+    """ActorPool.map (the held-out evaluation's calls): results in item order whoever answered; an actor past
+    its call timeout gets a last look (LAST_LOOK_S) before it is called hung, so a late answer is no fault."""
+    import signal
+
+    pool = ActorPool("sleeper", Sleeper, 2, Placement(0.25, timeout_s=30), lambda r: (f"sleeper-{r}",),
+                     max_restarts=5, call_timeout_s=1.0, start_timeout_s=60)
+    try:
+        pool.wait_ready()
+        pids = ray_cluster.get([a.pid.remote() for a in pool.actors])
+        late = pool.map(lambda a, s: a.work.remote(s), [1.8, 0.1, 0.1], "working late")
+        assert late == [(pids[0], 1.8), (pids[1], 0.1), (pids[0], 0.1)] and pool.restarts == 0
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = pool.map(lambda a, s: a.work.remote(s), [0.1, 0.2, 0.3], "working")
+        assert [s for _, s in stopped] == [0.1, 0.2, 0.3] and pool.restarts == 1  # the stopped one was replaced
+        assert stopped[1][0] not in pids and stopped[0][0] == stopped[2][0] == pids[0]
+        os.kill(pids[0], signal.SIGKILL)
+        dead = pool.map(lambda a, s: a.work.remote(s), [0.1, 0.1], "working")
+        assert dead[0][0] not in pids and dead[1] == (stopped[1][0], 0.1) and pool.restarts == 2
+    finally:
+        pool.shutdown()
