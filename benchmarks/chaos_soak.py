@@ -3,14 +3,15 @@
 The drill of tests/test_chaos.py, longer: configs/tiny.yaml as `orchestrator.chaos.DRILL` runs it (two
 transformers generators, two scorers, one DeepSpeed learner rank, the held-out evaluation on), `--rounds`
 rounds, `--faults` actor faults (SIGKILL or SIGSTOP to a generator, scorer or the learner rank, at every
-point of a round in turn) and `--driver-kills` SIGKILLs of the driver, each followed by the same command,
-which resumes. Both runs are real `odpo run` processes, each with its own local Ray cluster.
+point of a round in turn), `--driver-pauses` driver SIGSTOPs (continued 10 s later) and `--driver-kills`
+SIGKILLs of the driver, each followed by the same command, which resumes. Both runs are real `odpo run` processes, each with its own local Ray cluster.
 
 It prints the plan's faults by point and target, what fired, the driver starts, the recoveries the drivers
 logged, whether the drill ended exactly like the fault-free run (metrics of what each round produced, pairs
 files, final weights) with every prompt once, and the two wall times side by side. Exit 1 if anything differs.
 
-    .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--rounds 20] [--faults 40] [--driver-kills 4]
+    .venv/bin/python benchmarks/chaos_soak.py [--seed 1] [--rounds 24] [--faults 40] [--driver-kills 4]
+                                              [--driver-pauses 2] [--prompts-per-round 16]
 """
 
 from __future__ import annotations
@@ -34,18 +35,20 @@ from orchestrator.config import load_config  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--prompts-per-round", type=int, default=16, help="the tiny data set has 480 prompts")
     ap.add_argument("--faults", type=int, default=40)
     ap.add_argument("--driver-kills", type=int, default=4)
+    ap.add_argument("--driver-pauses", type=int, default=2, help="driver SIGSTOPs, each continued after 10 s")
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "chaos_soak"))
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    overrides = [*chaos.DRILL, f"run.rounds={args.rounds}", f"run.output_dir={args.out}", "ray.include_dashboard=false"]
+    overrides = [*chaos.DRILL, f"run.rounds={args.rounds}", f"data.prompts_per_round={args.prompts_per_round}", f"run.output_dir={args.out}", "ray.include_dashboard=false"]
 
     def command(name: str) -> list[str]:
         return [sys.executable, "-m", "orchestrator.cli", "run", "configs/tiny.yaml", f"run.name={name}", *overrides]
 
-    plan = chaos.draw_plan(args.seed, args.rounds, chaos.DRILL_SIZES, args.faults, args.driver_kills)
+    plan = chaos.draw_plan(args.seed, args.rounds, chaos.DRILL_SIZES, args.faults, args.driver_kills, args.driver_pauses)
     print(f"plan (seed {args.seed}): {len(plan)} faults over {args.rounds} rounds")
     print("  by point:  " + ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(f["point"] for f in plan).items())))
     print("  by target: " + ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(
@@ -76,7 +79,7 @@ def main() -> int:
     differences = chaos.differences(run_dir, os.path.join(args.out, "calm"))
     accounting = chaos.accounting_problems(cfg, run_dir)
     print(f"fired: {len(result['fired'])}/{len(plan)} ({missed} found their actor already dead, awaiting replacement)")
-    print(f"driver starts: {result['driver_starts']} ({args.driver_kills} killed)")
+    print(f"driver starts: {result['driver_starts']} ({args.driver_kills} killed, {args.driver_pauses} paused)")
     print("recoveries: " + ", ".join(f"{k} {v}" for k, v in recoveries.items()))
     print(f"every prompt exactly once, versions consistent: {'yes' if not accounting else accounting[:5]}")
     print(f"identical to the fault-free run (metrics, pairs, final weights): "
