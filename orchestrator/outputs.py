@@ -116,7 +116,7 @@ class RunDir:
         print(f"odpo: {damage}: resuming {self.path} after round {intact - 1}, the last round whose files are intact"
               if intact else f"odpo: {damage}: no round of {self.path} has intact files; starting it from round 0",
               f"({done}{where})", file=sys.stderr)
-        with self.writing("state.json"):
+        with self.writing("state.json", clean=False):
             self.commit(cfg, intact)
 
     def _read_state(self, state_path: str) -> tuple[dict | None, str | None]:
@@ -192,7 +192,7 @@ class RunDir:
         if not moves and claimed <= intact:
             return None
         aside = self.sub("damaged", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        with self.writing(f"{aside} (setting damaged rounds aside)"):
+        with self.writing(f"{aside} (setting damaged rounds aside)", clean=False):  # what is not moved stays
             for path in moves:
                 dest = os.path.join(aside, os.path.relpath(path, self.path))
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -236,14 +236,16 @@ class RunDir:
                     remove(self.sub(sub, name))
 
     @contextmanager
-    def writing(self, what: str) -> Iterator[None]:
+    def writing(self, what: str, clean: bool = True) -> Iterator[None]:
         """A write that fails (a full disk, a quota, a read-only mount) stops the run with what to do: the
-        last committed round is intact, since nothing but state.json commits a round."""
+        last committed round is intact, since nothing but state.json commits a round. `clean`: remove what
+        the uncommitted round had written (a full disk gets its space back)."""
         try:
             yield
         except OSError as e:
-            try:  # what the failed round wrote goes now: a full disk gets its space back
-                self.remove_uncommitted()
+            try:
+                if clean:
+                    self.remove_uncommitted()
             except OSError:
                 pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
