@@ -64,15 +64,18 @@ class Plan:
 
 _plan: Plan | None = None
 _loaded = False
+_loading = threading.Lock()
 
 
 def point(name: str, round_index: int) -> None:
     """Fire the plan's faults due at `name` in round `round_index` (nothing without ODPO_CHAOS)."""
     global _plan, _loaded
     if not _loaded:
-        _loaded = True
-        path = os.environ.get(ENV)
-        _plan = Plan(path) if path else None
+        with _loading:  # a draw ahead or a deferred evaluation may reach a point first, in its own thread
+            if not _loaded:
+                path = os.environ.get(ENV)
+                _plan = Plan(path) if path else None
+                _loaded = True
     if _plan is None:
         return
     for _, fault in _plan.due(name, round_index):

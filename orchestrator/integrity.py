@@ -27,16 +27,9 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def checksums(folder: str) -> dict[str, dict]:
-    """Every file under `folder` (relative path -> bytes and SHA-256), the checksums file aside."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel != CHECKSUMS_FILE:
-                out[rel] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
-    return dict(sorted(out.items()))
+def checksums(files: dict[str, bytes]) -> dict[str, dict]:
+    """checksums.json's content for `files` (relative path -> the bytes written there)."""
+    return {rel: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in sorted(files.items())}
 
 
 def checkpoint_problem(folder: str) -> str | None:

@@ -38,6 +38,10 @@ class WriteFailed(InputError):
     """A run directory's write failed (a full disk): the run stops; the last committed round is intact."""
 
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM)
+"""Errors of a write the user can fix (space, quota, a read-only or failing disk, permissions); any other
+OSError (a timeout, a model that cannot be read) is not turned into WriteFailed."""
+
 BASE_FILES_DIR = "base"
 AHEAD_DIR = "ahead"
 
@@ -106,8 +110,10 @@ class RunDir:
             raise InputError(f"cannot resume {self.path}: it has {claimed} rounds done, more than "
                              f"run.rounds={cfg.run.rounds}")
         intact, problem = self._intact_rounds(claimed)
-        damage = "; ".join(p for p in (damage, problem) if p) or None
         self.completed = intact
+        if state is None and not os.path.exists(state_path) and intact == 0:
+            return  # no state.json and no round whole: the driver died before its first commit (leftovers go)
+        damage = "; ".join(p for p in (damage, problem) if p) or None
         if damage is None:
             return
         aside = self._set_aside(intact, claimed)
@@ -171,8 +177,8 @@ class RunDir:
         while intact and (broken := integrity.checkpoint_problem(self.checkpoint_dir(intact - 1))):
             problem = broken  # the nearest round before it with a whole checkpoint is the resume point
             intact -= 1
-        if intact and self._ahead_problem(intact):
-            problem = problem or self._ahead_problem(intact)
+        if intact and (ahead_problem := self._ahead_problem(intact)):
+            problem = problem or ahead_problem
         return intact, problem
 
     def _ahead_problem(self, completed: int) -> str | None:
@@ -184,10 +190,12 @@ class RunDir:
         return f"{problem} (not used: round {completed} streams its pairs anew)"
 
     def _set_aside(self, intact: int, claimed: int) -> str | None:
-        """Move what rounds `intact`..`claimed`-1 committed (checkpoints, pairs, their draws) and a copy of
+        """Move what rounds `intact`..`claimed`-1 committed (checkpoints, pairs, the draws they made) and a copy of
         metrics.jsonl as it was into damaged/<UTC time>/: nothing a resume gives up is deleted."""
         moves = [self.sub(sub, f"round_{r}{ext}") for r in range(intact, claimed)
-                 for sub, ext in (("checkpoints", ""), ("pairs", ".jsonl"), (AHEAD_DIR, ".jsonl"))]
+                 for sub, ext in (("checkpoints", ""), ("pairs", ".jsonl"))]
+        # a round's draw ahead is the next round's pairs: the kept round's draw (round `intact`) stays
+        moves += [self.ahead_path(r) for r in range(intact + 1, claimed + 1)]
         moves = [p for p in moves if os.path.exists(p)]
         if not moves and claimed <= intact:
             return None
@@ -243,6 +251,8 @@ class RunDir:
         try:
             yield
         except OSError as e:
+            if isinstance(e, TimeoutError) or e.errno not in WRITE_ERRORS:  # not a write that failed: as it is
+                raise
             try:
                 if clean:
                     self.remove_uncommitted()
@@ -330,20 +340,19 @@ class RunDir:
         final = self.checkpoint_dir(round_index)
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        files: dict[str, bytes] = {}
+        for root, _, names in os.walk(self.sub(BASE_FILES_DIR)):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.relpath(os.path.join(root, name), self.sub(BASE_FILES_DIR))] = f.read()
+        files["model.safetensors"] = bundle.payload  # the synced bytes, written as they are
+        files |= {f"optimizer/rank_{rank}.safetensors": payload for rank, payload in enumerate(optimizer_states)}
         try:
-            for root, _, files in os.walk(self.sub(BASE_FILES_DIR)):
-                for name in files:
-                    src = os.path.join(root, name)
-                    dest = os.path.join(tmp, os.path.relpath(src, self.sub(BASE_FILES_DIR)))
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with open(src, "rb") as f:
-                        write_bytes(dest, f.read())
-            write_bytes(os.path.join(tmp, "model.safetensors"), bundle.payload)
-            for rank, payload in enumerate(optimizer_states):
-                os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
-                write_bytes(os.path.join(tmp, "optimizer", f"rank_{rank}.safetensors"), payload)
-            write_bytes(os.path.join(tmp, integrity.CHECKSUMS_FILE),
-                        json.dumps(integrity.checksums(tmp), indent=1).encode())
+            for rel, data in files.items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                write_bytes(os.path.join(tmp, rel), data)
+            write_bytes(os.path.join(tmp, integrity.CHECKSUMS_FILE),  # hashed from the bytes in memory, not re-read
+                        json.dumps(integrity.checksums(files), indent=1).encode())
             if os.path.exists(final):  # this round's, uncommitted (written again after a failed commit)
                 shutil.rmtree(final)
             os.replace(tmp, final)

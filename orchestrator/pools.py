@@ -222,9 +222,14 @@ class ActorPool:
                                 f"({self.max_restarts}) is spent")
         self.restarts += 1
         print(f"odpo: replacing {old_name} ({self.restarts}/{self.max_restarts})", file=sys.stderr)
+        dead = slot.actor
         slot.pg, slot.bundle_index, slot.incarnation = placed.pg, 0, slot.incarnation + 1
         self._start(slot)
-        self._serve([slot], "starting")
+        new, slot.actor = slot.actor, dead  # other threads see the new actor only once it holds the weights
+        try:
+            self._serve([dataclasses.replace(slot, actor=new)], "starting")
+        finally:  # (a failed start stops the run: shutting the pool down must find the new actor)
+            slot.actor = new
         return True
 
     def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list:
@@ -250,8 +255,10 @@ class ActorPool:
             slots = list(self.slots)
             for i in todo:
                 slot = slots[i % len(slots)]
-                pending[call(slot.actor, items[i])] = (i, slot, slot.actor)
-                progress.setdefault(id(slot.actor), time.monotonic())
+                actor = slot.actor  # read once: another thread may replace it meanwhile
+                if all(a is not actor for _, _, a in pending.values()):  # idle until now: its clock starts now
+                    progress[id(actor)] = time.monotonic()
+                pending[call(actor, items[i])] = (i, slot, actor)
             if todo and on_sent is not None:
                 on_sent()
                 on_sent = None

@@ -67,15 +67,15 @@ def leave_round_half_written(run_dir: str, k: int) -> None:
         f.write(json.dumps({"round": k}) + "\n")
 
 
-def test_a_driver_that_died_before_its_first_commit_starts_over(tmp_path, monkeypatch):
+def test_a_driver_that_died_before_its_first_commit_starts_over(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     first = RunDir(config(tmp_path))
-    os.makedirs(first.sub("checkpoints", "round_0.tmp"))  # round 0 was being written: no state.json, no round
-    open(first.sub("pairs", "round_0.jsonl"), "w").write("{}\n")
+    leave_round_half_written(first.path, 0)  # round 0's files, but no state.json: nothing committed
     again = RunDir(config(tmp_path))
     assert again.completed == 0
     assert os.listdir(again.sub("checkpoints")) == [] and os.listdir(again.sub("pairs")) == []
     assert again.history() == []
+    assert not os.path.exists(again.sub("damaged")) and "odpo:" not in capsys.readouterr().err  # no damage
 
 
 def test_resume_drops_everything_after_the_last_commit(tmp_path, monkeypatch):
@@ -259,3 +259,59 @@ def test_a_full_disk_before_any_commit_says_so(tmp_path, monkeypatch):
         with pytest.raises(WriteFailed, match=r"could not write the run directory: No space left on device .*"
                                               r"no round is committed yet: free space"):
             RunDir(config(tmp_path))
+
+
+def staleness_run(tmp_path) -> tuple[RunDir, object]:
+    """Three committed rounds of a run.staleness=1 run: round k committed the pairs it drew for round k + 1."""
+    from orchestrator import ahead
+    from orchestrator.streaming import RoundStream
+
+    cfg = config(tmp_path, "run.staleness=1", "run.rounds=5")
+    out = RunDir(cfg)
+    for k in range(3):
+        ahead.save(out, k + 1, RoundStream(pairs=[pair(100 * k + i, k + 1) for i in range(3)]))
+        commit_round(out, cfg, k)
+        ahead.forget(out, k)
+    assert sorted(os.listdir(out.sub("ahead"))) == ["round_3.jsonl"]
+    return out, cfg
+
+
+def test_setting_a_damaged_round_aside_keeps_the_draw_the_kept_round_made(tmp_path, monkeypatch):
+    """Round 1's draw (ahead/round_2) is round 2's pairs, committed with round 1: when round 2 is set aside,
+    round 1 is kept and so is its draw; round 2's draw (ahead/round_3) goes with round 2."""
+    monkeypatch.chdir(REPO)
+    out, cfg = staleness_run(tmp_path)
+    os.replace(out.sub("ahead", "round_3.jsonl"), out.sub("ahead", "round_2.jsonl.keep"))
+    from orchestrator import ahead
+    from orchestrator.streaming import RoundStream
+
+    ahead.save(out, 2, RoundStream(pairs=[pair(7, 2)]))  # as round 1 committed it
+    os.replace(out.sub("ahead", "round_2.jsonl.keep"), out.sub("ahead", "round_3.jsonl"))  # round 2's draw
+    cut(out.sub("checkpoints", "round_2", "model.safetensors"), 100)
+    again = RunDir(cfg)
+    assert again.completed == 2
+    assert os.listdir(again.sub("ahead")) == ["round_2.jsonl"]  # the draw the resumed round trains on
+    (aside,) = os.listdir(again.sub("damaged"))
+    assert os.listdir(os.path.join(again.sub("damaged"), aside, "ahead")) == ["round_3.jsonl"]
+
+
+def test_a_damaged_draw_ahead_is_reported_and_not_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out, cfg = staleness_run(tmp_path)
+    cut(out.sub("ahead", "round_3.jsonl"), 50)
+    again = RunDir(cfg)
+    err = capsys.readouterr().err
+    assert again.completed == 3  # every round kept
+    assert "ahead/round_3.jsonl ends in the middle of a line (cut short) (not used: round 3 streams its pairs " \
+           "anew)" in err
+    assert os.listdir(again.sub("ahead")) == []
+
+
+def test_errors_that_are_not_failed_writes_pass_through_as_they_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = committed_run(tmp_path, 1)
+    with pytest.raises(TimeoutError, match="no answer"), out.writing("the run's reward model"):
+        raise TimeoutError("pool `generator`: no answer within 9s")
+    with pytest.raises(OSError, match="is not a local folder"), out.writing("the policy's files"):
+        raise OSError("model is not a local folder")  # as transformers raises for a path it cannot load
+    assert os.listdir(out.sub("checkpoints")) == ["round_0"]  # and nothing was removed on the way
