@@ -35,7 +35,7 @@ from orchestrator.config import InputError, InputNotFound, OdpoConfig
 from orchestrator.data import PromptSource
 from orchestrator.outputs import resolve_models
 from orchestrator.pools import ActorPool, LearnerGroup
-from orchestrator.streaming import make_chunks
+from orchestrator.streaming import make_chunks, map_calls
 
 EVAL_ROUND = 1_000_000
 """The chunk-seed stream of the eval set: the same every round, apart from any training round's."""
@@ -75,8 +75,8 @@ def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, vers
         chaos.point("eval", version - 1)  # the round whose weights these are
 
     # a generator that dies or hangs is replaced and its chunks are redone (same seeds: the same samples)
-    out: list[RolloutChunk] = generators.map(lambda a, c: a.generate.remote(c), chunks,
-                                             "generating the evaluation set", on_sent=all_sent)
+    out: list[RolloutChunk] = map_calls(generators, lambda a, c: a.generate.remote(c), chunks,
+                                        "generating the evaluation set", on_sent=all_sent)
     stale = [c.chunk_id for c in out if c.weight_version != version]
     if stale:
         raise RuntimeError(f"evaluation chunks {stale} were generated with another weight version than {version}")
@@ -87,7 +87,7 @@ def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Sampl
     rewards: list[float] = []
     busy = {"generate": sum(c.seconds for c in out), "score": 0.0}
     if cfg.scorer.type != "pairwise":
-        scored = scorers.map(lambda a, c: a.score.remote(c), out, "scoring the evaluation set")
+        scored = map_calls(scorers, lambda a, c: a.score.remote(c), out, "scoring the evaluation set")
         rewards = [x for sc in scored for row in sc.scores for x in row]
         busy["score"] = sum(sc.seconds for sc in scored)
     return Samples(out, rewards, busy)
@@ -103,8 +103,8 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     columns = now.columns()
     shares = [(triples[k * per: (k + 1) * per], columns[k * per: (k + 1) * per]) for k in range(size)]
     start = time.perf_counter()
-    probs = [p for part in scorers.map(lambda a, share: a.compare.remote(*share), shares, "judging the evaluation set")
-             for p in part]
+    probs = [p for part in map_calls(scorers, lambda a, share: a.compare.remote(*share), shares,
+                                     "judging the evaluation set") for p in part]
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
     kl, kl_s = float("nan"), 0.0
     if learners is not None:

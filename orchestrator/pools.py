@@ -11,7 +11,6 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +24,6 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.types import Pair, TrainStepStats
-
-LAST_LOOK_S = 2.0
-"""Seconds an actor past its call timeout gets to show a finished call before it is replaced as hung: a
-driver that was itself paused wakes with every deadline past and finished results not yet read."""
 
 
 class PlacementError(RuntimeError):
@@ -239,56 +234,6 @@ class ActorPool:
             return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"pool `{self.name}`: no answer within {timeout_s:.0f}s while {what}") from None
-
-    def map(self, call: Callable[[Any, Any], ray.ObjectRef], items: list, what: str,
-            on_sent: Callable[[], None] | None = None) -> list:
-        """`call(actor, item)` for every item (item i on the actor in slot i mod size), results in item order.
-        An actor that dies, or finishes none of its calls for the call timeout (hung), is replaced as in a round
-        (the restart budget applies) and its unfinished items go again to its slot. `on_sent`: called once the
-        first calls are all sent. Outside a round's stream (the held-out evaluation) this is how work survives."""
-        results: dict[int, Any] = {}
-        pending: dict[ray.ObjectRef, tuple[int, Slot, Any]] = {}
-        progress: dict[int, float] = {}  # id(actor) -> when it last finished a call (or got its first)
-        todo = list(range(len(items)))
-        timeout = self.call_timeout_s or float("inf")
-        while todo or pending:
-            slots = list(self.slots)
-            for i in todo:
-                slot = slots[i % len(slots)]
-                actor = slot.actor  # read once: another thread may replace it meanwhile
-                if all(a is not actor for _, _, a in pending.values()):  # idle until now: its clock starts now
-                    progress[id(actor)] = time.monotonic()
-                pending[call(actor, items[i])] = (i, slot, actor)
-            if todo and on_sent is not None:
-                on_sent()
-                on_sent = None
-            todo = []
-            waiting_on = {id(a): a for _, _, a in pending.values()}
-            deadline = min(progress[k] for k in waiting_on) + timeout
-            ready, _ = ray.wait(list(pending), num_returns=1,
-                                timeout=None if deadline == float("inf") else max(0.0, deadline - time.monotonic()))
-            if ready:
-                i, slot, actor = pending.pop(ready[0])
-                try:
-                    results[i] = ray.get(ready[0])
-                    progress[id(actor)] = time.monotonic()
-                    continue
-                except ray.exceptions.RayActorError as e:
-                    todo.append(i)
-                    reason = f"died ({type(e).__name__}) while {what}"
-            else:
-                actor = waiting_on[min(waiting_on, key=lambda k: progress[k])]
-                held = [r for r, (_, _, a) in pending.items() if a is actor]
-                if ray.wait(held, num_returns=1, timeout=LAST_LOOK_S, fetch_local=False)[0]:
-                    progress[id(actor)] = time.monotonic()  # late, not hung (the driver may have been paused)
-                    continue
-                slot = next(sl for _, sl, a in pending.values() if a is actor)
-                reason = f"finished nothing for {timeout:.0f}s while {what} (hung)"
-            for ref in [r for r, (_, _, a) in pending.items() if a is actor]:
-                todo.append(pending.pop(ref)[0])
-            self.replace(slot, reason, failed=actor)
-            todo.sort()
-        return [results[i] for i in range(len(items))]
 
     def wait_ready(self) -> None:
         """Block until every actor's constructor has finished (model loaded, engine built)."""

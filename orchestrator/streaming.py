@@ -26,18 +26,14 @@ import ray
 from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
 from orchestrator import chaos
 from orchestrator.config import OdpoConfig
-from orchestrator.pools import (
-    LAST_LOOK_S,
-    ActorPool,
-    LearnerFailure,
-    LearnerGroup,
-    attach_reference,
-    combine_step,
-)
+from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, attach_reference, combine_step
 from orchestrator.progress import RoundProgress
 from orchestrator.selection import DROP_REASONS, make_pairs
 
 MAX_TRAIN_STEPS_IN_FLIGHT = 2
+LAST_LOOK_S = 2.0
+"""Seconds an actor past its call timeout gets to show a finished call before it is replaced as hung: a
+driver that was itself paused wakes with every deadline past and finished results not yet read."""
 
 
 @dataclass
@@ -154,6 +150,37 @@ class Dispatcher:
     def seconds_to_deadline(self) -> float:
         busy = [self.last_progress[i] for i in range(len(self.load)) if 0 < self.load[i] < float("inf")]
         return min(busy) + self.timeout_s - time.perf_counter() if busy else float("inf")
+
+
+def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], items: list, what: str,
+              on_sent: Callable[[], None] | None = None) -> list:
+    """`call(actor, item)` for every item, spread over the pool by a Dispatcher (no per-actor bound), results
+    in item order: the held-out evaluation's calls, outside a round's stream. An actor that dies, or holds
+    work past the pool's call timeout (after the last look), is replaced as in a round (the restart budget
+    applies) and its items are sent again. `on_sent`: called once the first calls are all sent."""
+    d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"))
+    todo, results = deque(range(len(items))), {}
+    while todo or d.inflight:
+        while todo:
+            i = todo.popleft()
+            d.submit(lambda a, i=i: call(a, items[i]), i)
+        if on_sent is not None:
+            on_sent()
+            on_sent = None
+        ready, _ = ray.wait(list(d.inflight), num_returns=1, fetch_local=False,
+                            timeout=min(max(0.05, d.seconds_to_deadline()), 3600.0))
+        if not ready:
+            if (ref := d.hung()) is not None and not d.answers_after_all(ref):
+                todo.extendleft(reversed(d.fail(ref, f"finished nothing for {d.timeout_s:.0f}s while {what} (hung)")))
+            continue
+        try:
+            value = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            todo.extendleft(reversed(d.fail(ready[0], f"died ({type(e).__name__}) while {what}")))
+            continue
+        i, _ = d.complete(ready[0])
+        results[i] = value
+    return [results[i] for i in range(len(items))]
 
 
 def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: int) -> list[PromptChunk]:
