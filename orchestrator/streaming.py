@@ -228,30 +228,31 @@ def _stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Od
     last_gen_done = start
     reached: set[str] = set()
 
+    def strike(point: str) -> None:  # chaos drills (orchestrator/chaos.py) strike here, once a round
+        if point not in reached:
+            reached.add(point)
+            chaos.point(point, round_index)
+
     def submit_train(batch: list[Pair]) -> None:
         if not out.steps and not training:
             out.first_train_s = time.perf_counter() - start
             out.released_at_first_train = next_release
         training.append((learners.async_train_step_refs(batch), time.perf_counter()))
-        if "train" not in reached:
-            reached.add("train")
-            chaos.point("train", round_index)
+        strike("train")
 
     while True:
         while chunks and gen.has_room():
             c = chunks.popleft()
             gen.submit(lambda a, c=c: a.generate_with_meta.options(num_returns=2).remote(c), c)
-        if gen.inflight and "generate" not in reached:  # chaos drills (orchestrator/chaos.py) strike here
-            reached.add("generate")
-            chaos.point("generate", round_index)
+        if gen.inflight:
+            strike("generate")
         while to_score and score.has_room():
             if not score.inflight and not scored and next_release == 0:
                 out.dispatched_at_first_score = total_chunks - len(chunks)
             ref, c = to_score.popleft()
             score.submit(lambda a, ref=ref: a.score.remote(ref), (ref, c))
-        if score.inflight and "score" not in reached:
-            reached.add("score")
-            chaos.point("score", round_index)
+        if score.inflight:
+            strike("score")
         while referencing and referencing[0][0] in referenced:  # in release order: batches stay reproducible
             ref, pairs, _ = referencing.popleft()
             referenced.discard(ref)
