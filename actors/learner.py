@@ -224,9 +224,11 @@ class Learner:
                 "flops": float(self.forward_flops_per_token * real)}
 
     @torch.no_grad()
-    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]]) -> dict:
+    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True) -> dict:
         """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
-        on samples of pi; and the `seconds` it took. Responses to the same prompt next to each other (an
+        on samples of pi; -log pi_ref(y|x) per response token (`ref_nll`: how unlikely the reference finds the
+        text, the evaluation's fluency figure); and the `seconds` it took. `policy=False` computes only
+        `ref_nll` (the initial policy's own samples). Responses to the same prompt next to each other (an
         evaluation prompt's n samples) share one forward of the prompt (`shared_prompt_logprobs`). Every rank
         must get the same lists (ZeRO-3 forwards are collective)."""
         start = time.perf_counter()
@@ -238,18 +240,21 @@ class Learner:
             else:
                 groups.append((p, [r]))
         out: list[float] = []
+        nll: list[float] = []
         budget, batch = 2 * self.cfg.micro_batch_size, []  # response rows a forward takes, as a training micro-batch
         for k, group in enumerate(groups):
             batch.append(group)
             if k + 1 == len(groups) or sum(len(g[1]) for g in batch) + len(groups[k + 1][1]) > budget:
                 ps, rs = [g[0] for g in batch], [g[1] for g in batch]
                 args = (ps, rs, self.pad_id, self.cfg.max_length)
-                policy = shared_prompt_logprobs(self.engine, *args)
                 ref = shared_prompt_logprobs(self.reference, *args)
-                out.extend((policy - ref).tolist())
+                if policy:
+                    out.extend((shared_prompt_logprobs(self.engine, *args) - ref).tolist())
+                counts = [max(1, len(cut_to_fit(p, r, self.cfg.max_length)[1])) for p, r_ in zip(ps, rs) for r in r_]
+                nll.extend((-ref.cpu() / torch.tensor(counts, dtype=torch.float32)).tolist())
                 batch = []
         self.engine.train()
-        return {"ratios": out, "seconds": time.perf_counter() - start}
+        return {"ratios": out, "ref_nll": nll, "seconds": time.perf_counter() - start}
 
     def _pair_sequences(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen rows then rejected rows, right-padded to the micro-batch's longest."""

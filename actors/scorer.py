@@ -16,8 +16,6 @@ classifiers (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1), `score` for ArmoRM (custom co
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -38,45 +36,12 @@ from actors.preference import PreferenceFormat
 from actors.settings import ScorerConfig
 from actors.tournament import Match, best_and_worst
 from actors.types import Messages, RolloutChunk, ScoredChunk
+from actors.user_code import RewardFn, import_function
+
+__all__ = ["RewardFn", "Scorer", "import_function"]  # RewardFn lives in actors/user_code.py; scripts import it here
 
 PAIRWISE_TEMPLATE = "{context}\n[RESPONSE A]\n{a}\n[RESPONSE B]\n{b}\n[WHICH IS BETTER?]"
 """What a pairwise preference model reads: the prompt in the tokenizer's chat template, then both responses."""
-
-
-def import_function(spec: str) -> Callable:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"scorer.function={spec!r}: cannot import module {module_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ImportError(f"scorer.function={spec!r}: {module_name} has no callable {attr!r}")
-    return fn
-
-
-class RewardFn:
-    """A `module:function` reward, called as fn(messages, response, **columns) with the prompt row's dataset
-    columns that the function names as parameters (every column if it takes **kwargs), the way TRL hands dataset
-    columns to its reward functions: a verifier reads the row's `answer` instead of parsing the prompt."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.fn = import_function(spec)
-        params = list(inspect.signature(self.fn).parameters.values())
-        named = [p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        self.takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
-        self.names = [p.name for p in named]
-        self.required = [p.name for p in named if p.default is p.empty]
-
-    def __call__(self, messages: Messages, response: str, columns: dict | None = None) -> float:
-        columns = columns or {}
-        missing = [k for k in self.required if k not in columns]
-        if missing:
-            raise ValueError(f"reward function {self.spec} needs the dataset column(s) {missing}, which the prompt row "
-                             f"does not have (its columns besides the prompt: {sorted(columns)})")
-        kwargs = dict(columns) if self.takes_all else {k: columns[k] for k in self.names if k in columns}
-        return float(self.fn(messages, response, **kwargs))
 
 
 class Scorer:
@@ -86,7 +51,7 @@ class Scorer:
         self.name = name
         self.fn: Callable | None = None
         if cfg.type == "function":
-            self.fn = RewardFn(cfg.function or "")
+            self.fn = RewardFn(cfg.function or "", cfg.function_errors, cfg.failure_score)
             return
         if cfg.type == "pairwise" and model_path is None and cfg.model_path is None:
             self.fn = import_function(cfg.function or "")
@@ -127,7 +92,9 @@ class Scorer:
                     raise ValueError(f"{self.name}: non-finite reward {value} for prompt uid {ro.prompt.uid} "
                                      f"({ro.prompt.messages[-1]['content'][:80]!r}), response {resp.text[:80]!r}")
             scores.append(row)
-        return ScoredChunk(rollouts=chunk, scores=scores, actor=self.name, seconds=time.perf_counter() - start)
+        failures = self.fn.take_failures() if isinstance(self.fn, RewardFn) else 0
+        return ScoredChunk(rollouts=chunk, scores=scores, actor=self.name, seconds=time.perf_counter() - start,
+                           failures=failures)
 
     def pick(self, chunk: RolloutChunk) -> ScoredChunk:
         """Best and worst response of every prompt by knockout; `scores` count the comparisons each won."""

@@ -52,6 +52,10 @@ class GeneratorConfig(RolloutPoolConfig):
     """Responses sampled per prompt (the paper: 8). At least 2, to form a pair."""
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     """Sampling temperatures; the n samples are split evenly among them (the paper: [1.0, 0.7])."""
+    resample_ties: int = 0
+    """A prompt whose n samples all tie (the same score: all right or all wrong) is sampled n more times, up to
+    this many times, and paired over all its samples, before it counts as a drop (rejection-sampling recipes
+    sample until a prompt gives a pair). 0: off. A reward scorer only (a pairwise judge finds no ties)."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]."""
     top_k: int = -1
@@ -116,6 +120,12 @@ class ScorerConfig(RolloutPoolConfig):
     pairwise_both_orders: bool = True
     """Pairwise: judge every comparison as (a, b) and (b, a) and average, so a judge's preference for the
     first (or second) position cancels out (two judge calls per comparison)."""
+    function_errors: str = "stop"
+    """A reward function (scorer.function, eval.gold_reward, reward_training.rule) that raises on a row: `stop`
+    the run with one line naming the function, the prompt and the error; or `score` the row as a failure
+    (failure_score) and count it (`score/function_errors` in the round's line, `eval/gold_errors`)."""
+    failure_score: float = 0.0
+    """The score a row gets when the reward function raised on it (function_errors=score)."""
 
 
 @dataclass

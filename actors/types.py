@@ -93,6 +93,8 @@ class ScoredChunk:
     """Pairwise: (best, worst) response index per prompt, found by the tournament."""
     comparisons: int = 0
     """Pairwise: judge comparisons made for this chunk."""
+    failures: int = 0
+    """Rows the reward function raised on, scored scorer.failure_score (scorer.function_errors=score)."""
 
 
 @dataclass

@@ -36,6 +36,10 @@ def _reload_from_safetensors(worker, payload: bytes) -> int:
     return len(tensors)
 
 
+def _drop_template_warmup(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Chat template warmup failed")
+
+
 class VLLMGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
                  max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
@@ -55,7 +59,9 @@ class VLLMGenerator(GeneratorBase):
         self._sampling_params = SamplingParams
         # LLM() warms up the checkpoint's chat template, which needs the tokenizer we skip: it logs a harmless
         # "Tokenizer not available" traceback for every real chat model. Prompts are rendered by PromptRenderer.
-        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+        # A filter, not a level: LLM() reconfigures vLLM's logging (dictConfig), which resets the levels of the
+        # `vllm.*` loggers to NOTSET but leaves their filters.
+        logging.getLogger("vllm.renderers.base").addFilter(_drop_template_warmup)
         self.llm = LLM(
             model=model_path, dtype=dtype, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
             max_model_len=cfg.max_model_len or (max_prompt_length + cfg.max_new_tokens),

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from actors.user_code import UserFunctionError
 from orchestrator.config import InputError, field_docs, load_config, to_yaml
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--resume {args.resume}: no completed round to resume from (no state.json)")
             overrides += [f"run.output_dir={os.path.dirname(run_dir)}", f"run.name={os.path.basename(run_dir)}",
                           "run.resume=true", "run.overwrite=false"]
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, command=args.command)
         if args.command == "validate":
             print(to_yaml(cfg), end="")
             return 0
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # what the user can fix, in one line; anything else (an actor's error, a bug) keeps
         # its traceback (Ray re-raises an actor's ValueError as a RayTaskError that is a ValueError too)
         print(f"odpo: {e}", file=sys.stderr)
+        return 2
+    except UserFunctionError as e:  # the user's own function failed, in the driver or in an actor (Ray's
+        # RayTaskError is then a UserFunctionError too, its message a traceback; `cause` is the function's error)
+        print(f"odpo: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
 
 

@@ -24,11 +24,14 @@ from actors.generator import HFGenerator
 from actors.learner import Learner
 from actors.scorer import Scorer
 from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available
+from actors.user_code import CODE_PATH_ENV
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerGroup, Placement
 
-WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
-"""Passed to every worker so actors find the same caches and stay offline like the driver."""
+WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", CODE_PATH_ENV)
+"""Passed to every worker so actors find the same caches, stay offline like the driver, and import the user's
+functions from the same folders (ODPO_CODE_PATH: the config's folder; relative to each node's copy of the job's
+working_dir inside a Ray job)."""
 
 
 def start_ray(cfg: OdpoConfig) -> bool:
@@ -53,10 +56,13 @@ def start_ray(cfg: OdpoConfig) -> bool:
         needed = math.ceil(cfg.generator.num_actors * cfg.generator.cpus_per_actor
                            + cfg.scorer.num_actors * cfg.scorer.cpus_per_actor
                            + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
-        ray.init(address="local",  # a new cluster even if RAY_ADDRESS or a running one is around
-                 num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
-                 include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
-                 runtime_env={"env_vars": env})
+        context = ray.init(address="local",  # a new cluster even if RAY_ADDRESS or a running one is around
+                           num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+                           include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+                           runtime_env={"env_vars": env})
+        if cfg.ray.include_dashboard and getattr(context, "dashboard_url", None):
+            print(f"odpo: Ray dashboard http://{context.dashboard_url} (it asks for this cluster's token: "
+                  f"`ray get-auth-token` prints it)", file=sys.stderr)
     return True
 
 

@@ -25,6 +25,14 @@ from actors.settings import (
     ScorerConfig,
     vllm_available,
 )
+from actors.user_code import (
+    CODE_PATH_ENV,
+    UserFunctionError,
+    code_path_for,
+    import_function,
+    parameters,
+    positional_capacity,
+)
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-rm", "smollm2-135m-instruct")
 """`builtin:NAME` models: the tiny ones are built in code; smollm2-135m-instruct is converted from a PyPI wheel."""
@@ -241,10 +249,13 @@ class OdpoConfig:
 # Loading
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_machine: bool = True
-                ) -> OdpoConfig:
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_machine: bool = True,
+                command: str = "run") -> OdpoConfig:
     """Schema <- YAML file <- `key=value` overrides, then `validate`, then `preflight` on this machine unless
-    `check_machine` is off (`odpo submit`: the job checks the machine it runs on). Raises ConfigError."""
+    `check_machine` is off (`odpo submit`: the job checks the machine it runs on). `command`: what the config is
+    for (`run`, `train-rm`, `eval`): sections it does not use are not checked. Modules of the config's
+    functions are looked for next to the config file first (ODPO_CODE_PATH, actors/user_code.py).
+    Raises ConfigError."""
     schema = OmegaConf.structured(OdpoConfig)
     layers = [schema]
     if path is not None:
@@ -265,9 +276,11 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
         cfg: OdpoConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _translate(e) from None
-    validate(cfg)
+    if path is not None:
+        os.environ[CODE_PATH_ENV] = code_path_for(path, in_job="RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+    validate(cfg, command)
     if check_machine:
-        preflight(cfg)
+        preflight(cfg, command)
     return cfg
 
 
@@ -571,10 +584,18 @@ SECTION_CHECKS = {"run": check_run, "ray": check_ray, "policy": check_policy, "d
                   "metrics": check_metrics, "eval": check_eval, "reward_training": check_reward_training}
 
 
-def validate(cfg: OdpoConfig) -> None:
-    """Every section on its own, then across sections. Needs nothing of the machine it runs on."""
+def uses_reward_training(cfg: OdpoConfig, command: str = "run") -> bool:
+    """The reward_training section matters to `odpo train-rm`, and to a run whose scorer is the reward model it
+    trains first."""
+    return command == "train-rm" or (cfg.scorer.type != "function" and cfg.scorer.model_path == TRAINED_REWARD_MODEL)
+
+
+def validate(cfg: OdpoConfig, command: str = "run") -> None:
+    """Every section on its own (reward_training only where it is used), then across sections. Needs nothing
+    of the machine it runs on."""
     for name, check in SECTION_CHECKS.items():
-        check(getattr(cfg, name))
+        if name != "reward_training" or uses_reward_training(cfg, command):
+            check(getattr(cfg, name))
     check_across(cfg)
 
 
@@ -600,9 +621,10 @@ def resolve_dtype(cfg: OdpoConfig) -> str:
     return "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
 
 
-def preflight(cfg: OdpoConfig) -> None:
-    """What the machine that runs the job must offer: the engine asked for, every local path, Ray's label
-    syntax; and `policy.dtype=auto` resolved for it."""
+def preflight(cfg: OdpoConfig, command: str = "run") -> None:
+    """What the machine that runs the job must offer: the engine asked for, every local path (of the sections
+    the command uses), every function the config names (imported, its parameters checked against the data's
+    columns), Ray's label syntax; and `policy.dtype=auto` resolved for it."""
     g, s, rt = cfg.generator, cfg.scorer, cfg.reward_training
     if cfg.policy.dtype == "auto":
         cfg.policy.dtype = resolve_dtype(cfg)
@@ -615,14 +637,16 @@ def preflight(cfg: OdpoConfig) -> None:
             _model_exists(key, value)
     if s.model_path is not None and s.model_path != TRAINED_REWARD_MODEL and s.type != "function":
         _model_exists("scorer.model_path", s.model_path)
-    _model_exists("reward_training.base_model", rt.base_model)
     _data_exists("data.path", cfg.data.path)
     if cfg.offline.dataset is not None:
         _data_exists("offline.dataset", cfg.offline.dataset)
-    if not rt.data_path.startswith(BUILTIN_PREFIX):
-        _data_exists("reward_training.data_path", rt.data_path)
-    if rt.data_path == "builtin:policy-samples" and rt.prompts is not None:
-        _data_exists("reward_training.prompts", rt.prompts)
+    if uses_reward_training(cfg, command):
+        _model_exists("reward_training.base_model", rt.base_model)
+        if not rt.data_path.startswith(BUILTIN_PREFIX):
+            _data_exists("reward_training.data_path", rt.data_path)
+        if rt.data_path == "builtin:policy-samples" and rt.prompts is not None:
+            _data_exists("reward_training.prompts", rt.prompts)
+    check_functions(cfg, command)
     from ray._private.label_utils import (
         validate_label_selector,  # Ray's own syntax check, of the installed Ray
     )
@@ -631,6 +655,93 @@ def preflight(cfg: OdpoConfig) -> None:
         for key, value in pool.node_labels.items():
             problem = validate_label_selector({key: value})
             _require(problem is None, f"{section}.node_labels.{key}", str(problem))
+
+
+def used_functions(cfg: OdpoConfig, command: str = "run") -> list[tuple[str, str, int, str | None]]:
+    """(key, `module:function`, the positional arguments it is called with, the key of the data whose columns
+    it is given: None for none) of every function the command calls."""
+    s, rt, out = cfg.scorer, cfg.reward_training, []
+    if command != "train-rm":
+        if s.type == "function":
+            out.append(("scorer.function", s.function, 2, "data.path"))
+        elif s.type == "pairwise" and s.model_path is None:
+            out.append(("scorer.function", s.function, 3, None))
+        if cfg.eval.gold_reward and (cfg.eval.prompts > 0 or command == "eval"):
+            out.append(("eval.gold_reward", cfg.eval.gold_reward, 2, "data.path"))
+    if uses_reward_training(cfg, command) and rt.data_path in ("builtin:policy-samples", "builtin:lowercase-pairs"):
+        out.append(("reward_training.rule", rt.rule, 2,
+                    "reward_training.prompts" if rt.data_path == "builtin:policy-samples" else None))
+    return out
+
+
+def check_functions(cfg: OdpoConfig, command: str = "run") -> None:
+    """Import every function the command calls, and check that it takes (messages, response[, ...]) and that
+    each further parameter without a default is a column of the data it is called on (a verifier's `answer`)."""
+    columns: dict[str, list[str]] = {}
+    for key, spec, fixed, data_key in used_functions(cfg, command):
+        try:
+            fn = import_function(spec, key)
+        except UserFunctionError as e:
+            raise ConfigError(key, str(e).split(": ", 1)[1]) from None
+        shape = "(messages, response_a, response_b) -> P(a is better)" if fixed == 3 else "(messages, response, **columns) -> float"
+        _require(positional_capacity(fn) >= fixed, key, f"{spec} must take {shape}")
+        names, required, _ = parameters(fn, fixed)
+        if not required:
+            continue
+        if data_key is None:
+            raise ConfigError(key, f"{spec} needs the column(s) {required}, but it is called with no data row here; "
+                                   f"give them defaults")
+        if data_key not in columns:
+            columns[data_key] = dataset_columns(cfg, data_key)
+        missing = [p for p in required if p not in columns[data_key]]
+        _require(not missing, key, f"{spec} needs the column(s) {missing}, which {data_key} "
+                                   f"({getattr_dotted(cfg, data_key)}) lacks (its columns besides the prompt: "
+                                   f"{columns[data_key]}); add them to the data, rename the parameter, or give it a default")
+
+
+def getattr_dotted(cfg: OdpoConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def dataset_columns(cfg: OdpoConfig, data_key: str) -> list[str]:
+    """The columns of the prompt data at `data_key` besides the prompt: a JSON-lines file's first row (every row
+    is checked again as the prompts are read), otherwise the dataset's own column list."""
+    import json
+
+    path = getattr_dotted(cfg, data_key)
+    if os.path.isfile(path) and path.lower().endswith(".jsonl"):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(data_key, f"{path}: the first row is not JSON ({e})") from None
+                    return [k for k in row if k != cfg.data.prompt_field] if isinstance(row, dict) else []
+        return []
+    return [c for c in load_dataset_any(path, cfg.data.split).column_names if c != cfg.data.prompt_field]
+
+
+def load_dataset_any(path: str, split: str):
+    """A .json/.jsonl/.parquet file, a `save_to_disk` directory, or a hub id, as a `datasets.Dataset`."""
+    import datasets
+
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        ext = path.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ConfigError("data.path", f"unsupported file type .{ext}; use .json, .jsonl, .parquet or a saved dataset dir")
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    else:
+        ds = datasets.load_dataset(path, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError("data.split", f"{path} has splits {list(ds)}, not {split!r}")
+        ds = ds[split]
+    return ds
 
 
 def to_yaml(cfg: OdpoConfig) -> str:

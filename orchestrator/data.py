@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from actors.types import Messages, Prompt
-from orchestrator.config import ConfigError, DataConfig, InputError
+from orchestrator.config import ConfigError, DataConfig, InputError, load_dataset_any  # noqa: F401 (re-exported)
 
 ROLES = ("system", "user", "assistant")
-
-
-def load_dataset_any(path: str, split: str):
-    """A .json/.jsonl/.parquet file, a `save_to_disk` directory, or a hub id, as a `datasets.Dataset`."""
-    import datasets
-
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-    elif os.path.isfile(path):
-        ext = path.rsplit(".", 1)[-1].lower()
-        builder = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise ConfigError("data.path", f"unsupported file type .{ext}; use .json, .jsonl, .parquet or a saved dataset dir")
-        ds = datasets.load_dataset(builder, data_files=path, split="train")
-    else:
-        ds = datasets.load_dataset(path, split=split)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ConfigError("data.split", f"{path} has splits {list(ds)}, not {split!r}")
-        ds = ds[split]
-    return ds
 
 
 def to_messages(value: object, row: int, field_name: str) -> Messages:

@@ -21,7 +21,7 @@ from orchestrator.control import apply_scale_request
 from orchestrator.plots import plot_rounds
 from orchestrator.pools import ActorPool, LearnerGroup
 from orchestrator.progress import RoundProgress
-from orchestrator.report import print_summary, profile, round_metrics
+from orchestrator.report import pairs_line, print_summary, profile, round_metrics
 from orchestrator.session import Session, open_session
 from orchestrator.streaming import RoundStream, replay_epochs, stream_round
 
@@ -204,6 +204,7 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     s.pending.pop(r, None)
     ahead.forget(s.out, r)
     s.history.append(metrics)
+    print(pairs_line(metrics, s.cfg.run.rounds), file=sys.stderr)
     s.telemetry.end_round(metrics)
     if r + 1 == s.cfg.run.rounds or time.monotonic() - s.plotted_at >= PLOT_EVERY_S:
         s.plotted_at = time.monotonic()

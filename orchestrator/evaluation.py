@@ -10,7 +10,14 @@ sample j of a prompt under the current policy faces sample j under the initial p
     eval/response_chars  mean response length in characters
     eval/kl              mean of log pi(y|x) - log pi_ref(y|x) over the samples: an estimate of KL(pi || pi_ref)
     eval/gold_mean       mean `eval.gold_reward` (a reward only used to evaluate), if configured
+    eval/nll             the fluency figure: the reference policy's per-token negative log-likelihood of the
+                         samples (made-up words that satisfy a reward raise it; compare eval/nll_initial, that of
+                         the initial policy's own samples)
     eval/*_initial       the same for the initial policy, for reference
+    eval/*_ci95          the half-width of the figure's 95% interval, with the prompt as the unit
+                         (orchestrator/stats.py: a sample's n responses to one prompt are not independent)
+    eval/*_change        the change from the initial policy, paired by prompt and sample, with its own *_ci95
+    eval/samples         the samples every figure is a mean over (eval/prompts x n)
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ import numpy as np
 import ray
 
 from actors.models import load_tokenizer, quiet_libraries
-from actors.scorer import RewardFn
 from actors.types import Prompt, RolloutChunk, WeightBundle
-from orchestrator import chaos
+from actors.user_code import RewardFn, UserFunctionError
+from orchestrator import chaos, stats
 from orchestrator.cluster import Cluster
 from orchestrator.config import InputError, InputNotFound, OdpoConfig
 from orchestrator.data import PromptSource
@@ -48,9 +55,15 @@ class Samples:
     """Scorer rewards, flat in (prompt, sample) order; empty for a pairwise scorer."""
     busy: dict[str, float] = field(default_factory=dict)
     """Seconds the pools computed for these samples, summed over actors (`generate`, `score`)."""
+    ref_nll: list[float] = field(default_factory=list)
+    """The reference policy's per-token NLL of each sample (filled once the learner has computed it)."""
 
     def items(self) -> list[tuple[list, str]]:
         return [(ro.prompt.messages, r.text) for c in self.chunks for ro in c.rollouts for r in ro.responses]
+
+    def prompt_ids(self) -> list[int]:
+        """Each sample's prompt uid, as items(): the unit of every interval."""
+        return [ro.prompt.uid for c in self.chunks for ro in c.rollouts for _ in ro.responses]
 
     def columns(self) -> list[dict]:
         """Each sample's prompt row columns (what a reward function such as a verifier reads), as items()."""
@@ -106,27 +119,57 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     probs = [p for part in map_calls(scorers, lambda a, share: a.compare.remote(*share), shares,
                                      "judging the evaluation set") for p in part]
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
-    kl, kl_s = float("nan"), 0.0
+    kl, kl_s, ratios = float("nan"), 0.0, []
     if learners is not None:
         ranks = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
-        kl, kl_s = float(np.mean(ranks[0]["ratios"])), max(r["seconds"] for r in ranks)
+        ratios, now.ref_nll, kl_s = ranks[0]["ratios"], ranks[0]["ref_nll"], max(r["seconds"] for r in ranks)
+        kl = float(np.mean(ratios))
+    groups = now.prompt_ids()
     out = {
-        "eval/prompts": len({ro.prompt.uid for c in now.chunks for ro in c.rollouts}),
-        "eval/reward_mean": float(np.mean(now.rewards)) if now.rewards else float("nan"),
-        "eval/reward_initial": float(np.mean(initial.rewards)) if initial.rewards else float("nan"),
+        "eval/prompts": len(set(groups)), "eval/samples": len(items),
         "eval/win_rate": float(np.mean([1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs])),
         "eval/response_chars": float(np.mean([len(t) for _, t in items])),
         "eval/response_chars_initial": float(np.mean([len(t) for _, t in base])),
-        "eval/kl": kl,
+        "eval/kl": kl, "eval/kl_ci95": stats.clustered(ratios, groups)[1] if ratios else float("nan"),
         # what the evaluation cost each pool, summed over its actors (the round's profile adds them up)
         "timing/eval_generate": now.busy.get("generate", float("nan")), "timing/eval_score": now.busy.get("score", float("nan")),
         "timing/eval_judge": judge_s * size, "timing/eval_kl": kl_s,  # the KL: the learner ranks' compute
     }
+    out |= figure("reward", now.rewards, initial.rewards, groups)
     if cfg.eval.gold_reward:
-        gold = RewardFn(cfg.eval.gold_reward)
-        out["eval/gold_mean"] = float(np.mean([gold(m, t, c) for (m, t), c in zip(items, columns)]))
-        out["eval/gold_initial"] = float(np.mean([gold(m, t, c) for (m, t), c in zip(base, initial.columns())]))
+        gold = RewardFn(cfg.eval.gold_reward, cfg.scorer.function_errors, cfg.scorer.failure_score, "eval.gold_reward")
+        out |= figure("gold", [gold(m, t, c) for (m, t), c in zip(items, columns)],
+                      [gold(m, t, c) for (m, t), c in zip(base, initial.columns())], groups)
+        out["eval/gold_errors"] = gold.take_failures()
+    if now.ref_nll:
+        out["eval/nll"], out["eval/nll_ci95"] = stats.clustered(now.ref_nll, groups)
+        if initial.ref_nll:
+            out["eval/nll_initial"], out["eval/nll_initial_ci95"] = stats.clustered(initial.ref_nll, groups)
     return out
+
+
+def figure(name: str, now: list[float], initial: list[float], groups: list[int]) -> dict:
+    """`eval/{name}_mean` and `_initial` with their 95% half-widths, and the paired change; NaN where the
+    scorer gives no values (a pairwise judge has no reward). The reward figure keeps its historical key
+    `eval/reward_mean`."""
+    if not now or not initial:
+        nan = float("nan")
+        return {f"eval/{name}_mean": nan, f"eval/{name}_initial": nan}
+    mean, half = stats.clustered(now, groups)
+    first, first_half = stats.clustered(initial, groups)
+    change, change_half = stats.paired_change(now, initial, groups)
+    return {f"eval/{name}_mean": mean, f"eval/{name}_ci95": half, f"eval/{name}_initial": first,
+            f"eval/{name}_initial_ci95": first_half, f"eval/{name}_change": change,
+            f"eval/{name}_change_ci95": change_half}
+
+
+def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
+    """The reference's per-token NLL of `samples` (the initial policy's answers, once at start-up)."""
+    prompts = [ro.prompt_ids for c in samples.chunks for ro in c.rollouts for _ in ro.responses]
+    responses = [r.token_ids for c in samples.chunks for ro in c.rollouts for r in ro.responses]
+    ranks = learners.get([r.log_ratios.remote(prompts, responses, False) for r in learners.ranks],
+                         "the initial samples' fluency")
+    samples.ref_nll = ranks[0]["ref_nll"]
 
 
 def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup) -> list[ray.ObjectRef]:
@@ -181,19 +224,33 @@ class Deferred:
 
     def result(self) -> dict:
         self.thread.join()
+        if isinstance(self.outcome, UserFunctionError):  # the user's function: its own one line, not wrapped
+            raise self.outcome
         if isinstance(self.outcome, BaseException):
             raise RuntimeError(f"the held-out evaluation of round {self.round_index} failed: {self.outcome}") from self.outcome
         return self.outcome | {"timing/eval": time.perf_counter() - self.start, "profile/eval_overlapped": 1}
 
 
 def summary(m: dict) -> str:
-    parts = [f"win rate vs initial {m['eval/win_rate']:.3f}", f"KL {m['eval/kl']:.3f}",
-             f"chars {m['eval/response_chars']:.1f}"]
-    if not math.isnan(m["eval/reward_mean"]):
-        parts.insert(0, f"reward {m['eval/reward_mean']:.4f} (initial {m['eval/reward_initial']:.4f})")
+    """The eval line: each figure with its 95% interval and its paired change from the initial policy."""
+    def with_change(name: str, label: str) -> str:
+        text = (f"{label} {stats.interval(m[f'eval/{name}_mean'], m.get(f'eval/{name}_ci95', math.nan))} "
+                f"(initial {stats.interval(m[f'eval/{name}_initial'], m.get(f'eval/{name}_initial_ci95', math.nan))}")
+        if f"eval/{name}_change" in m:
+            text += f", change {stats.signed_interval(m[f'eval/{name}_change'], m[f'eval/{name}_change_ci95'])}"
+        return text + ")"
+
+    parts = []
     if "eval/gold_mean" in m:
-        parts.insert(1, f"gold {m['eval/gold_mean']:.4f} (initial {m['eval/gold_initial']:.4f})")
-    return "eval: " + ", ".join(parts)
+        parts.append(with_change("gold", "gold"))
+    if not math.isnan(m["eval/reward_mean"]):
+        parts.append(with_change("reward", "proxy"))
+    parts += [f"KL {stats.interval(m['eval/kl'], m.get('eval/kl_ci95', math.nan))}"]
+    if "eval/nll" in m:
+        parts.append(f"NLL/token {m['eval/nll']:.2f}" + (f" (initial {m['eval/nll_initial']:.2f})" if "eval/nll_initial" in m else ""))
+    parts += [f"win rate vs initial {m['eval/win_rate']:.3f}", f"chars {m['eval/response_chars']:.1f}"]
+    samples = f" ({m['eval/samples']} samples of {m['eval/prompts']} prompts)" if "eval/samples" in m else ""
+    return f"eval{samples}: " + ", ".join(parts)
 
 
 def report(m: dict, label: str) -> None:
@@ -219,6 +276,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
         generators, scorers = cluster.generators(policy, tokenizer_path), cluster.scorers(reward)
         learners = cluster.learners(checkpoint, policy, tokenizer.pad_token_id)  # the KL's reference: the initial policy
         initial = sample(source.eval, cfg, generators, scorers, 0)
+        reference_nll(initial, learners)
         with open(weights, "rb") as f:
             generators.weights_ref = ray.put(WeightBundle(version=1, payload=f.read()))
         generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "loading the checkpoint")

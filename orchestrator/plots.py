@@ -1,6 +1,6 @@
 """The run's per-round plot, `plots/rounds.png` in the run directory, redrawn after the first and the last
-round and at most every 30 s between them (driver.PLOT_EVERY_S): reward (mean, min-max band), DPO loss and
-accuracy, and throughput per stage (tokens/s)."""
+round and at most every 30 s between them (driver.PLOT_EVERY_S): reward (mean, min-max band), the held-out
+gold and proxy with their 95% bands, DPO loss and accuracy, and throughput per stage (tokens/s)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ def plot_rounds(history: list[dict], run_dir: str) -> str:
     from matplotlib.ticker import MaxNLocator
 
     rounds = [m["round"] for m in history]
-    fig, (ax_r, ax_l, ax_t) = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    fig, (ax_r, ax_e, ax_l, ax_t) = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
     ax_r.fill_between(rounds, _series(history, "reward/min"), _series(history, "reward/max"), alpha=0.2,
                       label="min-max")
     ax_r.plot(rounds, _series(history, "reward/mean"), marker="o", label="mean")
     ax_r.set_title("reward")
     ax_r.legend(loc="best", fontsize=8)
+    held_out(ax_e, history, rounds)
     ax_l.plot(rounds, _series(history, "train/loss"), marker="o", color="tab:red", label="DPO loss")
     ax_l.set_title("training")
     ax_a = ax_l.twinx()
@@ -43,7 +44,7 @@ def plot_rounds(history: list[dict], run_dir: str) -> str:
     ax_t.set_title("throughput (tokens/s)")
     ax_t.set_yscale("log")
     ax_t.legend(loc="best", fontsize=8)
-    for ax in (ax_r, ax_l, ax_t):
+    for ax in (ax_r, ax_e, ax_l, ax_t):
         ax.set_xlabel("round")
         # about ten whole-number ticks: a tick per round made each drawing cost more as the run grew
         # (0.33 s of CPU at 5 rounds, 2.1 s at 200, 11 s at 1000; docs/benchmarks.md, driver load)
@@ -55,3 +56,27 @@ def plot_rounds(history: list[dict], run_dir: str) -> str:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def held_out(ax, history: list[dict], rounds: list[int]) -> None:
+    """Gold and proxy on the held-out prompts with their 95% bands (prompt as the unit), the initial policy
+    drawn at round -1 (before any training)."""
+    ax.set_title("held-out (95% band)")
+    drawn = False
+    for name, label, color in (("gold", "gold", "tab:green"), ("reward", "proxy", "tab:purple")):
+        means = _series(history, f"eval/{name}_mean")
+        if all(math.isnan(v) for v in means):
+            continue
+        first = next((m for m in history if m.get(f"eval/{name}_initial") is not None), {})
+        xs = [-1, *rounds]
+        ys = [float(first.get(f"eval/{name}_initial", math.nan)), *means]
+        half = [float(first.get(f"eval/{name}_initial_ci95", math.nan)), *_series(history, f"eval/{name}_ci95")]
+        target = ax if name == "gold" else ax.twinx()
+        target.plot(xs, ys, marker="o", color=color, label=label)
+        target.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)], color=color,
+                            alpha=0.2)
+        target.tick_params(axis="y", colors=color)
+        drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no held-out evaluation\n(eval.prompts: 0)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("round (-1: initial policy)")

@@ -7,6 +7,8 @@ import math
 import numpy as np
 
 from actors.types import TrainStepStats
+from orchestrator import stats
+from orchestrator.selection import tie_kinds
 from orchestrator.streaming import RoundStream
 
 NOT_MEASURED_OFFLINE = ("gen/tokens_per_s", "score/tokens_per_s", "timing/generate", "timing/score",
@@ -29,6 +31,9 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list[TrainS
         "prompts/count": len(stream.pairs) + sum(stream.drops.values()) + sum(skipped.values()),
         "prompts/truncated": truncated, "pairs/count": len(stream.pairs),
         **{f"drop/{k}": v for k, v in (stream.drops | skipped).items()},
+        **{f"drop/{k}": v for k, v in tie_kinds(stream.tie_values, stream.rewards).items()},
+        "gen/resampled_prompts": stream.resampled, "pairs/rescued": stream.rescued,
+        "score/function_errors": stream.score_failures,
         "reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
         "reward/min": float(rewards.min()), "reward/std": float(rewards.std()),
         "gen/tokens": stream.new_tokens,
@@ -62,6 +67,30 @@ def round_metrics(r: int, version: int, stream: RoundStream, replay: list[TrainS
     if stream.drawn_before_round:
         metrics.update(dict.fromkeys(NOT_MEASURED_OFFLINE, math.nan))
     return metrics
+
+
+TIE_HINT_SHARE = 0.5
+"""A round where more than this share of its prompts gave no pair says so, and what helps."""
+
+
+def pairs_line(m: dict, rounds: int) -> str:
+    """What the round's prompts became: pairs, and why the others gave none (all samples tied high, i.e. all
+    right for a verifier, or low; identical texts; skipped rows), with a hint when most gave none."""
+    prompts, pairs = m["prompts/count"], m["pairs/count"]
+    why = [f"{m.get('drop/tie_high', 0)} all tied high (all right)", f"{m.get('drop/tie_low', 0)} all tied low (all wrong)",
+           f"{m.get('drop/identical', 0)} identical texts"]
+    why += [f"{v} {k.removeprefix('drop/')}" for k, v in m.items()
+            if k.startswith("drop/") and k not in ("drop/tie", "drop/tie_high", "drop/tie_low", "drop/identical") and v]
+    text = f"odpo: round {m['round'] + 1}/{rounds}: {pairs} pairs from {prompts} prompts; no pair: " + ", ".join(why)
+    if m.get("gen/resampled_prompts"):
+        text += f"; {m['gen/resampled_prompts']} tied prompt draws sampled again, {m['pairs/rescued']} gave a pair then"
+    if m.get("score/function_errors"):
+        text += f"; the reward function failed on {m['score/function_errors']} samples (scored as failures)"
+    if prompts and (prompts - pairs) / prompts > TIE_HINT_SHARE:
+        text += ("\nodpo: most prompts gave no pair, so few optimizer steps ran; what helps: more samples per prompt "
+                 "(generator.n), sampling tied prompts again (generator.resample_ties=2), more diverse samples "
+                 "(generator.temperatures), or easier/harder prompts if nearly all samples are right/wrong")
+    return text
 
 
 POOLS = ("generator", "scorer", "learner")
@@ -133,11 +162,25 @@ def format_table(history: list[dict]) -> str:
 
 
 def progress_line(first: dict, last: dict) -> str:
-    """The run's result in one line: the gold reward (and the proxy beside it) of the initial policy and of the
-    last round's policy on the held-out prompts, with that policy's KL to the reference."""
-    return (f"odpo: held-out gold {first['eval/gold_initial']:.3f} (initial policy) -> {last['eval/gold_mean']:.3f} "
-            f"(round {last['round'] + 1}), proxy {first['eval/reward_initial']:.3f} -> {last['eval/reward_mean']:.3f}, "
-            f"KL {last['eval/kl']:.3f}")
+    """The run's result in one line: the gold reward of the initial policy and of the last round's policy on the
+    held-out prompts with their 95% intervals, the paired change (the prompt as the unit) and the sample count,
+    the proxy beside it, and that policy's KL to the reference and fluency (orchestrator/evaluation.py)."""
+    def change(name: str) -> str:
+        if f"eval/{name}_change" not in last:
+            return ""
+        return f", change {stats.signed_interval(last[f'eval/{name}_change'], last[f'eval/{name}_change_ci95'])}"
+
+    text = (f"odpo: held-out gold {stats.interval(last['eval/gold_initial'], last.get('eval/gold_initial_ci95', math.nan))} "
+            f"(initial policy) -> {stats.interval(last['eval/gold_mean'], last.get('eval/gold_ci95', math.nan))} "
+            f"(round {last['round'] + 1}){change('gold')}")
+    if not math.isnan(last.get("eval/reward_mean", math.nan)):
+        text += f"; proxy {last['eval/reward_initial']:.3f} -> {last['eval/reward_mean']:.3f}{change('reward')}"
+    text += f"; KL {last['eval/kl']:.3f}"
+    if "eval/nll" in last and "eval/nll_initial" in last:
+        text += f", NLL/token {last['eval/nll_initial']:.2f} -> {last['eval/nll']:.2f}"
+    if "eval/samples" in last:
+        text += f" ({last['eval/samples']} samples of {last['eval/prompts']} prompts, 95% intervals by prompt)"
+    return text
 
 
 def print_summary(history: list[dict], run_dir: str) -> None:

@@ -35,8 +35,8 @@ from actors.learner import PairwiseLearner, RewardLearner
 from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
 from actors.preference import PreferenceFormat
 from actors.rewards import lowercase_ratio
-from actors.scorer import RewardFn
 from actors.types import Messages, Pair
+from actors.user_code import RewardFn
 from orchestrator.cluster import Cluster
 from orchestrator.config import InputError, OdpoConfig, OutputExists, RewardTrainingConfig
 from orchestrator.outputs import RunDir, write_atomic
@@ -88,7 +88,7 @@ def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> list[tuple[Me
 
     rt = cfg.reward_training
     prompts = load_prompts(rt.prompts, cfg.data, "reward_training.prompts", rt.num_pairs)
-    rule = RewardFn(rt.rule)
+    rule = RewardFn(rt.rule, cfg.scorer.function_errors, cfg.scorer.failure_score, "reward_training.rule")
     start = time.perf_counter()
     chunks = make_chunks(RM_SAMPLE_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
     gens = generators.actors
@@ -220,7 +220,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             if own is not None:  # the sampling pool's CPUs go to the reward model's training
                 cluster.remove(own)
         elif rt.data_path.startswith("builtin:"):
-            items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, RewardFn(rt.rule))
+            items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, RewardFn(rt.rule, cfg.scorer.function_errors, cfg.scorer.failure_score, "reward_training.rule"))
         else:
             items = load_preferences(rt.data_path, rt.num_pairs)
         if len(items) < 4:

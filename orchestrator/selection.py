@@ -6,6 +6,8 @@ pair never depends on which actor scored it or in what order chunks arrived.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from actors.types import Pair, Rollout
@@ -54,10 +56,14 @@ def pair_rng(seed: int, round_index: int, uid: int) -> np.random.Generator:
 
 def make_pairs(
     rollouts: list[Rollout], scores: list[list[float]], strategy: str, length_penalty: float, seed: int, round_index: int,
-    picks: list[tuple[int, int]] | None = None,
+    picks: list[tuple[int, int]] | None = None, hold: Callable[[Rollout, list[float]], bool] | None = None,
+    tie_values: list[float] | None = None,
 ) -> tuple[list[Pair], dict[str, int]]:
     """Pairs for the prompts that form one, and the count of dropped prompts by reason. `picks`: (best,
-    worst) per prompt from a pairwise tournament, used instead of `strategy` over the scores."""
+    worst) per prompt from a pairwise tournament, used instead of `strategy` over the scores. `hold(rollout,
+    scores)`: a prompt whose samples tie is neither paired nor dropped when it returns True (it is being
+    sampled again). `tie_values`: the score each dropped tie tied at is appended (what ties: all right or all
+    wrong)."""
     pairs: list[Pair] = []
     drops = dict.fromkeys(DROP_REASONS, 0)
     for k, (rollout, prompt_scores) in enumerate(zip(rollouts, scores)):
@@ -68,8 +74,12 @@ def make_pairs(
         else:
             picked = select_indices(texts, prompt_scores, strategy, length_penalty,
                                     pair_rng(seed, round_index, rollout.prompt.uid))
+        if picked == DROP_TIE and hold is not None and hold(rollout, prompt_scores):
+            continue
         if isinstance(picked, str):
             drops[picked] += 1
+            if picked == DROP_TIE and tie_values is not None:
+                tie_values.append(float(max(prompt_scores)))
             continue
         c, r = picked
         pairs.append(Pair(
@@ -80,3 +90,14 @@ def make_pairs(
             chosen_score=float(prompt_scores[c]), rejected_score=float(prompt_scores[r]), columns=rollout.prompt.columns,
         ))
     return pairs, drops
+
+
+def tie_kinds(tie_values: list[float], rewards: list[float]) -> dict[str, int]:
+    """Ties split by where they tied: `high` (at or above the middle of the round's reward range: for a 0/1
+    verifier, every sample right) or `low` (every sample wrong); one reward for every sample counts as low."""
+    if not tie_values:
+        return {"tie_high": 0, "tie_low": 0}
+    lo, hi = min(rewards), max(rewards)
+    middle = (lo + hi) / 2
+    high = sum(1 for v in tie_values if hi > lo and v >= middle)
+    return {"tie_high": high, "tie_low": len(tie_values) - high}

@@ -130,6 +130,8 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             clock.lap("learners")  # placed, built and joined (DeepSpeed's set-up), while the other pools build
             # the initial policy's answers to the held-out prompts, before a resume loads later weights
             initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
+            if initial is not None:  # the fluency figure's baseline: how likely the reference finds its own samples
+                evaluation.reference_nll(initial, learners)
             clock.lap("initial_eval")
             fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
             if out.completed:

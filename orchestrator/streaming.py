@@ -18,12 +18,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
 
-from actors.types import Pair, Prompt, PromptChunk, RolloutMeta, ScoredChunk, TrainStepStats
+from actors.types import Pair, Prompt, PromptChunk, Rollout, RolloutMeta, ScoredChunk, TrainStepStats
 from orchestrator import chaos
 from orchestrator.config import OdpoConfig
 from orchestrator.pools import ActorPool, LearnerFailure, LearnerGroup, attach_reference, combine_step
@@ -67,6 +67,14 @@ class RoundStream:
     """Scored chunks released when the first global batch went to the learner (< chunks: training did not wait)."""
     drawn_before_round: bool = False
     """The pairs were made before the round (the offline baseline): its generation figures are not the round's."""
+    tie_values: list[float] = field(default_factory=list)
+    """The score each dropped tie tied at (selection.tie_kinds splits them into all-high and all-low)."""
+    resampled: int = 0
+    """Prompts sent back to the generators because their samples tied (generator.resample_ties), counted per draw."""
+    rescued: int = 0
+    """Prompts that gave a pair only after being sampled again."""
+    score_failures: int = 0
+    """Rows the reward function raised on, scored as failures (scorer.function_errors=score)."""
 
 
 class Dispatcher:
@@ -183,10 +191,63 @@ def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], 
     return [results[i] for i in range(len(items))]
 
 
-def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: int) -> list[PromptChunk]:
+def make_chunks(round_index: int, prompts: list[Prompt], chunk_size: int, seed: int, first_id: int = 0
+                ) -> list[PromptChunk]:
     return [PromptChunk(round=round_index, chunk_id=k, prompts=prompts[s: s + chunk_size],
                         seed=int(np.random.default_rng([seed, round_index, k]).integers(2**31)))
-            for k, s in enumerate(range(0, len(prompts), chunk_size))]
+            for k, s in enumerate(range(0, len(prompts), chunk_size), start=first_id)]
+
+
+class Resampler:
+    """generator.resample_ties: a prompt whose n samples all tie is sampled n more times (up to `extra` times)
+    and paired over all its samples, as rejection-sampling recipes sample until a prompt gives a pair. Tied
+    prompts of a released chunk go back to the generators as a new chunk (the next chunk id: its own seed, and
+    released after the chunks before it, so the run stays reproducible)."""
+
+    def __init__(self, extra: int):
+        self.extra = extra
+        self.held: dict[int, tuple[Rollout, list[float], int]] = {}
+        """uid -> (the prompt's rollout with every sample so far, their scores, draws made)."""
+        self.again: list[Rollout] = []
+        """Held prompts not yet sent back (next_chunk sends them)."""
+        self.just_held: set[int] = set()
+        """Prompts held since the last settle."""
+
+    def merge(self, rollouts: list[Rollout], scores: list[list[float]]) -> tuple[list[Rollout], list[list[float]]]:
+        """A chunk's rollouts, each joined with the samples its prompt had before (if it was sampled again)."""
+        merged_r, merged_s = [], []
+        for ro, sc in zip(rollouts, scores):
+            if ro.prompt.uid in self.held:
+                before, before_scores, _ = self.held[ro.prompt.uid]
+                ro, sc = replace(before, responses=before.responses + ro.responses), before_scores + list(sc)
+            merged_r.append(ro)
+            merged_s.append(sc)
+        return merged_r, merged_s
+
+    def hold(self, rollout: Rollout, scores: list[float]) -> bool:
+        """make_pairs' `hold`: keep a tied prompt for another draw while it has draws left."""
+        draws = self.held[rollout.prompt.uid][2] if rollout.prompt.uid in self.held else 0
+        if draws >= self.extra:
+            return False
+        self.held[rollout.prompt.uid] = (rollout, list(scores), draws + 1)
+        self.again.append(rollout)
+        self.just_held.add(rollout.prompt.uid)
+        return True
+
+    def settle(self, pairs: list[Pair], out: RoundStream, rollouts: list[Rollout]) -> None:
+        """Forget the prompts of a released chunk that are not going back; count the ones a new draw rescued."""
+        paired = {p.uid for p in pairs}
+        for ro in rollouts:
+            uid = ro.prompt.uid
+            if uid in self.held and uid not in self.just_held:
+                out.rescued += uid in paired
+                del self.held[uid]
+        self.just_held.clear()
+
+    def next_chunk(self, round_index: int, chunk_id: int, seed: int) -> PromptChunk | None:
+        prompts = [ro.prompt for ro in self.again]
+        self.again = []
+        return make_chunks(round_index, prompts, len(prompts), seed, chunk_id)[0] if prompts else None
 
 
 def stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: OdpoConfig,
@@ -227,6 +288,7 @@ def _stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Od
     referenced: set[ray.ObjectRef] = set()
     last_gen_done = start
     reached: set[str] = set()
+    resampler = Resampler(cfg.generator.resample_ties)
 
     def strike(point: str) -> None:  # chaos drills (orchestrator/chaos.py) strike here, once a round
         if point not in reached:
@@ -321,7 +383,12 @@ def _stream_round(round_index: int, prompts: list[Prompt], version: int, cfg: Od
             out.chunks_by_actor[sc.rollouts.actor] = out.chunks_by_actor.get(sc.rollouts.actor, 0) + 1
             progress.add("scored", len(sc.rollouts.rollouts), sc.rollouts.new_tokens)
             while next_release in scored:  # release in chunk order: batches are reproducible
-                pairs = _collect(scored.pop(next_release), out, cfg, round_index)
+                pairs = _collect(scored.pop(next_release), out, cfg, round_index, resampler)
+                again = resampler.next_chunk(round_index, total_chunks, cfg.run.seed)
+                if again is not None:  # its tied prompts, sampled again (released after the chunks before it)
+                    chunks.appendleft(again)
+                    out.resampled += len(again.prompts)
+                    total_chunks = out.chunks = total_chunks + 1
                 if ahead and pairs:
                     referencing.append((learners.async_reference_ref(pairs, next_release), pairs, time.perf_counter()))
                 else:
@@ -364,15 +431,18 @@ def _handle_hang(gen: Dispatcher, score: Dispatcher, learner_since: float | None
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
 
 
-def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: int) -> list[Pair]:
+def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: int, resampler: Resampler) -> list[Pair]:
     chunk = sc.rollouts
     out.busy["generate"] += chunk.seconds
     out.busy["score"] += sc.seconds
     out.new_tokens += chunk.new_tokens
     out.rewards.extend(s for row in sc.scores for s in row)
     out.response_chars.extend(len(r.text) for ro in chunk.rollouts for r in ro.responses)
-    pairs, drops = make_pairs(chunk.rollouts, sc.scores, cfg.pairs.strategy, cfg.pairs.length_penalty,
-                              cfg.run.seed, round_index, sc.picks)
+    out.score_failures += sc.failures
+    rollouts, scores = resampler.merge(chunk.rollouts, sc.scores)  # a prompt sampled again: all its samples
+    pairs, drops = make_pairs(rollouts, scores, cfg.pairs.strategy, cfg.pairs.length_penalty, cfg.run.seed,
+                              round_index, sc.picks, resampler.hold if resampler.extra else None, out.tie_values)
+    resampler.settle(pairs, out, rollouts)
     out.comparisons += sc.comparisons
     for reason, count in drops.items():
         out.drops[reason] += count

@@ -254,3 +254,14 @@ def test_the_shipped_task_files_are_what_the_code_makes(monkeypatch):
         with pytest.raises(ConfigError) as e:
             load_config("configs/smollm2.yaml", overrides)
         assert e.value.key == key
+
+
+def test_the_chat_template_warmup_traceback_is_not_shown(engine):
+    """vLLM warms up the chat template with the tokenizer we skip and logs a harmless traceback; LLM() then
+    reconfigures vLLM's logging (dictConfig resets the vllm.* loggers' levels), so the filter must outlive it."""
+    import logging
+
+    logger = logging.getLogger("vllm.renderers.base")
+    warmup = logger.makeRecord(logger.name, logging.WARNING, "base.py", 380, "Chat template warmup failed", (), None)
+    other = logger.makeRecord(logger.name, logging.WARNING, "base.py", 1, "something else", (), None)
+    assert engine.llm is not None and not logger.filter(warmup) and logger.filter(other)
