@@ -29,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from orchestrator import stats  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("online", "offline")
@@ -196,6 +197,10 @@ def main() -> None:
         g = [h[m][-1]["eval/gold_mean"] for m in MODES]
         print(f"seed {seed}: final gold online {g[0]:.3f} vs offline {g[1]:.3f} ({g[0] - g[1]:+.3f}); "
               f"round 1 identical in both modes: {'yes' if same else 'NO'}")
+    diffs = [h["online"][-1]["eval/gold_mean"] - h["offline"][-1]["eval/gold_mean"] for h in results.values()]
+    diff, half = stats.mean_ci(diffs)
+    print(f"final gold, online - offline, paired by seed: {stats.signed_interval(diff, half)} (95% t-interval over "
+          f"{len(diffs)} seeds; each run's own held-out interval is in its metrics.jsonl, eval/gold_ci95)")
     print("\ntraining pairs, judged by the gold rule (all seeds pooled): mean gold reward of the chosen responses, "
           "and the share of pairs whose chosen response the rule also prefers")
     print(pair_table(args.seeds, args.rounds, args.out, args.rule))

@@ -278,10 +278,27 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
         raise _translate(e) from None
     if path is not None:
         os.environ[CODE_PATH_ENV] = code_path_for(path, in_job="RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+        beside_config(cfg, path)
     validate(cfg, command)
     if check_machine:
         preflight(cfg, command)
     return cfg
+
+
+DATA_KEYS = ("data.path", "reward_training.prompts", "reward_training.data_path", "offline.dataset")
+
+
+def beside_config(cfg: OdpoConfig, config_path: str) -> None:
+    """A relative data path that is not there from the current directory but is next to the config file is
+    taken from there: a task folder (config, data, reward .py) runs from anywhere."""
+    folder = os.path.dirname(config_path)
+    for key in DATA_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not os.path.isabs(value) and not value.startswith("builtin:") and not os.path.exists(value):
+            candidate = os.path.join(folder, value)
+            if folder and os.path.exists(candidate):
+                setattr(getattr(cfg, section), name, os.path.relpath(candidate) if not os.path.isabs(folder) else candidate)
 
 
 def _read_config_file(path: str, chain: list[str]) -> list[dict]:

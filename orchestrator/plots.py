@@ -61,8 +61,8 @@ def plot_rounds(history: list[dict], run_dir: str) -> str:
 def held_out(ax, history: list[dict], rounds: list[int]) -> None:
     """Gold and proxy on the held-out prompts with their 95% bands (prompt as the unit), the initial policy
     drawn at round -1 (before any training)."""
-    ax.set_title("held-out (95% band)")
-    drawn = False
+    ax.set_title("held-out, 95% band (round -1: initial)")
+    drawn = []
     for name, label, color in (("gold", "gold", "tab:green"), ("reward", "proxy", "tab:purple")):
         means = _series(history, f"eval/{name}_mean")
         if all(math.isnan(v) for v in means):
@@ -72,11 +72,11 @@ def held_out(ax, history: list[dict], rounds: list[int]) -> None:
         ys = [float(first.get(f"eval/{name}_initial", math.nan)), *means]
         half = [float(first.get(f"eval/{name}_initial_ci95", math.nan)), *_series(history, f"eval/{name}_ci95")]
         target = ax if name == "gold" else ax.twinx()
-        target.plot(xs, ys, marker="o", color=color, label=label)
+        drawn += target.plot(xs, ys, marker="o", color=color, label=f"{label}{' (right axis)' if name != 'gold' else ''}")
         target.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)], color=color,
                             alpha=0.2)
         target.tick_params(axis="y", colors=color)
-        drawn = True
-    if not drawn:
+    if drawn:
+        ax.legend(handles=drawn, loc="best", fontsize=8)
+    else:
         ax.text(0.5, 0.5, "no held-out evaluation\n(eval.prompts: 0)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("round (-1: initial policy)")

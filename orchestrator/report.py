@@ -77,11 +77,12 @@ def pairs_line(m: dict, rounds: int) -> str:
     """What the round's prompts became: pairs, and why the others gave none (all samples tied high, i.e. all
     right for a verifier, or low; identical texts; skipped rows), with a hint when most gave none."""
     prompts, pairs = m["prompts/count"], m["pairs/count"]
-    why = [f"{m.get('drop/tie_high', 0)} all tied high (all right)", f"{m.get('drop/tie_low', 0)} all tied low (all wrong)",
-           f"{m.get('drop/identical', 0)} identical texts"]
+    why = [f"{m.get('drop/tie_high', 0)} whose samples all tied high (a verifier: all right)",
+           f"{m.get('drop/tie_low', 0)} all tied low (all wrong)", f"{m.get('drop/identical', 0)} identical texts"]
     why += [f"{v} {k.removeprefix('drop/')}" for k, v in m.items()
             if k.startswith("drop/") and k not in ("drop/tie", "drop/tie_high", "drop/tie_low", "drop/identical") and v]
-    text = f"odpo: round {m['round'] + 1}/{rounds}: {pairs} pairs from {prompts} prompts; no pair: " + ", ".join(why)
+    text = f"odpo: round {m['round'] + 1}/{rounds}: {pairs} pairs from {prompts} prompts; " + (
+        "no pair: " + ", ".join(why) if pairs < prompts else "every prompt gave one")
     if m.get("gen/resampled_prompts"):
         text += f"; {m['gen/resampled_prompts']} tied prompt draws sampled again, {m['pairs/rescued']} gave a pair then"
     if m.get("score/function_errors"):

@@ -178,7 +178,8 @@ def submitted(cluster, tmp_path_factory):
     --generators 2` is sent, so the resize can land no earlier than round 1."""
     runs = tmp_path_factory.mktemp("runs")
     name = "submitted"
-    sub = cluster.odpo("submit", "configs/tiny.yaml", *TINY, f"run.rounds={ROUNDS}", f"run.name={name}",
+    # a user's task folder: its reward module, beside the config, is found by the scorer on the cluster
+    sub = cluster.odpo("submit", "tests/user_task/task.yaml", *TINY, f"run.rounds={ROUNDS}", f"run.name={name}",
                        "generator.num_actors=1", "generator.resources={rollout: 1}", "--output-dir", str(runs))
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().splitlines()[-1]
@@ -220,6 +221,8 @@ def test_submitted_run_completes_with_generators_on_the_rollout_node(cluster, su
     assert set(placement["learner"].values()) == {cluster.head_id}  # by `trainer`
     assert set(placement["scorer"].values()) == {cluster.head_id}  # by the odpo-role=train label
     assert (submitted["run_dir"] / "plots" / "rounds.png").stat().st_size > 10_000
+    config = (submitted["run_dir"] / "config.yaml").read_text()
+    assert "function: odpo_user_reward:lowercase_share" in config  # the user's own function scored every round
 
 
 def test_status_reported_the_running_job(submitted):

@@ -58,3 +58,9 @@ def test_eval_metrics_by_hand(ray_cluster, monkeypatch):
     assert m["eval/response_chars"] == (2 + 2 + 2 + 4) / 4 and m["eval/response_chars_initial"] == (2 + 2 + 2 + 1) / 4
     assert m["eval/gold_mean"] == 2.5 and m["eval/gold_initial"] == 1.75
     assert m["eval/prompts"] == 2 and math.isnan(m["eval/kl"])
+    # intervals with the prompt as the unit: gold prompt means now 2 and 3, initially 2 and 1.5
+    assert m["eval/samples"] == 4
+    assert m["eval/gold_ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert m["eval/gold_change"] == pytest.approx(0.75)  # paired changes 0 and 1.5
+    assert m["eval/gold_change_ci95"] == pytest.approx(12.706 * math.sqrt(1.125) / math.sqrt(2))
+    assert m["eval/reward_change"] == pytest.approx(0.375) and m["eval/gold_errors"] == 0

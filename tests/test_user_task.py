@@ -102,7 +102,7 @@ def test_the_round_line_says_why_prompts_gave_no_pair_and_what_helps():
     m = {"round": 0, "prompts/count": 32, "pairs/count": 6, "drop/tie": 25, "drop/tie_high": 4, "drop/tie_low": 21,
          "drop/identical": 1, "drop/bad": 0, "gen/resampled_prompts": 0, "score/function_errors": 0}
     line = pairs_line(m, 4)
-    assert "6 pairs from 32 prompts" in line and "4 all tied high" in line and "21 all tied low" in line
+    assert "6 pairs from 32 prompts" in line and "4 whose samples all tied high" in line and "21 all tied low" in line
     assert "generator.resample_ties" in line and "generator.n" in line
     assert "what helps" not in pairs_line(m | {"pairs/count": 20, "drop/tie_low": 7}, 4)
 
