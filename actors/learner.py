@@ -31,10 +31,14 @@ from actors.losses import (
     response_token_counts,
     sequence_logprobs,
     shared_prompt_logprobs,
+    shared_prompt_token_logprobs,
 )
 from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
 from actors.settings import LearnerConfig
 from actors.types import Pair, WeightBundle
+
+RARE_LOGPROB = math.log(1e-4)
+"""A response token the reference gives less probability than this is "rare" (made-up words, odd symbols)."""
 
 
 class Learner:
@@ -226,8 +230,9 @@ class Learner:
     @torch.no_grad()
     def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True) -> dict:
         """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
-        on samples of pi; -log pi_ref(y|x) per response token (`ref_nll`: how unlikely the reference finds the
-        text, the evaluation's fluency figure); and the `seconds` it took. `policy=False` computes only
+        on samples of pi; -log pi_ref(y|x) per response token (`ref_nll`) and the share of response tokens the
+        reference gives less than 1e-4 (`ref_rare`: tokens it would almost never write, the evaluation's fluency
+        figure); and the `seconds` it took. `policy=False` computes only
         `ref_nll` (the initial policy's own samples). Responses to the same prompt next to each other (an
         evaluation prompt's n samples) share one forward of the prompt (`shared_prompt_logprobs`). Every rank
         must get the same lists (ZeRO-3 forwards are collective)."""
@@ -241,20 +246,23 @@ class Learner:
                 groups.append((p, [r]))
         out: list[float] = []
         nll: list[float] = []
+        rare: list[float] = []
         budget, batch = 2 * self.cfg.micro_batch_size, []  # response rows a forward takes, as a training micro-batch
         for k, group in enumerate(groups):
             batch.append(group)
             if k + 1 == len(groups) or sum(len(g[1]) for g in batch) + len(groups[k + 1][1]) > budget:
                 ps, rs = [g[0] for g in batch], [g[1] for g in batch]
                 args = (ps, rs, self.pad_id, self.cfg.max_length)
-                ref = shared_prompt_logprobs(self.reference, *args)
+                tokens, mask = shared_prompt_token_logprobs(self.reference, *args)
+                ref = (tokens * mask).sum(-1)
                 if policy:
                     out.extend((shared_prompt_logprobs(self.engine, *args) - ref).tolist())
-                counts = [max(1, len(cut_to_fit(p, r, self.cfg.max_length)[1])) for p, r_ in zip(ps, rs) for r in r_]
-                nll.extend((-ref.cpu() / torch.tensor(counts, dtype=torch.float32)).tolist())
+                counts = mask.sum(-1).clamp(min=1).cpu()
+                nll.extend((-ref.cpu() / counts).tolist())
+                rare.extend((((tokens < RARE_LOGPROB) * mask).sum(-1).cpu() / counts).tolist())
                 batch = []
         self.engine.train()
-        return {"ratios": out, "ref_nll": nll, "seconds": time.perf_counter() - start}
+        return {"ratios": out, "ref_nll": nll, "ref_rare": rare, "seconds": time.perf_counter() - start}
 
     def _pair_sequences(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen rows then rejected rows, right-padded to the micro-batch's longest."""

@@ -54,7 +54,15 @@ def cut_to_fit(prompt: list[int], response: list[int], max_length: int) -> tuple
 
 def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
                            max_length: int) -> torch.Tensor:
-    """Summed log-probs of every response of every prompt (flat, in order), each prompt computed once: the
+    """Summed log-probs of every response of every prompt (`shared_prompt_token_logprobs`, summed)."""
+    tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, pad_id, max_length)
+    return (tokens * mask).sum(-1)
+
+
+def shared_prompt_token_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
+                                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response token's log-prob (rows flat over the prompts' responses, in order; padding masked by the
+    returned mask), each prompt computed once: the
     prompts run left-padded in one forward, their KV cache is repeated for their responses, which run
     right-padded after it. Equal to `sequence_logprobs` over the full rows (to float precision) at a
     fraction of the compute when prompts are long and have several responses (the n samples of an
@@ -68,7 +76,7 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list
     owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long, device=device)
     flat = [r for c in cut for _, r in c]
     if not flat:
-        return torch.zeros(0, device=device)
+        return torch.zeros((0, 1), device=device), torch.zeros((0, 1), device=device)
     cache = out.past_key_values
     cache.batch_select_indices(owner)
     rwidth = max(1, max(len(r) for r in flat))
@@ -83,8 +91,8 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list
     logits = model(input_ids=rids, attention_mask=torch.cat([mask[owner], rmask], dim=1), position_ids=positions,
                    past_key_values=cache, use_cache=True).logits[:, :-1].float()
     rest = torch.gather(F.log_softmax(logits, dim=-1), 2, rids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    head = first[owner].gather(1, rids[:, :1]).squeeze(1) * rmask[:, 0]
-    return head + (rest * rmask[:, 1:]).sum(-1)
+    head = first[owner].gather(1, rids[:, :1])
+    return torch.cat([head, rest], dim=1), rmask.to(head.dtype)
 
 
 def response_token_counts(response_mask: torch.Tensor) -> torch.Tensor:

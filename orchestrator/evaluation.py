@@ -10,9 +10,12 @@ sample j of a prompt under the current policy faces sample j under the initial p
     eval/response_chars  mean response length in characters
     eval/kl              mean of log pi(y|x) - log pi_ref(y|x) over the samples: an estimate of KL(pi || pi_ref)
     eval/gold_mean       mean `eval.gold_reward` (a reward only used to evaluate), if configured
-    eval/nll             the fluency figure: the reference policy's per-token negative log-likelihood of the
-                         samples (made-up words that satisfy a reward raise it; compare eval/nll_initial, that of
-                         the initial policy's own samples)
+    eval/rare_tokens     the fluency figure: the share of response tokens the reference policy (the initial one)
+                         gives less than 1e-4, i.e. would almost never write: made-up words and odd symbols that
+                         satisfy a reward raise it; a change of format (bare answers) does not. Compare
+                         eval/rare_tokens_initial, that of the initial policy's own samples
+    eval/nll             the reference's mean per-token negative log-likelihood of the samples (shorter, blunter
+                         answers move it too, so it is shown beside the rare-token share, not instead)
     eval/*_initial       the same for the initial policy, for reference
     eval/*_ci95          the half-width of the figure's 95% interval, with the prompt as the unit
                          (orchestrator/stats.py: a sample's n responses to one prompt are not independent)
@@ -57,6 +60,8 @@ class Samples:
     """Seconds the pools computed for these samples, summed over actors (`generate`, `score`)."""
     ref_nll: list[float] = field(default_factory=list)
     """The reference policy's per-token NLL of each sample (filled once the learner has computed it)."""
+    ref_rare: list[float] = field(default_factory=list)
+    """Each sample's share of tokens the reference gives less than 1e-4 (filled with ref_nll)."""
 
     def items(self) -> list[tuple[list, str]]:
         return [(ro.prompt.messages, r.text) for c in self.chunks for ro in c.rollouts for r in ro.responses]
@@ -122,7 +127,8 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     kl, kl_s, ratios = float("nan"), 0.0, []
     if learners is not None:
         ranks = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
-        ratios, now.ref_nll, kl_s = ranks[0]["ratios"], ranks[0]["ref_nll"], max(r["seconds"] for r in ranks)
+        ratios, now.ref_nll, now.ref_rare = ranks[0]["ratios"], ranks[0]["ref_nll"], ranks[0]["ref_rare"]
+        kl_s = max(r["seconds"] for r in ranks)
         kl = float(np.mean(ratios))
     groups = now.prompt_ids()
     out = {
@@ -141,10 +147,12 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
         out |= figure("gold", [gold(m, t, c) for (m, t), c in zip(items, columns)],
                       [gold(m, t, c) for (m, t), c in zip(base, initial.columns())], groups)
         out["eval/gold_errors"] = gold.take_failures()
-    if now.ref_nll:
-        out["eval/nll"], out["eval/nll_ci95"] = stats.clustered(now.ref_nll, groups)
-        if initial.ref_nll:
-            out["eval/nll_initial"], out["eval/nll_initial_ci95"] = stats.clustered(initial.ref_nll, groups)
+    for key, now_values, initial_values in (("nll", now.ref_nll, initial.ref_nll),
+                                            ("rare_tokens", now.ref_rare, initial.ref_rare)):
+        if now_values:
+            out[f"eval/{key}"], out[f"eval/{key}_ci95"] = stats.clustered(now_values, groups)
+            if initial_values:
+                out[f"eval/{key}_initial"], out[f"eval/{key}_initial_ci95"] = stats.clustered(initial_values, groups)
     return out
 
 
@@ -169,7 +177,7 @@ def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
     responses = [r.token_ids for c in samples.chunks for ro in c.rollouts for r in ro.responses]
     ranks = learners.get([r.log_ratios.remote(prompts, responses, False) for r in learners.ranks],
                          "the initial samples' fluency")
-    samples.ref_nll = ranks[0]["ref_nll"]
+    samples.ref_nll, samples.ref_rare = ranks[0]["ref_nll"], ranks[0]["ref_rare"]
 
 
 def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup) -> list[ray.ObjectRef]:
@@ -248,6 +256,9 @@ def summary(m: dict) -> str:
     parts += [f"KL {stats.interval(m['eval/kl'], m.get('eval/kl_ci95', math.nan))}"]
     if "eval/nll" in m:
         parts.append(f"NLL/token {m['eval/nll']:.2f}" + (f" (initial {m['eval/nll_initial']:.2f})" if "eval/nll_initial" in m else ""))
+    if "eval/rare_tokens" in m:
+        parts.append(f"rare tokens {100 * m['eval/rare_tokens']:.1f}%"
+                     + (f" (initial {100 * m['eval/rare_tokens_initial']:.1f}%)" if "eval/rare_tokens_initial" in m else ""))
     parts += [f"win rate vs initial {m['eval/win_rate']:.3f}", f"chars {m['eval/response_chars']:.1f}"]
     samples = f" ({m['eval/samples']} samples of {m['eval/prompts']} prompts)" if "eval/samples" in m else ""
     return f"eval{samples}: " + ", ".join(parts)

@@ -177,8 +177,8 @@ def progress_line(first: dict, last: dict) -> str:
     if not math.isnan(last.get("eval/reward_mean", math.nan)):
         text += f"; proxy {last['eval/reward_initial']:.3f} -> {last['eval/reward_mean']:.3f}{change('reward')}"
     text += f"; KL {last['eval/kl']:.3f}"
-    if "eval/nll" in last and "eval/nll_initial" in last:
-        text += f", NLL/token {last['eval/nll_initial']:.2f} -> {last['eval/nll']:.2f}"
+    if "eval/rare_tokens" in last and "eval/rare_tokens_initial" in last:
+        text += f", rare tokens {100 * last['eval/rare_tokens_initial']:.1f}% -> {100 * last['eval/rare_tokens']:.1f}%"
     if "eval/samples" in last:
         text += f" ({last['eval/samples']} samples of {last['eval/prompts']} prompts, 95% intervals by prompt)"
     return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -18,6 +19,7 @@ from actors.models import load_tokenizer, materialize_builtin
 from actors.rewards import lowercase_ratio
 from actors.scorer import Scorer
 from actors.types import Pair, Prompt, PromptChunk, WeightBundle
+from actors.user_code import UserFunctionError
 from orchestrator.config import GeneratorConfig, LearnerConfig, ScorerConfig
 
 
@@ -107,14 +109,15 @@ def test_function_scorer_scores_every_response(generator):
 
 def test_function_scorer_rejects_non_finite_reward_naming_the_prompt(generator):
     chunk = generator.generate(make_chunk(1))
-    with pytest.raises(ValueError, match="non-finite reward nan for prompt uid 0"):
+    prompt = re.escape(repr(chunk.rollouts[0].prompt.messages[-1]["content"][:100]))
+    with pytest.raises(UserFunctionError, match=rf"test_actors:nan_reward failed on prompt {prompt}.*returned nan"):
         Scorer(ScorerConfig(type="function", function="test_actors:nan_reward")).score(chunk)
 
 
 def test_function_scorer_bad_import_path():
-    with pytest.raises(ImportError, match="no callable 'nope'"):
+    with pytest.raises(UserFunctionError, match="has no function 'nope'"):
         Scorer(ScorerConfig(type="function", function="actors.rewards:nope"))
-    with pytest.raises(ImportError, match="cannot import module"):
+    with pytest.raises(UserFunctionError, match="cannot import module"):
         Scorer(ScorerConfig(type="function", function="no_such_module_x:f"))
 
 

@@ -238,5 +238,5 @@ def test_a_users_task_runs_from_another_directory_and_a_failing_function_stops_i
     assert line["prompts/count"] == 16 and line["pairs/count"] + line["drop/tie"] + line["drop/identical"] == 16
     assert line["drop/tie"] == line["drop/tie_high"] + line["drop/tie_low"]
     assert line["gen/resampled_prompts"] >= line["drop/tie"]  # every tie was sampled once more before it dropped
-    assert line["eval/samples"] == 32 and "eval/gold_change_ci95" in line and "eval/nll" in line
+    assert line["eval/samples"] == 32 and "eval/gold_change_ci95" in line and "eval/nll" in line and "eval/rare_tokens_initial" in line
     assert "pairs from 16 prompts; no pair:" in done.stderr and "(32 samples of 8 prompts" in done.stderr
