@@ -489,6 +489,7 @@ def check_generator(g: GeneratorConfig) -> None:
     _require(g.max_new_tokens >= 1, "generator.max_new_tokens", "must be >= 1")
     _require(g.batch_size >= 1, "generator.batch_size", "must be >= 1")
     _require(g.chunk_size >= 1, "generator.chunk_size", "must be >= 1")
+    _require(g.resample_ties >= 0, "generator.resample_ties", f"must be >= 0 (0: off), got {g.resample_ties}")
 
 
 def check_scorer(s: ScorerConfig) -> None:
@@ -506,6 +507,9 @@ def check_scorer(s: ScorerConfig) -> None:
     _require(bool(s.output_field) and s.output_field.isidentifier(), "scorer.output_field",
              f"the name of a field of the reward model's output (logits, score, ...), got {s.output_field!r}")
     _require(s.batch_size >= 1, "scorer.batch_size", "must be >= 1")
+    _require(s.function_errors in ("stop", "score"), "scorer.function_errors",
+             f"stop (the run stops, naming the function and the prompt) or score (scored failure_score, counted), "
+             f"got {s.function_errors!r}")
     _require(s.max_length >= 2, "scorer.max_length", "must be >= 2")
 
 
@@ -589,6 +593,8 @@ def check_across(cfg: OdpoConfig) -> None:
     _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
              "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
              f"{d.max_prompt_length + g.max_new_tokens}, got {g.max_model_len}")
+    _require(cfg.scorer.type != "pairwise" or g.resample_ties == 0, "generator.resample_ties",
+             "a pairwise judge always picks a best and a worst (it finds no ties): leave it 0")
     _require(cfg.scorer.type != "pairwise" or cfg.pairs.strategy == "max_min", "pairs.strategy",
              f"a pairwise scorer picks the best and the worst response (max_min); got {cfg.pairs.strategy!r}")
     _require(cfg.learner.max_length > d.max_prompt_length, "learner.max_length",

@@ -240,3 +240,14 @@ def test_a_users_task_runs_from_another_directory_and_a_failing_function_stops_i
     assert line["gen/resampled_prompts"] >= line["drop/tie"]  # every tie was sampled once more before it dropped
     assert line["eval/samples"] == 32 and "eval/gold_change_ci95" in line and "eval/nll" in line and "eval/rare_tokens_initial" in line
     assert "pairs from 16 prompts; no pair:" in done.stderr and "(32 samples of 8 prompts" in done.stderr
+
+
+def test_tie_and_error_settings_are_checked(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"`generator.resample_ties`: must be >= 0"):
+        load_config("configs/tiny.yaml", ["generator.resample_ties=-1"])
+    with pytest.raises(ConfigError, match=r"`generator.resample_ties`: a pairwise judge"):
+        load_config("configs/tiny.yaml", ["generator.resample_ties=1", "scorer.type=pairwise", "scorer.model_path=null",
+                                          "scorer.function=actors.rewards:prefer_lowercase"])
+    with pytest.raises(ConfigError, match=r"`scorer.function_errors`: stop .* or score"):
+        load_config("configs/tiny.yaml", ["scorer.function_errors=skip"])
