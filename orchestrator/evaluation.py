@@ -264,8 +264,32 @@ def summary(m: dict) -> str:
     return f"eval{samples}: " + ", ".join(parts)
 
 
+RARE_RATIO_BOUND = 2.0
+"""The text counts as drifting when its rare-token share exceeds this multiple of the initial policy's own
+(and 1% of tokens), or its NLL/token the initial's by NLL_MARGIN_BOUND nats (docs/results.md: what they caught)."""
+NLL_MARGIN_BOUND = 1.0
+
+
+def drift(m: dict) -> str | None:
+    """Why the samples read unlike the initial policy's (made-up words, odd symbols, a collapsed format), or
+    None while both fluency figures stay within their bounds."""
+    if "eval/rare_tokens_initial" not in m:
+        return None
+    why = []
+    if m["eval/rare_tokens"] > max(RARE_RATIO_BOUND * m["eval/rare_tokens_initial"], 0.01):
+        why.append(f"{100 * m['eval/rare_tokens']:.1f}% of its tokens are ones the initial policy almost never writes "
+                   f"(its own samples: {100 * m['eval/rare_tokens_initial']:.1f}%)")
+    if m["eval/nll"] > m["eval/nll_initial"] + NLL_MARGIN_BOUND:
+        why.append(f"NLL/token under the initial policy {m['eval/nll']:.2f} against {m['eval/nll_initial']:.2f} for its "
+                   f"own samples")
+    return "; ".join(why) or None
+
+
 def report(m: dict, label: str) -> None:
     print(f"odpo: {label} {summary(m)}", file=sys.stderr)
+    if (why := drift(m)) is not None:
+        print(f"odpo: {label}: the text drifts from the initial policy's: {why} (a higher learner.beta or a "
+              f"lower learner.lr keeps it closer; read a sample of pairs/round_*.jsonl)", file=sys.stderr)
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:

@@ -251,3 +251,15 @@ def test_tie_and_error_settings_are_checked(monkeypatch):
                                           "scorer.function=actors.rewards:prefer_lowercase"])
     with pytest.raises(ConfigError, match=r"`scorer.function_errors`: stop .* or score"):
         load_config("configs/tiny.yaml", ["scorer.function_errors=skip"])
+
+
+def test_drift_is_reported_only_outside_the_fluency_bounds():
+    from orchestrator.evaluation import drift
+
+    sound = {"eval/rare_tokens": 0.022, "eval/rare_tokens_initial": 0.021, "eval/nll": 1.68, "eval/nll_initial": 1.81}
+    assert drift(sound) is None and drift({"eval/kl": 1.0}) is None
+    made_up = sound | {"eval/rare_tokens": 0.05}
+    assert "5.0% of its tokens" in drift(made_up) and "NLL" not in drift(made_up)
+    collapsed = sound | {"eval/nll": 2.9}  # a format collapse: bare numbers the initial policy finds unlikely
+    assert "2.90 against 1.81" in drift(collapsed)
+    assert drift(sound | {"eval/rare_tokens": 0.009, "eval/rare_tokens_initial": 0.001}) is None  # under 1% of tokens
