@@ -1,5 +1,5 @@
 # The two commands: `make run` (tiny CPU job) and `make test` (whole suite). Both create .venv if missing.
-# `make real`: the real-model job (SmolLM2-135M-Instruct from a PyPI wheel; about 20 minutes on 2 cores).
+# `make real`: the real-model job (SmolLM2-135M-Instruct from a PyPI wheel; its time on 2 cores: docs/results.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
