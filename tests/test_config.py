@@ -15,7 +15,8 @@ from orchestrator import cli
 from orchestrator.config import ConfigError, OdpoConfig, field_docs, load_config, validate
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
+CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")) + glob.glob(str(REPO / "examples" / "*" / "*.yaml"))
+                 + glob.glob(str(REPO / "tests" / "user_task" / "*.yaml")))
 TINY = "configs/tiny.yaml"
 
 
