@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import pytest
 from conftest import REPO, RULE_LOOP, wait_for
 
+from actors.user_code import UserFunctionError
 from orchestrator import chaos
 from orchestrator.config import load_config
 from orchestrator.driver import run
@@ -193,8 +195,12 @@ def test_resources_that_cannot_be_placed_fail_within_the_timeout(ray_cluster, tm
 def test_non_finite_reward_stops_the_run_naming_the_prompt(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = config(tmp_path, "nanreward", "scorer.function=test_actors:nan_reward")
-    with pytest.raises(Exception, match=r"non-finite reward nan for prompt uid \d+"):
+    with pytest.raises(UserFunctionError) as e:  # Ray's RayTaskError from the scorer is a UserFunctionError too
         run(cfg)
+    # what the CLI prints: the function's own one line (`cause`), not the actor's traceback
+    assert re.fullmatch(r"scorer.function=test_actors:nan_reward failed on prompt '.+' \(response .*\): "
+                        r"ValueError: returned nan \(not a finite number\); .*function_errors=score.*",
+                        str(e.value.cause), flags=re.S)
     assert_no_actor_alive(ray_cluster)
 
 
