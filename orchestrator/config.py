@@ -714,6 +714,8 @@ def check_functions(cfg: OdpoConfig, command: str = "run") -> None:
         if data_key is None:
             raise ConfigError(key, f"{spec} needs the column(s) {required}, but it is called with no data row here; "
                                    f"give them defaults")
+        if not os.path.exists(getattr_dotted(cfg, data_key)):
+            continue  # a hub dataset, not downloaded here: a missing column stops the run at its first scored row
         if data_key not in columns:
             columns[data_key] = dataset_columns(cfg, data_key)
         missing = [p for p in required if p not in columns[data_key]]
