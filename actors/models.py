@@ -239,8 +239,12 @@ def load_reward_model(location: str, dtype: str, trust_remote_code: bool = False
     from transformers import AutoModelForSequenceClassification
 
     labels = {"num_labels": 1} if output_field == "logits" else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code, **labels)
+    # A causal LM (or its first layers) gets a new score head, drawn from torch's global generator: seeded here,
+    # so the same config trains the same reward model in every run (it did not, found comparing two runs).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code, **labels)
     if output_field == "logits" and model.config.num_labels != 1:
         raise ValueError(f"{location}: a Bradley-Terry reward model has one output label, this one has "
                          f"{model.config.num_labels}")

@@ -81,3 +81,21 @@ def test_train_rm_beats_chance_on_held_out_pairs_and_the_scorer_uses_it(ray_clus
     clean, noisy = scorer.score_texts([([{"role": "user", "content": "Tell me about item 1."}], "hello there friend"),
                                        ([{"role": "user", "content": "Tell me about item 1."}], "HELLO!! 42 #?")])
     assert clean > noisy
+
+
+def test_a_new_score_head_is_the_same_in_every_run(tiny_policy_dir):
+    """A causal LM made a reward model gets a fresh score head; it must not depend on what the process drew
+    before (two make real runs of one seed trained different reward models before this was seeded)."""
+    import torch
+
+    from actors.models import load_reward_model
+
+    torch.manual_seed(1)
+    first = load_reward_model(tiny_policy_dir, "float32").score.weight.detach().clone()
+    torch.rand(1000)  # another state of the global generator
+    second = load_reward_model(tiny_policy_dir, "float32").score.weight
+    assert torch.equal(first, second)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    torch.rand(1000)
+    assert torch.equal(after, torch.rand(1))  # the loads drew nothing from the caller's stream
