@@ -173,18 +173,15 @@ def figure(name: str, now: list[float], initial: list[float], groups: list[int])
 
 def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
     """The reference's per-token NLL of `samples` (the initial policy's answers, once at start-up)."""
-    prompts = [ro.prompt_ids for c in samples.chunks for ro in c.rollouts for _ in ro.responses]
-    responses = [r.token_ids for c in samples.chunks for ro in c.rollouts for r in ro.responses]
-    ranks = learners.get([r.log_ratios.remote(prompts, responses, False) for r in learners.ranks],
-                         "the initial samples' fluency")
+    ranks = learners.get(kl_requests(samples.chunks, learners, policy=False), "the initial samples' fluency")
     samples.ref_nll, samples.ref_rare = ranks[0]["ref_nll"], ranks[0]["ref_rare"]
 
 
-def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup) -> list[ray.ObjectRef]:
+def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup, policy: bool = True) -> list[ray.ObjectRef]:
     """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective)."""
     prompts = [ro.prompt_ids for c in chunks for ro in c.rollouts for _ in ro.responses]
     responses = [r.token_ids for c in chunks for ro in c.rollouts for r in ro.responses]
-    return [r.log_ratios.remote(prompts, responses) for r in learners.ranks]
+    return [r.log_ratios.remote(prompts, responses, policy) for r in learners.ranks]
 
 
 class Deferred:

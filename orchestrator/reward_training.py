@@ -77,6 +77,12 @@ def rule_pairs(count: int, seed: int, rule: Callable[..., float] = lowercase_rat
     return out
 
 
+def rule_function(cfg: OdpoConfig) -> RewardFn:
+    """reward_training.rule, called as every user function is (errors per scorer.function_errors)."""
+    return RewardFn(cfg.reward_training.rule, cfg.scorer.function_errors, cfg.scorer.failure_score,
+                    "reward_training.rule")
+
+
 def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> list[tuple[Messages, str, str]]:
     """The initial policy's n samples for each of `reward_training.prompts`' first num_pairs prompts, scored
     by `reward_training.rule` (which reads the prompt row's columns, e.g. the answer); the best and the worst
@@ -88,7 +94,7 @@ def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> list[tuple[Me
 
     rt = cfg.reward_training
     prompts = load_prompts(rt.prompts, cfg.data, "reward_training.prompts", rt.num_pairs)
-    rule = RewardFn(rt.rule, cfg.scorer.function_errors, cfg.scorer.failure_score, "reward_training.rule")
+    rule = rule_function(cfg)
     start = time.perf_counter()
     chunks = make_chunks(RM_SAMPLE_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
     gens = generators.actors
@@ -220,7 +226,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
             if own is not None:  # the sampling pool's CPUs go to the reward model's training
                 cluster.remove(own)
         elif rt.data_path.startswith("builtin:"):
-            items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, RewardFn(rt.rule, cfg.scorer.function_errors, cfg.scorer.failure_score, "reward_training.rule"))
+            items = rule_pairs(rt.num_pairs or 2048, cfg.run.seed, rule_function(cfg))
         else:
             items = load_preferences(rt.data_path, rt.num_pairs)
         if len(items) < 4:
