@@ -232,8 +232,8 @@ class Learner:
         """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
         on samples of pi; -log pi_ref(y|x) per response token (`ref_nll`) and the share of response tokens the
         reference gives less than 1e-4 (`ref_rare`: tokens it would almost never write, the evaluation's fluency
-        figure); and the `seconds` it took. `policy=False` computes only
-        `ref_nll` (the initial policy's own samples). Responses to the same prompt next to each other (an
+        figure); and the `seconds` it took. `policy=False` computes only the
+        reference's figures, `ref_nll` and `ref_rare` (the initial policy's own samples). Responses to the same prompt next to each other (an
         evaluation prompt's n samples) share one forward of the prompt (`shared_prompt_logprobs`). Every rank
         must get the same lists (ZeRO-3 forwards are collective)."""
         start = time.perf_counter()
