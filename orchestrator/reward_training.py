@@ -83,34 +83,55 @@ def rule_function(cfg: OdpoConfig) -> RewardFn:
                     "reward_training.rule")
 
 
-def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> list[tuple[Messages, str, str]]:
+def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> tuple[list[tuple[Messages, str, str]], dict]:
     """The initial policy's n samples for each of `reward_training.prompts`' first num_pairs prompts, scored
     by `reward_training.rule` (which reads the prompt row's columns, e.g. the answer); the best and the worst
-    sample of a prompt form its pair, as pairs.strategy=max_min does in the loop. Prompts whose samples all
-    score the same give no pair (counted)."""
+    sample of a prompt form its pair, as pairs.strategy=max_min does in the loop. A prompt whose samples all
+    score the same is sampled n more times, up to generator.resample_ties times, as in the loop; one still
+    tied gives no pair (counted). Returns the pairs and what the sampling found (`data/*`, for the reward
+    model's metrics)."""
     from orchestrator.data import load_prompts
     from orchestrator.selection import make_pairs
-    from orchestrator.streaming import make_chunks
+    from orchestrator.streaming import Resampler, make_chunks
 
     rt = cfg.reward_training
     prompts = load_prompts(rt.prompts, cfg.data, "reward_training.prompts", rt.num_pairs)
     rule = rule_function(cfg)
     start = time.perf_counter()
-    chunks = make_chunks(RM_SAMPLE_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
     gens = generators.actors
-    print(f"odpo: reward model data: sampling {len(prompts)} prompts x {cfg.generator.n} from the initial policy",
-          file=sys.stderr)
-    out = generators.get([gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)],
-                         "sampling the reward model's training data")
-    rollouts = [ro for c in out for ro in c.rollouts]
-    scores = [[rule(ro.prompt.messages, r.text, ro.prompt.columns) for r in ro.responses] for ro in rollouts]
-    pairs, drops = make_pairs(rollouts, scores, "max_min", 0.0, cfg.run.seed, RM_SAMPLE_ROUND)
-    flat = [x for row in scores for x in row]
-    tokens = sum(c.new_tokens for c in out)
+    resampler = Resampler(cfg.generator.resample_ties)
+    pairs, drops, flat, tokens, draws, again_total = [], {}, [], 0, 0, 0
+    chunks = make_chunks(RM_SAMPLE_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
+    next_id = len(chunks)
+    while chunks:
+        print(f"odpo: reward model data: sampling {sum(len(c.prompts) for c in chunks)} prompts x {cfg.generator.n} "
+              f"from the initial policy" + (f" (draw {draws + 1}: their samples so far all tie)" if draws else ""),
+              file=sys.stderr)
+        out = generators.get([gens[i % len(gens)].generate.remote(c) for i, c in enumerate(chunks)],
+                             "sampling the reward model's training data")
+        rollouts = [ro for c in out for ro in c.rollouts]
+        scores = [[rule(ro.prompt.messages, r.text, ro.prompt.columns) for r in ro.responses] for ro in rollouts]
+        flat += [x for row in scores for x in row]
+        tokens += sum(c.new_tokens for c in out)
+        rollouts, scores = resampler.merge(rollouts, scores)
+        found, dropped = make_pairs(rollouts, scores, "max_min", 0.0, cfg.run.seed, RM_SAMPLE_ROUND,
+                                    hold=resampler.hold)
+        pairs += found
+        drops = {k: drops.get(k, 0) + v for k, v in dropped.items()}
+        again = [ro.prompt for ro in resampler.again]
+        resampler.again = []
+        again_total += len(again)
+        chunks = make_chunks(RM_SAMPLE_ROUND, again, cfg.generator.chunk_size, cfg.run.seed, next_id)
+        next_id += len(chunks)
+        draws += 1
     print(f"odpo: reward model data: {len(pairs)} pairs from {len(prompts)} prompts (dropped: "
           f"{', '.join(f'{k} {v}' for k, v in drops.items())}); rule mean {np.mean(flat):.3f} over {len(flat)} "
-          f"samples; {tokens} tokens in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    return [(p.prompt_messages, p.chosen, p.rejected) for p in pairs]
+          f"samples; {tokens} tokens in {time.perf_counter() - start:.0f}s"
+          + (f"; {again_total} tied prompt draws sampled again" if again_total else ""), file=sys.stderr)
+    info = {"data/prompts": len(prompts), "data/pairs": len(pairs), "data/resampled_prompts": again_total,
+            "data/rule_mean": float(np.mean(flat)), "data/tokens": tokens,
+            **{f"data/drop_{k}": v for k, v in drops.items()}}
+    return [(p.prompt_messages, p.chosen, p.rejected) for p in pairs], info
 
 
 def _as_messages(prompt) -> Messages:
@@ -183,7 +204,10 @@ def training_record(cfg: OdpoConfig) -> dict:
     section, defaults = dataclasses.asdict(cfg.reward_training), dataclasses.asdict(RewardTrainingConfig())
     # keys added after records were first written count only when set, so a run made before them still resumes
     section = {k: v for k, v in section.items() if k not in LATER_KEYS or v != defaults[k]}
-    return {"reward_training": section, "run.seed": cfg.run.seed}
+    record = {"reward_training": section, "run.seed": cfg.run.seed}
+    if cfg.reward_training.data_path == POLICY_SAMPLES and cfg.generator.resample_ties:  # it draws the data too
+        record["generator.resample_ties"] = cfg.generator.resample_ties
+    return record
 
 
 def train_reward_model(cfg: OdpoConfig) -> str:
@@ -214,6 +238,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         base = first_layers(base, rt.base_layers, f"{base_dir}-first-{rt.base_layers}-layers")
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
+    data_info = {}
     with Cluster(cfg) as cluster:  # the driver's, when it trains its reward model first
         if rt.data_path == POLICY_SAMPLES:
             own = None
@@ -222,7 +247,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
                 if is_builtin(policy):
                     policy = materialize_builtin(policy, os.path.join(os.path.dirname(base_dir), "policy"), cfg.run.seed)
                 generators = own = cluster.generators(policy, cfg.policy.tokenizer or policy)
-            items = policy_sample_pairs(cfg, generators)
+            items, data_info = policy_sample_pairs(cfg, generators)
             if own is not None:  # the sampling pool's CPUs go to the reward model's training
                 cluster.remove(own)
         elif rt.data_path.startswith("builtin:"):
@@ -246,7 +271,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
-        history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name)]
+        history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name) | data_info]
         g = lc.global_batch_size
         steps_per_epoch = math.ceil(len(train) / g)
         group.start_round(0, steps_per_epoch * rt.epochs)  # one warmup + cosine over the whole training

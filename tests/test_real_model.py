@@ -194,9 +194,10 @@ def assert_same_greedy(engine_ids: list, hf_ids: list, rollouts, model) -> None:
 
 @pytest.mark.slow
 def test_the_real_model_workflow_end_to_end(ray_cluster, smol_dir, tmp_path, monkeypatch):
-    """configs/smollm2.yaml as `make real` runs it, at the smallest budget: the reward model is trained on the
-    initial policy's samples labelled by the verifier, one round optimises against it, the verifier is the gold
-    reward of the held-out evaluation; the round's checkpoint loads in transformers and vLLM."""
+    """configs/smollm2.yaml as `make real-proxy` runs it, at the smallest budget: the reward model is trained on
+    the initial policy's samples labelled by the verifier (prompts whose 2 samples tie are sampled again once),
+    one round optimises against it, the verifier is the gold reward of the held-out evaluation; the round's
+    checkpoint loads in transformers and vLLM."""
     from conftest import REPO
 
     from orchestrator.config import load_config
@@ -205,12 +206,17 @@ def test_the_real_model_workflow_end_to_end(ray_cluster, smol_dir, tmp_path, mon
     monkeypatch.chdir(REPO)
     cfg = load_config("configs/smollm2.yaml", [
         f"run.output_dir={tmp_path}", "run.rounds=1", "data.prompts_per_round=4", "eval.prompts=2",
-        "generator.n=2", "generator.max_new_tokens=8", "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5",
+        "generator.n=2", "generator.resample_ties=1", "generator.max_new_tokens=8", "generator.cpus_per_actor=0.5",
+        "scorer.cpus_per_actor=0.5",
         "reward_training.num_pairs=24", "reward_training.base_layers=2", "reward_training.epochs=1",
         "learner.global_batch_size=4", "learner.epochs=1", "metrics.wandb=false"])
     run_dir = run(cfg)
     rm = [json.loads(line) for line in open(os.path.join(run_dir, "reward_model_metrics.jsonl"))]
     assert rm[0]["epoch"] == -1 and rm[0]["eval/pairs"] >= 1 and rm[-1]["steps"] >= 1
+    data = rm[0]  # every prompt ends as a pair or a counted drop; the tied ones were drawn again first
+    assert data["data/pairs"] + data["data/drop_tie"] + data["data/drop_identical"] == data["data/prompts"] == 24
+    assert data["data/resampled_prompts"] > 0 and data["data/drop_tie"] <= data["data/resampled_prompts"]
+    assert data["data/pairs"] > data["eval/pairs"]  # the held-out pairs are a part of them
     assert json.load(open(os.path.join(run_dir, "reward_model", "config.json")))["architectures"] == [
         "LlamaForSequenceClassification"]
     [m] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

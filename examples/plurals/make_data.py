@@ -1,6 +1,8 @@
-"""Writes prompts.jsonl: "What is the plural of 'mouse'?" with the answer in a column of its own.
+"""Writes prompts.jsonl: "What is the plural of 'mouse'?" with the answer in a column of its own, and
+prompts_rm.jsonl: the same nouns in two other phrasings, for the reward model's data (make real's proxy).
+No prompt of one file is in the other, so the loop's held-out prompts are never a reward-model prompt.
 
-    python examples/plurals/make_data.py      # rewrites prompts.jsonl beside this file (deterministic)
+    python examples/plurals/make_data.py      # rewrites both files beside this file (deterministic)
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ TEMPLATES = (
     'Give the plural form of the noun "{w}". Reply with the word only.',
     'One {w}, two ...? Answer with the plural only.',
 )
+RM_TEMPLATES = (
+    'Write the plural of the word "{w}". Just the word.',
+    'What do you call more than one {w}? One word, please.',
+)
 
 
-def rows(seed: int = 5) -> list[dict]:
-    out = [{"prompt": t.format(w=w), "singular": w, "plural": p} for w, p in PLURALS.items() for t in TEMPLATES]
+def rows(seed: int = 5, templates: tuple[str, ...] = TEMPLATES) -> list[dict]:
+    out = [{"prompt": t.format(w=w), "singular": w, "plural": p} for w, p in PLURALS.items() for t in templates]
     random.Random(seed).shuffle(out)
     return out
 
 
 if __name__ == "__main__":
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows())
-    print(path, len(rows()), "rows")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, data in (("prompts.jsonl", rows()), ("prompts_rm.jsonl", rows(6, RM_TEMPLATES))):
+        with open(os.path.join(here, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in data)
+        print(os.path.join(here, name), len(data), "rows")
