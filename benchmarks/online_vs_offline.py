@@ -16,6 +16,8 @@ length, KL, pairs and steps) and writes a PNG of the same.
     .venv/bin/python benchmarks/online_vs_offline.py --rule actors.rewards:lowercase_half   # more is not better
     .venv/bin/python benchmarks/online_vs_offline.py --rule-scorer   # ablation: the rule scores, no proxy
     .venv/bin/python benchmarks/online_vs_offline.py --config configs/smollm2.yaml --rule actors.rewards:answer_first
+    .venv/bin/python benchmarks/online_vs_offline.py --config examples/plurals/proxy.yaml --rule reward:plural_named \
+        --rounds 3 --seeds 43 44 45 46 47          # make real's task (docs/results.md)
 """
 
 from __future__ import annotations
@@ -181,6 +183,11 @@ def main() -> None:
                                         + ("" if name == "lowercase_ratio" else f"_{name}")
                                         + ("_rule-scorer" if args.rule_scorer else ""))
     args.overrides = [f"reward_training.rule={args.rule}", f"eval.gold_reward={args.rule}", *args.overrides]
+    # a rule in a .py file beside the config (e.g. examples/plurals' reward:plural_named): found here too,
+    # where the pairs are judged, as the runs find it
+    from actors.user_code import CODE_PATH_ENV, code_path_for
+
+    os.environ[CODE_PATH_ENV] = code_path_for(os.path.join(REPO, args.config), in_job=False)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     results = {seed: read_runs(seed, args.out) if args.report_only else run_seed(
