@@ -145,13 +145,13 @@ def plot(results: dict[int, dict[str, list[dict]]], rounds: int, path: str, titl
 
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 3.4))
     xs = list(range(rounds + 1))
-    for ax, (key, title) in zip(axes, COLUMNS):
+    for ax, (key, name) in zip(axes, COLUMNS):
         for m, color in zip(MODES, ("tab:blue", "tab:orange")):
             for h in results.values():  # each seed faint, the mean bold
                 ax.plot(xs, [mean_initial({0: h}, key)] + [x[key] for x in h[m]], color=color, alpha=0.25, lw=1)
             ys = [mean_initial(results, key)] + [mean([h[m][r][key] for h in results.values()]) for r in range(rounds)]
             ax.plot(xs, ys, color=color, lw=2.2, marker="o", ms=3, label=m)
-        ax.set_title(title)
+        ax.set_title(name)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()
