@@ -55,7 +55,8 @@ class GeneratorConfig(RolloutPoolConfig):
     resample_ties: int = 0
     """A prompt whose n samples all tie (the same score: all right or all wrong) is sampled n more times, up to
     this many times, and paired over all its samples, before it counts as a drop (rejection-sampling recipes
-    sample until a prompt gives a pair). 0: off. A reward scorer only (a pairwise judge finds no ties)."""
+    sample until a prompt gives a pair). 0: off. A reward scorer only (a pairwise judge finds no ties). The
+    reward model's `builtin:policy-samples` data is drawn the same way (`data/*` in reward_model_metrics.jsonl)."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]."""
     top_k: int = -1
@@ -123,7 +124,8 @@ class ScorerConfig(RolloutPoolConfig):
     function_errors: str = "stop"
     """A reward function (scorer.function, eval.gold_reward, reward_training.rule) that raises on a row: `stop`
     the run with one line naming the function, the prompt and the error; or `score` the row as a failure
-    (failure_score) and count it (`score/function_errors` in the round's line, `eval/gold_errors`)."""
+    (failure_score) and count it (`score/function_errors` in the round's line, `eval/gold_errors`). A pairwise
+    function judge that raises on a comparison: `stop` likewise, or `score` counts it as a tie (0.5)."""
     failure_score: float = 0.0
     """The score a row gets when the reward function raised on it (function_errors=score)."""
 

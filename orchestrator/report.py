@@ -86,7 +86,8 @@ def pairs_line(m: dict, rounds: int) -> str:
     if m.get("gen/resampled_prompts"):
         text += f"; {m['gen/resampled_prompts']} tied prompt draws sampled again, {m['pairs/rescued']} gave a pair then"
     if m.get("score/function_errors"):
-        text += f"; the reward function failed on {m['score/function_errors']} samples (scored as failures)"
+        text += (f"; the scorer's function failed {m['score/function_errors']} times (counted as failures, "
+                 f"scorer.function_errors=score)")
     if prompts and (prompts - pairs) / prompts > TIE_HINT_SHARE:
         text += ("\nodpo: most prompts gave no pair, so few optimizer steps ran; what helps: more samples per prompt "
                  "(generator.n), sampling tied prompts again (generator.resample_ties=2), more diverse samples "

@@ -109,6 +109,27 @@ def test_a_judge_that_is_not_a_probability_stops_naming_the_prompt():
                             pairwise_both_orders=False)).score(chunk_of([["a", "b"]]))
 
 
+def picky_judge(messages, a, b):
+    """Raises on any comparison that involves the response "boom"."""
+    if "boom" in (a, b):
+        raise KeyError("boom")
+    return prefer_lowercase(messages, a, b)
+
+
+def test_a_judge_that_raises_stops_in_one_line_or_counts_ties():
+    from actors.user_code import UserFunctionError
+
+    texts = [["aaa", "boom", "AAA"], ["abc", "ABC"]]
+    with pytest.raises(UserFunctionError, match=r"scorer\.function=test_pairwise:picky_judge failed on prompt 'q0' "
+                       r"\(responses .*\): KeyError: 'boom'; fix the function, or set scorer\.function_errors=score"):
+        Scorer(ScorerConfig(type="pairwise", function="test_pairwise:picky_judge")).score(chunk_of(texts))
+    scorer = Scorer(ScorerConfig(type="pairwise", function="test_pairwise:picky_judge", function_errors="score"))
+    scored = scorer.score(chunk_of(texts))
+    assert scored.failures > 0  # every comparison with "boom" counted, judged a tie (0.5: the first shown wins)
+    assert scored.picks[1] == (0, 1)  # the prompt without a failing comparison: lowercase best, uppercase worst
+    assert scorer.score(chunk_of([["abc", "ABC"]])).failures == 0  # counted per chunk
+
+
 def test_a_pairwise_model_judges_through_its_logit(tiny_rm_dir):
     """The builtin tiny sequence classifier as a pairwise model: real forward passes over the template."""
     scorer = Scorer(ScorerConfig(type="pairwise", model_path=tiny_rm_dir, batch_size=4, max_length=256))

@@ -234,7 +234,7 @@ def test_a_users_task_runs_from_another_directory_and_a_failing_function_stops_i
     assert done.returncode == 0, done.stderr[-3000:]
     line = json.loads(open(tmp_path / "runs" / "picky2" / "metrics.jsonl").readline())
     assert line["score/function_errors"] > 0 and line["eval/gold_errors"] > 0
-    assert f"the reward function failed on {line['score/function_errors']} samples" in done.stderr
+    assert f"the scorer's function failed {line['score/function_errors']} times" in done.stderr
     assert line["prompts/count"] == 16 and line["pairs/count"] + line["drop/tie"] + line["drop/identical"] == 16
     assert line["drop/tie"] == line["drop/tie_high"] + line["drop/tie_low"]
     assert line["gen/resampled_prompts"] >= line["drop/tie"]  # every tie was sampled once more before it dropped
