@@ -36,7 +36,7 @@ from actors.preference import PreferenceFormat
 from actors.settings import ScorerConfig
 from actors.tournament import Match, best_and_worst
 from actors.types import Messages, RolloutChunk, ScoredChunk
-from actors.user_code import RewardFn, UserFunctionError, import_function, prompt_text
+from actors.user_code import RewardFn, function_failed, import_function
 
 __all__ = ["RewardFn", "Scorer", "import_function"]  # RewardFn lives in actors/user_code.py; scripts import it here
 
@@ -50,12 +50,13 @@ class Scorer:
         self.cfg = cfg
         self.name = name
         self.fn: Callable | None = None
+        self.judge_failures = 0
+        """Comparisons a pairwise function judge raised on since the last chunk (function_errors=score)."""
         if cfg.type == "function":
             self.fn = RewardFn(cfg.function or "", cfg.function_errors, cfg.failure_score)
             return
         if cfg.type == "pairwise" and model_path is None and cfg.model_path is None:
             self.fn = import_function(cfg.function or "")
-            self.judge_failures = 0
             return
         location = self.location = model_path or cfg.model_path
         self.tokenizer = load_tokenizer(cfg.tokenizer or location, cfg.trust_remote_code)
@@ -117,7 +118,7 @@ class Scorer:
             return out
 
         picks, _ = best_and_worst([len(ro.responses) for ro in rollouts], judge)
-        failures, self.judge_failures = getattr(self, "judge_failures", 0), 0
+        failures, self.judge_failures = self.judge_failures, 0
         return ScoredChunk(rollouts=chunk, scores=wins, actor=self.name, seconds=time.perf_counter() - start,
                            picks=picks, comparisons=calls, failures=failures)
 
@@ -144,12 +145,7 @@ class Scorer:
     def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:
         """P(a is better than b) for each (messages, a, b)."""
         if self.fn is not None:
-            probs = [self._judge(m, a, b) for m, a, b in items]
-            for (m, a, b), p in zip(items, probs):
-                if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-                    raise ValueError(f"{self.name}: pairwise judge gave {p} (not a probability) for prompt "
-                                     f"{m[-1]['content'][:80]!r}, responses {a[:40]!r} and {b[:40]!r}")
-            return probs
+            return [self._judge(m, a, b) for m, a, b in items]
         if self.format is not None:
             return self._preferences(items)
         texts = [PAIRWISE_TEMPLATE.format(context=self.tokenizer.apply_chat_template(m, tokenize=False), a=a, b=b)
@@ -157,18 +153,21 @@ class Scorer:
         return [0.5 * (1.0 + math.tanh(x / 2)) for x in self._logits(texts)]  # sigmoid, no overflow
 
     def _judge(self, messages: Messages, a: str, b: str) -> float:
-        """A pairwise function judge's P(a better than b). One that raises stops with a line naming it, the
-        prompt and the error, or with scorer.function_errors=score counts as a tie (0.5) and is counted."""
+        """A pairwise function judge's P(a better than b). One that raises or returns no probability stops
+        with a line naming it, the prompt and the error, or with scorer.function_errors=score counts as a tie
+        (0.5) and is counted."""
         try:
-            return float(self.fn(messages, a, b))
+            p = float(self.fn(messages, a, b))
+            if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                raise ValueError(f"returned {p} (not a probability)")
+            return p
         except Exception as e:
             if self.cfg.function_errors == "score":
                 self.judge_failures += 1
                 return 0.5
-            raise UserFunctionError(
-                f"scorer.function={self.cfg.function} failed on prompt {prompt_text(messages)!r} (responses "
-                f"{a[:40]!r} and {b[:40]!r}): {type(e).__name__}: {e}; fix the function, or set "
-                f"scorer.function_errors=score to count such comparisons as ties (0.5)") from None
+            raise function_failed(f"scorer.function={self.cfg.function}", messages,
+                                  f"responses {a[:40]!r} and {b[:40]!r}", e,
+                                  "judge such comparisons ties (0.5)") from None
 
     @torch.no_grad()
     def score_texts(self, items: list[tuple[Messages, str]]) -> list[float]:

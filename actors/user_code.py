@@ -108,16 +108,22 @@ class RewardFn:
             if self.errors == "score":
                 self.failures += 1
                 return self.failure_score
-            raise UserFunctionError(
-                f"{self.key}={self.spec} failed on prompt {prompt_text(messages)!r} (response {response[:60]!r}): "
-                f"{type(e).__name__}: {e}; fix the function, or set scorer.function_errors=score to score such "
-                f"rows as failures (scorer.failure_score) and count them") from None
+            raise function_failed(f"{self.key}={self.spec}", messages, f"response {response[:60]!r}", e,
+                                  "score such rows as failures (scorer.failure_score)") from None
         return value
 
     def take_failures(self) -> int:
         """Failures since the last call (a scorer reports them per chunk)."""
         n, self.failures = self.failures, 0
         return n
+
+
+def function_failed(name: str, messages: list[dict], shown: str, error: Exception, instead: str) -> UserFunctionError:
+    """The one line a user function that raised on a row stops the run with: the function, the prompt, what
+    it was shown, the error, and what scorer.function_errors=score does instead."""
+    return UserFunctionError(
+        f"{name} failed on prompt {prompt_text(messages)!r} ({shown}): {type(error).__name__}: {error}; fix the "
+        f"function, or set scorer.function_errors=score to {instead} and count them")
 
 
 def parameters(fn: Callable, fixed: int) -> tuple[list[str], list[str], bool]:

@@ -118,8 +118,7 @@ def policy_sample_pairs(cfg: OdpoConfig, generators: ActorPool) -> tuple[list[tu
                                     hold=resampler.hold)
         pairs += found
         drops = {k: drops.get(k, 0) + v for k, v in dropped.items()}
-        again = [ro.prompt for ro in resampler.again]
-        resampler.again = []
+        again = resampler.take_again()
         again_total += len(again)
         chunks = make_chunks(RM_SAMPLE_ROUND, again, cfg.generator.chunk_size, cfg.run.seed, next_id)
         next_id += len(chunks)

@@ -244,9 +244,13 @@ class Resampler:
                 del self.held[uid]
         self.just_held.clear()
 
+    def take_again(self) -> list[Prompt]:
+        """The held prompts not yet sent back, in the order they were held (each is sent back once)."""
+        prompts, self.again = [ro.prompt for ro in self.again], []
+        return prompts
+
     def next_chunk(self, round_index: int, chunk_id: int, seed: int) -> PromptChunk | None:
-        prompts = [ro.prompt for ro in self.again]
-        self.again = []
+        prompts = self.take_again()
         return make_chunks(round_index, prompts, len(prompts), seed, chunk_id)[0] if prompts else None
 
 

@@ -104,7 +104,8 @@ def not_a_probability(messages, a, b):
 
 
 def test_a_judge_that_is_not_a_probability_stops_naming_the_prompt():
-    with pytest.raises(ValueError, match=r"pairwise judge gave 1\.\d+ \(not a probability\) for prompt 'q0'"):
+    with pytest.raises(ValueError, match=r"scorer\.function=test_pairwise:not_a_probability failed on prompt 'q0' "
+                       r"\(responses 'a' and 'b'\): ValueError: returned 1\.7 \(not a probability\)"):
         Scorer(ScorerConfig(type="pairwise", function="test_pairwise:not_a_probability",
                             pairwise_both_orders=False)).score(chunk_of([["a", "b"]]))
 
