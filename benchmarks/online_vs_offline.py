@@ -16,8 +16,8 @@ length, KL, pairs and steps) and writes a PNG of the same.
     .venv/bin/python benchmarks/online_vs_offline.py --rule actors.rewards:lowercase_half   # more is not better
     .venv/bin/python benchmarks/online_vs_offline.py --rule-scorer   # ablation: the rule scores, no proxy
     .venv/bin/python benchmarks/online_vs_offline.py --config configs/smollm2.yaml --rule actors.rewards:answer_first
-    .venv/bin/python benchmarks/online_vs_offline.py --config examples/plurals/proxy.yaml --rule reward:plural_named \
-        --rounds 3 --seeds 43 44 45 46 47          # make real's task (docs/results.md)
+    .venv/bin/python benchmarks/online_vs_offline.py --config examples/plurals/task.yaml --rule reward:plural_named \
+        --rule-scorer --rounds 3 --seeds 43 44 45 46 47          # make real's task and recipe (docs/results.md)
 """
 
 from __future__ import annotations
