@@ -17,7 +17,14 @@ import time
 
 import torch
 
-from actors.models import load_causal_lm, load_tokenizer, own_process_ids, prepare_worker, render_prompt
+from actors.models import (
+    load_causal_lm,
+    load_tokenizer,
+    own_process_ids,
+    prepare_worker,
+    render_prompt,
+    tied_copies,
+)
 from actors.settings import GeneratorConfig
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 
@@ -90,13 +97,15 @@ class HFGenerator(GeneratorBase):
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.model.to(self.device)
+        self.tied_keys = set(tied_copies(self.model))
+        """Weights stored once with another (a tied output head), which a payload may leave out."""
 
     def load_weights(self, bundle: WeightBundle) -> int:
         """Copy the learner's full state dict into this engine in place; returns the new version."""
         self._check_newer(bundle.version)
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(bundle.tensors(), strict=False)
-        if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
+        if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq") and k not in self.tied_keys]:
             raise ValueError(f"{self.name}: weight bundle does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         self.version = bundle.version

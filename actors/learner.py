@@ -33,7 +33,7 @@ from actors.losses import (
     shared_prompt_logprobs,
     shared_prompt_token_logprobs,
 )
-from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker
+from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker, tied_copies
 from actors.settings import LearnerConfig
 from actors.types import Pair, WeightBundle
 
@@ -58,6 +58,7 @@ class Learner:
         self.step_in_round = 0
         self.total_steps = 1
         self.use_cuda = torch.cuda.is_available() and cfg.gpus_per_rank > 0
+        self.attention = cfg.attention if cfg.attention != "auto" else "sdpa" if self.use_cuda else "eager"
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -91,19 +92,25 @@ class Learner:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        # fused: one pass over each parameter's state instead of one per operation (2x faster steps on CPU);
+        # DeepSpeed's own Adam would need a compiled extension
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
-                                      weight_decay=self.cfg.weight_decay)
+                                      weight_decay=self.cfg.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
-        self.forward_flops_per_token = forward_flops_per_token(self.engine.module)
+        e = self.engine  # plain fp32 without ZeRO: DeepSpeed's clip does not record the gradient norm
+        self._norm_untracked = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
+        self.body_flops, self.head_flops = forward_flops_per_token(self.engine.module)
+        self.peak_flops = matmul_flops(self.device, DTYPES[self.dtype])  # the rate the learner's FLOP/s is held against
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
 
     def _build_reference(self, device: torch.device) -> None:
-        self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code).to(device).eval()
+        self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code,
+                                        self.attention).to(device).eval()
         self.reference.requires_grad_(False)
 
     def _load_trained_model(self):
-        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
+        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
 
     def deepspeed_config(self) -> dict:
         c = self.cfg
@@ -133,6 +140,11 @@ class Learner:
 
     def ready(self) -> str:
         return f"learner-{self.rank}"
+
+    def matmul_flops(self) -> float:
+        """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU), measured at set-up:
+        the machine's rate, against which `profile/learner_vs_peak` holds the learner's useful FLOP/s."""
+        return self.peak_flops
 
     def process_ids(self) -> list[int]:
         return own_process_ids()
@@ -192,6 +204,9 @@ class Learner:
                 raise FloatingPointError(f"non-finite DPO loss for prompt uid(s) {bad} at optimizer step "
                                          f"{self.step_in_round} of the round; stopping before the update")
             self.engine.backward((losses * w).sum() * scale)
+            if k == len(micro_batches) - 1 and self._norm_untracked:  # DeepSpeed clips but keeps no norm here
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                plain_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             self.engine.step()
             chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()  # a reward model's scores carry grad
             sums["loss"] += float((losses.detach() * w).sum())
@@ -201,7 +216,7 @@ class Learner:
             for key in ("computed_tokens", "padded_tokens", "flops"):
                 sums[key] += work[key]
         self.step_in_round += 1
-        norm = self.engine.get_global_grad_norm()
+        norm = plain_norm if self._norm_untracked else self.engine.get_global_grad_norm()
         cap = self.cfg.max_length
         tokens = sum(min(len(p.prompt_ids) + len(r), cap) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
         sums.update(lr=lr, grad_norm=float(norm) if norm is not None else float("nan"),
@@ -217,15 +232,14 @@ class Learner:
         start = time.perf_counter()
         found: dict[int, tuple[float, float]] = {}  # by the pair's identity: length_grouped reorders them
         m = self.cfg.micro_batch_size
-        real = 0
+        flops = 0.0
         for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
-            logps, _, _, group_real = self._pair_logprobs(self.reference, group)
+            logps, _, _, group_real, predicted = self._pair_logprobs(self.reference, group)
             ref = logps.tolist()
             found.update((id(p), (c, r)) for p, c, r in zip(group, ref[: len(group)], ref[len(group):]))
-            real += group_real
+            flops += self.forward_flops(group_real, predicted)
         result = [found[id(p)] for p in pairs]
-        return {"logps": result, "seconds": time.perf_counter() - start,
-                "flops": float(self.forward_flops_per_token * real)}
+        return {"logps": result, "seconds": time.perf_counter() - start, "flops": flops}
 
     @torch.no_grad()
     def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True) -> dict:
@@ -270,9 +284,14 @@ class Learner:
         responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         return tuple(t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
 
-    def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Summed log-probs of the chosen responses then the rejected ones, their token counts, and the token
-        positions computed and real. The prompt runs once per pair, its KV cache shared by both responses
+    def forward_flops(self, real_tokens: int, predicted_tokens: int) -> float:
+        """Useful FLOPs of one forward: the body's linear layers on every real token, the output head only where
+        a prediction is read (a response token's; the prompt's other positions need no logits)."""
+        return float(self.body_flops * real_tokens + self.head_flops * predicted_tokens)
+
+    def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """Summed log-probs of the chosen responses then the rejected ones, their token counts, the token
+        positions computed and real, and the response tokens predicted. The prompt runs once per pair, its KV cache shared by both responses
         (`shared_prompt_logprobs`), except under gradient checkpointing, which turns the cache off: then
         each response runs with its own copy of the prompt."""
         cap = self.cfg.max_length
@@ -280,17 +299,18 @@ class Learner:
         if self.cfg.gradient_checkpointing:
             ids, attn, resp = self._pair_sequences(pairs)
             logps = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
-            return logps, response_token_counts(resp), ids.numel(), int(attn.sum())
+            counts = response_token_counts(resp)
+            return logps, counts, ids.numel(), int(attn.sum()), int(counts.sum())
         flat = shared_prompt_logprobs(model, [p.prompt_ids for p in pairs],
                                       [[p.chosen_ids, p.rejected_ids] for p in pairs], self.pad_id, cap)
         counts = torch.tensor([len(c[1]) for c, _ in cut] + [len(r[1]) for _, r in cut], device=flat.device)
         widest = max(1, max(len(x[1]) for pair in cut for x in pair))
         computed = len(pairs) * max(len(c[0]) for c, _ in cut) + 2 * len(pairs) * widest
         real = sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in cut)
-        return torch.cat([flat[0::2], flat[1::2]]), counts, computed, real
+        return torch.cat([flat[0::2], flat[1::2]]), counts, computed, real, int(counts.sum())
 
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        logps, tokens, computed, real = self._pair_logprobs(self.engine, pairs)
+        logps, tokens, computed, real, predicted = self._pair_logprobs(self.engine, pairs)
         have_reference = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
         if have_reference:  # computed once, as the pairs formed
             ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
@@ -301,23 +321,29 @@ class Learner:
         n = len(pairs)
         # forward + backward of the policy (3 forwards' worth) and, unless given, one reference forward
         work = dict(computed_tokens=computed, padded_tokens=computed - real,
-                    flops=float(self.forward_flops_per_token * real * (3 if have_reference else 4)))
+                    flops=self.forward_flops(real, predicted) * (3 if have_reference else 4))
         return (*dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
                           chosen_tokens=tokens[:n], rejected_tokens=tokens[n:]), work)
 
     # -- weights out --------------------------------------------------------------------------------
 
-    def _full_state_dict(self, to_cpu: bool = True, keep: bool = True) -> dict[str, torch.Tensor]:
+    def _full_state_dict(self, to_cpu: bool = True, keep: bool = True, tied: bool = True) -> dict[str, torch.Tensor]:
         """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype; ranks that
-        only help the gather (`keep=False`) copy nothing."""
+        only help the gather (`keep=False`) copy nothing. `tied=False` leaves out a weight that shares its
+        storage with one already taken (a tied output head: 28% of a 135M model's bytes), as save_pretrained
+        does; every loader of the payload (transformers, vLLM) ties it back."""
         import deepspeed
 
         module = self.engine.module
         params = list(module.parameters())
         enabled = self.cfg.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
+            state = module.state_dict() if keep else {}
+            skip = set() if tied else set(tied_copies(module))
             out = {}
-            for k, v in (module.state_dict().items() if keep else ()):
+            for k, v in state.items():
+                if k in skip:
+                    continue
                 t = v.detach().to(DTYPES[self.dtype])
                 out[k] = t.to("cpu", copy=True) if to_cpu else t.clone()
         return out
@@ -335,7 +361,7 @@ class Learner:
 
     def export_weights(self, version: int) -> WeightBundle | None:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
-        tensors = self._full_state_dict(keep=self.rank == 0)
+        tensors = self._full_state_dict(keep=self.rank == 0, tied=False)
         return WeightBundle.from_tensors(version, tensors) if self.rank == 0 else None
 
 
@@ -373,11 +399,31 @@ def length_grouped(pairs: list[Pair], pad: Pair | None, steps: int) -> list[tupl
     return out
 
 
-def forward_flops_per_token(model: torch.nn.Module) -> int:
-    """Multiply-adds x 2 of one token's forward through the model's linear layers (the output head included,
-    even when it shares the embedding's weights); attention's score and mixing products are left out (a few
-    per cent at odpo's sequence lengths)."""
-    return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.25) -> float:
+    """FLOP/s of repeated n^3 matrix products (n = 1024 on CPUs, 4096 on GPUs) at the calling thread count,
+    for about `budget_s` seconds after one warm-up product."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - start < budget_s:
+        a @ b
+        reps += 1
+        sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def forward_flops_per_token(model: torch.nn.Module) -> tuple[int, int]:
+    """Multiply-adds x 2 of one token's forward through the model's linear layers: the body's, and the output
+    head's (a causal LM's vocabulary projection, counted even when it shares the embedding's weights; 0 for a
+    model without one, whose small head is in the body). Attention's score and mixing products are left out
+    (a few per cent at odpo's sequence lengths)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_flops = 2 * head.weight.numel() if isinstance(head, torch.nn.Linear) else 0
+    total = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return total - head_flops, head_flops
 
 
 class RewardLearner(Learner):
@@ -410,8 +456,7 @@ class RewardLearner(Learner):
         chosen, rejected = self._rewards(pairs)
         real = sum(min(len(s), self.cfg.max_length) for p in pairs for s in (p.chosen_ids, p.rejected_ids))
         computed = 2 * len(pairs) * min(self.cfg.max_length, max(len(s) for p in pairs for s in (p.chosen_ids, p.rejected_ids)))
-        work = dict(computed_tokens=computed, padded_tokens=computed - real,
-                    flops=float(self.forward_flops_per_token * real * 3))
+        work = dict(computed_tokens=computed, padded_tokens=computed - real, flops=self.forward_flops(real, 0) * 3)
         return bradley_terry_loss(chosen, rejected, reduction="none"), chosen, rejected, work
 
     @torch.no_grad()
@@ -439,7 +484,7 @@ class PairwiseLearner(Learner):
         self.reference = None
 
     def _load_trained_model(self):
-        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code)
+        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
 
     def ready(self) -> str:
         return f"rm-learner-{self.rank}"
@@ -459,7 +504,7 @@ class PairwiseLearner(Learner):
         real = sum(min(len(p.prompt_ids), self.cfg.max_length) for p in pairs)
         computed = len(pairs) * min(self.cfg.max_length, max(len(p.prompt_ids) for p in pairs))
         work = dict(computed_tokens=computed, padded_tokens=computed - real,
-                    flops=float(self.forward_flops_per_token * real * 3))
+                    flops=self.forward_flops(real, len(pairs)) * 3)  # one prediction a row: the letter
         return -right, right, wrong, work
 
     @torch.no_grad()

@@ -71,7 +71,9 @@ def shared_prompt_token_logprobs(model, prompts: list[list[int]], responses: lis
     kept = [c[0][0] if c else p for c, p in zip(cut, prompts)]
     device = next(model.parameters()).device
     ids, mask, positions = left_padded(kept, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # logits only at the prompt's last position (the response's first token): the head over the whole prompt
+    # would cost a vocabulary-wide product per prompt token, forward and backward, for nothing
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each response's first token
     owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long, device=device)
     flat = [r for c in cut for _, r in c]

@@ -214,11 +214,36 @@ def load_tokenizer(location: str, trust_remote_code: bool = False, padding_side:
     return tok
 
 
-def load_causal_lm(location: str, dtype: str, trust_remote_code: bool = False):
+def tied_copies(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters stored once under two names (a tied output head): each later name -> the first. save_pretrained
+    writes only the first; transformers ties the copy back when loading, vLLM needs it named (tied_in)."""
+    first: dict[int, str] = {}
+    copies: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            copies[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return copies
+
+
+def checkpoint_tied_copies(location: str, trust_remote_code: bool = False) -> dict[str, str]:
+    """tied_copies of a checkpoint's model, built from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return tied_copies(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+
+
+def load_causal_lm(location: str, dtype: str, trust_remote_code: bool = False, attention: str | None = None):
+    """A causal LM from a local checkpoint; `attention` picks transformers' attention kernel (`eager`, `sdpa`),
+    None its default."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": attention} if attention else {}
     return AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code, **extra)
 
 
 def is_causal_lm(location: str, trust_remote_code: bool = False) -> bool:

@@ -185,6 +185,11 @@ class LearnerConfig:
     """Global gradient-norm clip (0 disables)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (the recipe: on)."""
+    attention: str = "auto"
+    """Attention kernel of the learner's policy and reference: `eager` (plain matrix products), `sdpa` (torch's
+    fused scaled-dot-product attention) or `auto`: eager on CPUs, where odpo's short sequences (a few hundred
+    tokens) train ~7% faster with it, sdpa on GPUs. Eager keeps each layer's attention matrix for the backward
+    pass: for sequences of thousands of tokens on a CPU, choose sdpa."""
     dist_timeout_s: float = 1800.0
     """Timeout of collective operations between learner ranks."""
     step_timeout_s: float = 3600.0

@@ -23,15 +23,19 @@ from typing import Any
 import torch
 
 from actors.generator import GeneratorBase, build_chunk
+from actors.models import checkpoint_tied_copies
 from actors.settings import GeneratorConfig
 from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 
 
-def _reload_from_safetensors(worker, payload: bytes) -> int:
-    """Runs on every vLLM worker (collective_rpc): in-place reload from checkpoint-format tensors."""
+def _reload_from_safetensors(worker, payload: bytes, tied: dict[str, str]) -> int:
+    """Runs on every vLLM worker (collective_rpc): in-place reload from checkpoint-format tensors. A tied copy
+    the payload leaves out (`tied`: copy -> source, the output head) is named again: vLLM's CPU build keeps a
+    processed copy of the head that only a reload naming it refreshes."""
     from safetensors.torch import load
 
     tensors = load(payload)
+    tensors |= {copy: tensors[source] for copy, source in tied.items() if copy not in tensors and source in tensors}
     worker.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
     return len(tensors)
 
@@ -70,6 +74,8 @@ class VLLMGenerator(GeneratorBase):
             seed=0,
             **({"weight_transfer_config": {"backend": "nccl"}} if cfg.weight_sync == "nccl" else {}),
         )
+        self.tied = checkpoint_tied_copies(model_path, trust_remote_code)
+        """The checkpoint's tied copies (copy -> source): a weight payload carries each tensor once."""
         # The first generate call pays one-off set-up costs; pay them here, not in round 0's timings.
         self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
                           self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
@@ -77,7 +83,7 @@ class VLLMGenerator(GeneratorBase):
     def load_weights(self, bundle: WeightBundle) -> int:
         """Reload the engine's weights in place from the learner's payload; returns the new version."""
         self._check_newer(bundle.version)
-        self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload,))
+        self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload, self.tied))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.version = bundle.version
         return self.version

@@ -1,26 +1,29 @@
 """The learner's optimizer step on the real model, against this machine's own matmul rate.
 
-One DeepSpeed learner rank in this process (ZeRO-2, gloo, `--threads` CPU threads as a rank with that many
-CPUs gets), on builtin:smollm2-135m-instruct (or the tiny policy), with pairs shaped like the real-model
-task's (prompts of 40-60 tokens, responses of 4-20). Side by side in one run:
+One DeepSpeed learner rank in this process (gloo, `--threads` CPU threads as a rank with that many CPUs gets),
+on builtin:smollm2-135m-instruct (or the tiny policy), with pairs shaped like the real-model task's (prompts of
+40-60 tokens, responses of 4-20), the reference log-probs computed ahead (as the stream does). Side by side:
 
-0. a full global batch (8 pairs, 2 micro-batches of 4) as full rows, each response with its own copy of the
-   prompt (the learner before issue 13; today's path under gradient checkpointing);
-1. the same batch with each prompt computed once, its cache shared by both responses, the reference forward
-   in the step;
-2. the same batch with the reference log-probs computed ahead (the stream's reference stage), the step then
-   skips that forward; the reference call's own seconds are printed beside it;
-3. a partial batch of 3 of those pairs: before issue 13 it cost what the full batch costs (padded with
-   zero-weight pairs), now it costs its real pairs;
-4. the learner's useful FLOP/s (linear layers, real tokens; 3 forwards' worth per policy token, one more for
-   the reference) against a 1024^3 matmul at the same threads and dtype (the machine's rate);
-5. the evaluation's KL terms for 16 prompts x 4 samples: full rows (before issue 13) against each prompt
-   computed once, its cache shared by its samples (`Learner.log_ratios`).
+A. the learner's settings, one change at a time, from issue 13's (ZeRO-2, micro-batches of 4 pairs, sdpa
+   attention, torch's foreach AdamW) to today's configs/smollm2.yaml (ZeRO-0 for its one rank, the batch of 8 in
+   one micro-batch, eager attention, fused AdamW): each step's seconds, useful FLOP/s (linear layers on real
+   tokens, the output head only where a prediction is read, 3 forwards' worth) and that over a 1024^3 matmul
+   at the same threads and dtype, measured beside each variant (`actors.learner.matmul_flops`, what a run
+   measures at its learner's set-up for `profile/learner_vs_peak`).
 
-Plus the padding that length grouping saves on the round's pairs (token positions computed, sorted against
+Then, on today's settings:
+0. the full batch as full rows, each response with its own copy of the prompt (the learner before issue 13;
+   today's path under gradient checkpointing);
+1. each prompt computed once, its cache shared by both responses, the reference forward in the step;
+2. the reference log-probs computed ahead (the stream's reference stage): the step skips that forward; the
+   reference call's own seconds are printed beside it;
+3. a partial batch of 3 of those pairs: it costs its real pairs, not a full batch's;
+4. the evaluation's KL terms for 16 prompts x 4 samples: full rows against each prompt computed once, its
+   cache shared by its samples (`Learner.log_ratios`);
+and the padding that length grouping saves on the round's pairs (token positions computed, sorted against
 arrival order).
 
-    .venv/bin/python benchmarks/learner_step.py [--model smollm2|tiny] [--threads 1] [--repeats 2]
+    .venv/bin/python benchmarks/learner_step.py [--model smollm2|tiny] [--threads 1] [--repeats 3] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -38,21 +41,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from actors.learner import Learner, length_grouped, micro_steps  # noqa: E402
+from actors.learner import matmul_flops as learner_matmul_flops  # noqa: E402
 from actors.losses import build_sequences, sequence_logprobs  # noqa: E402
 from actors.models import materialize_builtin  # noqa: E402
 from actors.types import Pair  # noqa: E402
-from orchestrator.config import LearnerConfig  # noqa: E402
+from orchestrator.config import CPU_BF16_FLAGS, LearnerConfig, cpu_flags  # noqa: E402
 
 
-def matmul_flops(threads: int, dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
+def matmul_flops(threads: int, dtype: torch.dtype) -> float:
+    """A 1024^3 matmul's FLOP/s at `threads` CPU threads: what a run's learner measures at its set-up."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return learner_matmul_flops(torch.device("cpu"), dtype)
 
 
 def task_pairs(count: int, vocab: int, seed: int = 0) -> list[Pair]:
@@ -80,30 +79,72 @@ def computed_positions(groups: list[list[Pair]], cap: int) -> int:
     return total
 
 
+VARIANTS = (  # name, settings, torch's AdamW implementation
+    ("issue 13: ZeRO-2, micro 4, sdpa, foreach AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "foreach"),
+    ("  fused AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "fused"),
+    ("  ZeRO-0 (one rank)", dict(zero_stage=0, micro_batch_size=4, attention="sdpa"), "fused"),
+    ("  eager attention", dict(zero_stage=0, micro_batch_size=4, attention="eager"), "fused"),
+    ("  one micro-batch of 8 (today)", dict(zero_stage=0, micro_batch_size=8, attention="eager"), "fused"),
+)
+
+
+def build(path: str, dtype: str, threads: int, adam: str, **settings) -> Learner:
+    cfg = LearnerConfig(global_batch_size=8, lr=1e-6, warmup_ratio=0.0, cpus_per_rank=threads, max_length=128,
+                        **settings)
+    lrn = Learner(cfg, path, dtype, rank=0, world_size=1, pad_id=0)
+    import deepspeed  # noqa: F401  (imported before the patch below: it subclasses AdamW at import)
+
+    fused_adamw = torch.optim.AdamW
+    if adam == "foreach":  # the learner before issue 24 built torch's default (foreach) AdamW
+        torch.optim.AdamW = lambda params, fused=None, **kw: fused_adamw(params, **kw)
+    try:
+        lrn.setup(*lrn.rendezvous_address())
+    finally:
+        torch.optim.AdamW = fused_adamw
+    torch.set_num_threads(threads)
+    lrn.start_round(0, total_steps=100)
+    return lrn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="the learner's dtype (bfloat16: DeepSpeed bf16, fp32 master weights); the ratio is taken "
-                         "against a matmul in the same dtype")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the learner's dtype (bfloat16: DeepSpeed bf16, fp32 master weights; auto: bfloat16 where the "
+                         "CPU has avx512_bf16 or AMX, as policy.dtype=auto); the ratio is taken against a matmul in the "
+                         "same dtype")
     args = ap.parse_args()
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
 
     torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         path = materialize_builtin("builtin:smollm2-135m-instruct", "", 0)
     else:
         path = materialize_builtin("builtin:tiny-llama", tempfile.mkdtemp(prefix="odpo-bench-"), seed=0)
-    cfg = LearnerConfig(global_batch_size=8, micro_batch_size=4, lr=1e-6, zero_stage=2, warmup_ratio=0.0,
-                        cpus_per_rank=args.threads, max_length=128)
-    lrn = Learner(cfg, path, args.dtype, rank=0, world_size=1, pad_id=0)
-    lrn.setup(*lrn.rendezvous_address())
-    torch.set_num_threads(args.threads)
-    lrn.start_round(0, total_steps=100)
-    vocab = lrn.engine.module.config.vocab_size
-    pairs = task_pairs(8, vocab)
-    lrn.train_step(pairs[:2], pairs[0], 8)  # warm-up: allocations, first-call costs
+    peak_of = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+    print(f"model: {args.model}, {dtype}, 1 rank, {args.threads} thread(s); batch of 8 pairs, the reference computed "
+          f"ahead; median of {args.repeats} steps each")
+    print(f"{'learner settings':<52}{'seconds':>9}{'GFLOP/s':>10}{'matmul':>9}{'vs matmul':>11}{'vs first':>10}")
+    first_s, pairs, ahead = None, None, None
+    for name, settings, adam in VARIANTS:
+        lrn = build(path, dtype, args.threads, adam, **settings)
+        if pairs is None:
+            pairs = task_pairs(8, lrn.engine.module.config.vocab_size)
+            ref = lrn.reference_logprobs(pairs)
+            ahead = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref["logps"])]
+        lrn.train_step(ahead[:2], ahead[0], 8)  # warm-up: allocations, first-call costs
+        s, stats = timed_step(lrn, ahead, 8, args.repeats)
+        peak = matmul_flops(args.threads, peak_of)
+        first_s = first_s or s
+        rate = stats["flops"] / s
+        print(f"{name:<52}{s:>9.2f}{rate / 1e9:>10.1f}{peak / 1e9:>9.1f}{rate / peak:>11.2f}{s / first_s:>10.2f}")
+        if name != VARIANTS[-1][0]:
+            del lrn
+    print(f"({stats['tokens']} real tokens in the batch, {stats['flops'] / 1e9:.0f} GFLOP of useful work a step)")
+    print()
 
     full_s, full = timed_step(lrn, pairs, 8, args.repeats)
     lrn.cfg.gradient_checkpointing = True  # selects the full-row path (each response with its own copy of the
@@ -112,36 +153,28 @@ def main() -> None:
     start = time.perf_counter()
     ref = lrn.reference_logprobs(pairs)
     ref_s = time.perf_counter() - start
-    ahead = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref["logps"])]
     ahead_s, ahead_stats = timed_step(lrn, ahead, 8, args.repeats)
-    partial_s, partial = timed_step(lrn, pairs[:3], 3, args.repeats)
-
-    peak32 = matmul_flops(args.threads, torch.float32)
-    peak16 = matmul_flops(args.threads, torch.bfloat16)
-    peak = peak16 if args.dtype == "bfloat16" else peak32
-    params = sum(p.numel() for p in lrn.engine.module.parameters())
-    print(f"model: {args.model} ({params / 1e6:.1f}M parameters), {args.dtype}, 1 rank, {args.threads} thread(s), "
-          f"ZeRO-2; batch of 8 pairs in micro-batches of 4; {full['tokens']} real tokens in the full batch")
-    print(f"machine: 1024^3 matmul at {args.threads} thread(s): float32 {peak32 / 1e9:.1f} GFLOP/s, "
-          f"bfloat16 {peak16 / 1e9:.1f} GFLOP/s")
-    print()
+    partial_s, partial = timed_step(lrn, ahead[:3], 3, args.repeats)
+    peak = matmul_flops(args.threads, peak_of)
+    print(f"today's settings; matmul at {args.threads} thread(s), {dtype}: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'step':<44}{'seconds':>9}{'GFLOP/s':>10}{'vs matmul':>11}{'vs full':>9}")
     rows = [("full batch, prompt twice (full rows, before)", rows_s, rows),
             ("full batch, reference in the step", full_s, full),
             ("full batch, reference computed ahead", ahead_s, ahead_stats),
-            ("partial batch: 3 of 8 pairs", partial_s, partial)]
+            ("partial batch: 3 of 8 pairs (reference ahead)", partial_s, partial)]
     for name, s, stats in rows:
         rate = stats["flops"] / s
         print(f"{name:<44}{s:>9.2f}{rate / 1e9:>10.1f}{rate / peak:>11.2f}{s / full_s:>9.2f}")
     print(f"{'  the reference call for those 8 pairs':<44}{ref_s:>9.2f}{ref['flops'] / ref_s / 1e9:>10.1f}"
           f"{ref['flops'] / ref_s / peak:>11.2f}{ref_s / full_s:>9.2f}")
     print()
-    print(f"partial batch: {partial_s / full_s:.2f} of a full batch's time for {3 / 8:.2f} of its pairs "
-          f"(padded to the full batch, as before, it was 1.00)")
+    print(f"partial batch: {partial_s / ahead_s:.2f} of a full batch's time for {3 / 8:.2f} of its pairs "
+          f"(padded to the full batch, as before issue 13, it was 1.00)")
     print(f"reference ahead: the step takes {ahead_s / full_s:.2f} of the step with the reference forward in it")
     print(f"prompt once per pair: the step takes {full_s / rows_s:.2f} of the full-row step's time; with the reference "
           f"ahead {ahead_s / rows_s:.2f}")
 
+    vocab = lrn.engine.module.config.vocab_size
     # the evaluation's KL terms: 16 prompts x 4 samples, full rows (before) against each prompt computed once
     kl_pairs = task_pairs(32, vocab, seed=2)
     prompts = [p.prompt_ids for p in kl_pairs[:16] for _ in range(4)]

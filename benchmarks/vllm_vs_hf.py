@@ -11,6 +11,7 @@
     .venv/bin/python benchmarks/vllm_vs_hf.py                                      # configs/smollm2.yaml, ~6 min
     .venv/bin/python benchmarks/vllm_vs_hf.py --config configs/tiny.yaml --rounds-of-prompts 2
     .venv/bin/python benchmarks/vllm_vs_hf.py generator.cpus_per_actor=2 generator.max_new_tokens=64
+    .venv/bin/python benchmarks/vllm_vs_hf.py --sync-only                          # part 2 alone, ~2 min
 
 By default each generator gets the config's CPUs (one on the real-model config), as in a run.
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from generation_throughput import generate_all  # noqa: E402
 
-from actors.models import DTYPES, load_tokenizer  # noqa: E402
+from actors.models import DTYPES, load_tokenizer, tied_copies  # noqa: E402
 from actors.types import WeightBundle  # noqa: E402
 from orchestrator.cluster import Cluster  # noqa: E402
 from orchestrator.config import OdpoConfig, load_config  # noqa: E402
@@ -50,8 +51,10 @@ def throughput(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, c
     return wall, sum(r.new_tokens for r in results)
 
 
-def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, rounds: int) -> tuple[list[float], float, int]:
-    """What the driver does after each round's training: export once, then `sync_weights` (object store)."""
+def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, rounds: int
+                ) -> tuple[list[tuple[float, float]], float, int]:
+    """What the driver does after each round's training: export once, then `sync_weights` (object store); the
+    seconds of each (export, load), and one in-process serialisation of the same tensors, the tied embedding once."""
     pad_id = load_tokenizer(tokenizer).pad_token_id
     learners = cluster.learners(policy, policy, pad_id)
     generators = cluster.generators(policy, tokenizer)
@@ -61,14 +64,15 @@ def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, 
         start = time.perf_counter()
         refs = learners.async_export_refs(version)
         learners.get(refs, "the weight export")
+        exported = time.perf_counter()
         sync_weights(generators, learners, refs, version, nccl=False)
-        seconds.append(time.perf_counter() - start)
+        seconds.append((exported - start, time.perf_counter() - exported))
     from transformers import AutoModelForCausalLM
 
-    # each tensor its own copy in the policy's dtype, as the learner's export makes them (tied embeddings are two
-    # tensors there)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    skip = tied_copies(model)
     dtype = DTYPES[cfg.policy.dtype]
-    state = {k: v.detach().to(dtype).clone() for k, v in AutoModelForCausalLM.from_pretrained(policy).state_dict().items()}
+    state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items() if k not in skip}
     start = time.perf_counter()
     size = WeightBundle.from_tensors(1, state).num_bytes()
     return seconds, time.perf_counter() - start, size
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds-of-prompts", type=int, default=2, help="how many of the config's rounds of prompts "
                     "to generate (the first N rounds' prompts, chunked as a run chunks them)")
     ap.add_argument("--syncs", type=int, default=3)
+    ap.add_argument("--sync-only", action="store_true", help="only part 2, the weight sync")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     base = [*args.overrides, "metrics.wandb=false", "ray.include_dashboard=false"]
@@ -91,7 +96,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         policy, tokenizer, _ = resolve_models(cfg, tmp)
-        for backend in BACKENDS:
+        for backend in BACKENDS if not args.sync_only else ():
             bcfg = load_config(args.config, [*base, f"generator.backend={backend}"])
             with Cluster(bcfg) as cluster:
                 rows.append((backend, *throughput(bcfg, cluster, policy, tokenizer, chunks)))
@@ -99,17 +104,20 @@ def main() -> None:
         with Cluster(vcfg) as cluster:
             sync_s, serialise_s, size = weight_sync(vcfg, cluster, policy, tokenizer, args.syncs)
     g = cfg.generator
-    print(f"\n1. generation: {args.config} {' '.join(args.overrides)}; {prompts} prompts x n={g.n} "
-          f"(T={'/'.join(map(str, g.temperatures))}), {g.max_new_tokens} new tokens at most, chunks of {g.chunk_size}, "
-          f"{g.num_actors} actor(s) x {g.cpus_per_actor} CPU")
-    print(f"{'backend':8s} {'wall_s':>8s} {'tokens':>7s} {'tokens/s':>9s} {'vs hf':>6s}")
-    hf_rate = rows[0][2] / rows[0][1]
-    for backend, wall, tokens in rows:
-        print(f"{backend:8s} {wall:8.2f} {tokens:7d} {tokens / wall:9.1f} {tokens / wall / hf_rate:6.2f}")
-    mean = sum(sync_s) / len(sync_s)
+    if rows:
+        print(f"\n1. generation: {args.config} {' '.join(args.overrides)}; {prompts} prompts x n={g.n} "
+              f"(T={'/'.join(map(str, g.temperatures))}), {g.max_new_tokens} new tokens at most, chunks of {g.chunk_size}, "
+              f"{g.num_actors} actor(s) x {g.cpus_per_actor} CPU")
+        print(f"{'backend':8s} {'wall_s':>8s} {'tokens':>7s} {'tokens/s':>9s} {'vs hf':>6s}")
+        hf_rate = rows[0][2] / rows[0][1]
+        for backend, wall, tokens in rows:
+            print(f"{backend:8s} {wall:8.2f} {tokens:7d} {tokens / wall:9.1f} {tokens / wall / hf_rate:6.2f}")
+    total = [e + lo for e, lo in sync_s]
+    mean = sum(total) / len(total)
     print(f"\n2. weight sync (learner export -> object store once -> {g.num_actors} vLLM generator(s) reload in place)")
-    print(f"{'MB':>7s} {'sync_s each':>24s} {'serialise_once_s':>17s} {'sync / serialise':>17s}")
-    print(f"{size / 2**20:7.1f} {' '.join(f'{s:.2f}' for s in sync_s):>24s} {serialise_s:17.2f} {mean / serialise_s:17.2f}")
+    print(f"{'MB':>7s} {'sync_s each (export + load)':>42s} {'serialise_once_s':>17s} {'sync / serialise':>17s}")
+    each = " ".join(f"{e + lo:.2f} ({e:.2f}+{lo:.2f})" for e, lo in sync_s)
+    print(f"{size / 2**20:7.1f} {each:>42s} {serialise_s:17.2f} {mean / serialise_s:17.2f}")
 
 
 if __name__ == "__main__":

@@ -537,6 +537,7 @@ def check_learner(lr: LearnerConfig) -> None:
     _require(0 <= lr.min_lr_ratio <= 1, "learner.min_lr_ratio", "must be in [0, 1]")
     _require(lr.epochs >= 1, "learner.epochs", "must be >= 1")
     _require(lr.loss in ("sigmoid", "ipo"), "learner.loss", f"sigmoid or ipo, got {lr.loss!r}")
+    _require(lr.attention in ("auto", "eager", "sdpa"), "learner.attention", f"auto, eager or sdpa, got {lr.attention!r}")
     _require(lr.beta > 0, "learner.beta", "must be > 0")
     _require(0 <= lr.label_smoothing < 0.5, "learner.label_smoothing", "must be in [0, 0.5)")
     _require(lr.label_smoothing == 0 or lr.loss == "sigmoid", "learner.label_smoothing", "only for loss=sigmoid")

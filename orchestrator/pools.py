@@ -270,6 +270,8 @@ class LearnerGroup:
         self.pool = pool
         self.ranks = pool.actors
         self.timeout_s = timeout_s
+        self.peak_flops = float("nan")
+        """A rank's matmul FLOP/s, measured at set-up (the slowest rank's), for profile/learner_vs_peak."""
 
     def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None,
             timeout_key: str = "learner.step_timeout_s") -> list:
@@ -287,8 +289,10 @@ class LearnerGroup:
         start timeout: building the engines is a start, not a step). Returns #parameters."""
         addr, port = self.get([self.ranks[0].rendezvous_address.remote()], "rendezvous", timeout_s,
                               "ray.actor_start_timeout_s")[0]
-        return self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up", timeout_s,
-                        "ray.actor_start_timeout_s")[0]
+        params = self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up", timeout_s,
+                          "ray.actor_start_timeout_s")[0]
+        self.peak_flops = min(self.get([r.matmul_flops.remote() for r in self.ranks], "set-up"))
+        return params
 
     def start_round(self, round_index: int, total_steps: int) -> None:
         self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks], "start of round")

@@ -99,7 +99,7 @@ POOLS = ("generator", "scorer", "learner")
 
 
 def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
-            overlapped: dict[str, float] | None = None) -> dict:
+            overlapped: dict[str, float] | None = None, peak_flops: float = float("nan")) -> dict:
     """Where round `m` went (`profile/*`), from its timings: per pool, the seconds its actors computed and
     sat idle (averaged over the pool's actors), utilisation, throughput per busy second, and the learner's
     useful FLOP/s per rank. `round_s` runs from the round's start to its commit, evaluation included.
@@ -108,7 +108,8 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
     the evaluation's scoring and judging; learner = training steps (all epochs) + the reference stage + the
     weight export + the evaluation's KL. `overlapped`: pool seconds the previous round's deferred evaluation
     (eval.overlap) spent during this round, counted here, where they ran; a line whose own evaluation was
-    deferred counts none of it."""
+    deferred counts none of it. `peak_flops`: a learner rank's matmul FLOP/s (measured at its set-up);
+    `profile/learner_vs_peak` is the learner's useful FLOP/s over it."""
     def get(key: str) -> float:
         v = m.get(key, 0.0)
         return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
@@ -136,6 +137,8 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
     out["profile/learner_tokens_per_busy_s"] = get("train/tokens") / learner_compute if learner_compute else float("nan")
     out["profile/learner_flops_per_s"] = (get("train/flops") / sizes["learner"] / learner_compute if learner_compute
                                           else float("nan"))
+    out["profile/learner_peak_flops"] = peak_flops
+    out["profile/learner_vs_peak"] = out["profile/learner_flops_per_s"] / peak_flops if peak_flops > 0 else float("nan")
     computed = get("train/computed_tokens")
     out["profile/learner_pad_share"] = get("train/padded_tokens") / computed if computed else float("nan")
     slowest = max(out[f"profile/{p}_busy_s"] for p in POOLS)

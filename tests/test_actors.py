@@ -96,6 +96,40 @@ def test_generator_load_weights_replaces_weights_and_version(tiny_policy_dir, tm
         gen.load_weights(WeightBundle.from_tensors(4, broken))
 
 
+def test_a_tied_head_is_synced_once_and_tied_back(tiny_policy_dir, tmp_path):
+    """A model whose output head is its embedding: the learner's export carries the tensor once (as
+    save_pretrained writes it), the generator loads it and its head follows the new embedding, and transformers
+    loads the payload as a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_policy_dir)
+    config.tie_word_embeddings = True
+    tied_dir = str(tmp_path / "tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied_dir)
+    load_tokenizer(tiny_policy_dir).save_pretrained(tied_dir)
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=4, lr=1e-2, warmup_ratio=0.0)
+    lrn = Learner(cfg, tied_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=10)
+    pairs = fixed_pairs()
+    lrn.train_step(pairs, pairs[0], 4)
+    bundle = lrn.export_weights(version=1)
+    sent = bundle.tensors()
+    assert "lm_head.weight" not in sent and "model.embed_tokens.weight" in sent
+    full = lrn._full_state_dict()
+    assert set(full) - set(sent) == {"lm_head.weight"}
+    assert bundle.num_bytes() < sum(v.numel() * v.element_size() for v in full.values())
+
+    gen = HFGenerator(GeneratorConfig(n=1, max_new_tokens=4), tied_dir, tied_dir, "float32", 64)
+    assert gen.tied_keys == {"lm_head.weight"}
+    gen.load_weights(bundle)
+    assert torch.equal(gen.model.get_output_embeddings().weight, sent["model.embed_tokens.weight"])
+    with open(tmp_path / "tied" / "model.safetensors", "wb") as f:  # the payload is the round's checkpoint file
+        f.write(bundle.payload)
+    again = AutoModelForCausalLM.from_pretrained(tied_dir)
+    assert torch.equal(again.lm_head.weight, sent["model.embed_tokens.weight"])
+
+
 # -- scorer ---------------------------------------------------------------------------------------
 
 
@@ -198,6 +232,38 @@ def test_learner_loss_equals_from_scratch_dpo(learner, tiny_policy_dir):
     assert second["loss"] / 4 == pytest.approx(sum(losses) / 4, abs=1e-5)
     assert second["correct"] == correct
     assert second["pairs"] == 4
+
+
+def test_the_faster_learner_keeps_the_losses_and_steps(tiny_policy_dir, monkeypatch):
+    """Issue 24's learner (fused AdamW, eager attention, ZeRO-0, the batch in one micro-batch, the output head only
+    where a prediction is read) against issue 13's (torch's default foreach AdamW, sdpa, ZeRO-2, micro-batches
+    of 2): the same losses, step after step, and the same weights, to float precision."""
+    import deepspeed  # noqa: F401  (before the patch: it subclasses AdamW at import)
+
+    def build(adam: str, **settings) -> Learner:
+        cfg = LearnerConfig(global_batch_size=4, lr=1e-2, beta=0.1, warmup_ratio=0.0, **settings)
+        lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+        with monkeypatch.context() as m:
+            adamw = torch.optim.AdamW
+            if adam == "foreach":
+                m.setattr(torch.optim, "AdamW", lambda params, fused=None, **kw: adamw(params, **kw))
+            lrn.setup(*lrn.rendezvous_address())
+        lrn.start_round(0, total_steps=100)
+        return lrn
+
+    before = build("foreach", zero_stage=2, micro_batch_size=2, attention="sdpa")
+    now = build("fused", zero_stage=0, micro_batch_size=4)
+    assert now.attention == "eager" and now.engine.module.config._attn_implementation == "eager"
+    assert before.engine.module.config._attn_implementation == "sdpa"
+    assert _innermost_optimizer(now.optimizer).defaults["fused"]
+    pairs = fixed_pairs()
+    for _ in range(3):
+        a, b = before.train_step(pairs, pairs[0], 4), now.train_step(pairs, pairs[0], 4)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert a["loss"] < 4 * math.log(2) - 0.1  # the steps moved the policy
+    wa, wb = before.export_weights(1).tensors(), now.export_weights(1).tensors()
+    # 3 steps of about lr = 1e-2 each; Adam's step divides by sqrt(v), so float noise in tiny gradients shows
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
 def test_learner_ipo_averages_log_ratios_over_each_response(tiny_policy_dir):

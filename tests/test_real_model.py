@@ -22,6 +22,7 @@ from actors.models import (
     load_tokenizer,
     materialize_builtin,
     model_cache_dir,
+    tied_copies,
 )
 from actors.rewards import answer_first
 from actors.scorer import RewardFn, Scorer
@@ -154,14 +155,18 @@ def test_pad_equal_to_eos_keeps_the_responses_own_eos_in_the_logprobs(tok, smol_
 
 
 def test_after_a_sync_vllm_greedy_equals_transformers(engine, smol_dir):
-    """A changed policy (as after a round) reloaded in place: vLLM's greedy tokens equal transformers'. (The last
-    test of the module engine: it leaves it at weight version 1.)"""
+    """A changed policy (as after a round) reloaded in place: vLLM's greedy tokens equal transformers'. The payload
+    holds the tied embedding once, as the learner exports it (no `lm_head.weight`): both engines must tie the
+    head back to the changed embedding. (The last test of the module engine: it leaves it at weight version 1.)"""
     cfg = GeneratorConfig(backend="vllm", n=2, temperatures=[0.0], max_new_tokens=16)
     engine.cfg = cfg  # greedy from here on
     reference = HFGenerator(cfg, smol_dir, smol_dir, "float32", 96)
-    weights = load_causal_lm(smol_dir, "float32").state_dict()
+    model = load_causal_lm(smol_dir, "float32")
+    assert tied_copies(model) == {"lm_head.weight": "model.embed_tokens.weight"}
+    weights = model.state_dict()
     torch.manual_seed(0)
-    changed = {k: v + 0.02 * v.std() * torch.randn_like(v) if v.dim() == 2 else v for k, v in weights.items()}
+    changed = {k: v + 0.02 * v.std() * torch.randn_like(v) if v.dim() == 2 else v for k, v in weights.items()
+               if k != "lm_head.weight"}
     bundle = WeightBundle.from_tensors(1, changed)
     chunk = task_chunk(4)
 
@@ -171,6 +176,8 @@ def test_after_a_sync_vllm_greedy_equals_transformers(engine, smol_dir):
     before = greedy(engine)
     assert engine.load_weights(bundle) == 1
     reference.load_weights(bundle)
+    head = reference.model.get_output_embeddings().weight
+    assert torch.equal(head, changed["model.embed_tokens.weight"])  # tied back to the new embedding
     after = greedy(engine)
     assert_same_greedy(after, greedy(reference), engine.generate(chunk), reference.model)
     assert after != before
