@@ -13,6 +13,7 @@ Reference log-probs come with the pairs when the driver had them computed as the
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -55,6 +56,11 @@ class Learner:
         self.trust_remote_code = trust_remote_code
         self.gas = cfg.global_batch_size // (world_size * cfg.micro_batch_size)
         self.engine = None
+        self.frozen = None
+        self.peak_flops: float | None = None
+        """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU): the machine's rate,
+        against which `profile/learner_vs_peak` holds the learner's useful FLOP/s."""
+        """The policy as last exported with freeze=True (rank 0; the deferred evaluation's KL)."""
         self.step_in_round = 0
         self.total_steps = 1
         self.use_cuda = torch.cuda.is_available() and cfg.gpus_per_rank > 0
@@ -101,7 +107,6 @@ class Learner:
         e = self.engine  # plain fp32 without ZeRO: DeepSpeed's clip does not record the gradient norm
         self._norm_untracked = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
         self.body_flops, self.head_flops = forward_flops_per_token(self.engine.module)
-        self.peak_flops = matmul_flops(self.device, DTYPES[self.dtype])  # the rate the learner's FLOP/s is held against
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
 
     def _build_reference(self, device: torch.device) -> None:
@@ -129,22 +134,21 @@ class Learner:
 
     # -- a round ----------------------------------------------------------------------------------
 
-    def start_round(self, round_index: int, total_steps: int) -> None:
-        """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured."""
+    def start_round(self, round_index: int, total_steps: int) -> float:
+        """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured. Returns the
+        matmul rate of this rank (`matmul_flops`), measured at its first round, when the other pools are idle."""
+        if self.peak_flops is None:
+            self.peak_flops = matmul_flops(self.device, DTYPES[self.dtype])
         self.step_in_round = 0
         self.total_steps = max(1, total_steps)
         if self.cfg.reset_optimizer_each_round:
             _innermost_optimizer(self.optimizer).state.clear()
         if self.cfg.reference == "previous" and round_index > 0:
             self.reference.load_state_dict(self._full_state_dict(to_cpu=False))
+        return self.peak_flops
 
     def ready(self) -> str:
         return f"learner-{self.rank}"
-
-    def matmul_flops(self) -> float:
-        """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU), measured at set-up:
-        the machine's rate, against which `profile/learner_vs_peak` holds the learner's useful FLOP/s."""
-        return self.peak_flops
 
     def process_ids(self) -> list[int]:
         return own_process_ids()
@@ -242,15 +246,20 @@ class Learner:
         return {"logps": result, "seconds": time.perf_counter() - start, "flops": flops}
 
     @torch.no_grad()
-    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True) -> dict:
+    def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True,
+                   frozen: bool = False) -> dict:
         """log pi(y|x) - log pi_ref(y|x) per (prompt, response) (`ratios`): its mean estimates KL(pi || pi_ref)
         on samples of pi; -log pi_ref(y|x) per response token (`ref_nll`) and the share of response tokens the
         reference gives less than 1e-4 (`ref_rare`: tokens it would almost never write, the evaluation's fluency
         figure); and the `seconds` it took. `policy=False` computes only the
         reference's figures, `ref_nll` and `ref_rare` (the initial policy's own samples). Responses to the same prompt next to each other (an
         evaluation prompt's n samples) share one forward of the prompt (`shared_prompt_logprobs`). Every rank
-        must get the same lists (ZeRO-3 forwards are collective)."""
+        must get the same lists (ZeRO-3 forwards are collective), except with `frozen`: the policy is then the
+        copy rank 0 froze at its last export (`export_weights(freeze=True)`), whatever steps came since."""
         start = time.perf_counter()
+        if frozen and self.frozen is None:
+            raise RuntimeError(f"learner rank {self.rank} holds no frozen copy of the policy (export_weights(freeze=True))")
+        model = self.frozen if frozen else self.engine
         self.engine.eval()
         groups: list[tuple[list[int], list[list[int]]]] = []
         for p, r in zip(prompts, responses):
@@ -270,7 +279,7 @@ class Learner:
                 tokens, mask = shared_prompt_token_logprobs(self.reference, *args)
                 ref = (tokens * mask).sum(-1)
                 if policy:
-                    out.extend((shared_prompt_logprobs(self.engine, *args) - ref).tolist())
+                    out.extend((shared_prompt_logprobs(model, *args) - ref).tolist())
                 counts = mask.sum(-1).clamp(min=1).cpu()
                 nll.extend((-ref.cpu() / counts).tolist())
                 rare.extend((((tokens < RARE_LOGPROB) * mask).sum(-1).cpu() / counts).tolist())
@@ -359,10 +368,21 @@ class Learner:
         """Broadcast the current weights into every engine (rank 0 sends, other ranks help gather)."""
         self.nccl_sync.send()
 
-    def export_weights(self, version: int) -> WeightBundle | None:
-        """Rank 0 returns the full weights as version `version`; other ranks help gather and return None."""
+    def export_weights(self, version: int, freeze: bool = False) -> WeightBundle | None:
+        """Rank 0 returns the full weights as version `version`; other ranks help gather and return None. With
+        `freeze`, rank 0 also keeps them as a frozen copy of the policy (`log_ratios(frozen=True)`): a deferred
+        evaluation's KL then runs on the weights it evaluates while the next round trains."""
         tensors = self._full_state_dict(keep=self.rank == 0, tied=False)
-        return WeightBundle.from_tensors(version, tensors) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        if freeze:
+            if self.frozen is None:  # the reference's architecture and dtype, the policy's weights
+                self.frozen = copy.deepcopy(self.reference)
+            missing, unexpected = self.frozen.load_state_dict(tensors, strict=False)
+            if unexpected or set(missing) - set(tied_copies(self.frozen)):  # a tied head follows its embedding
+                raise RuntimeError(f"the frozen copy does not take the exported weights (missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]})")
+        return WeightBundle.from_tensors(version, tensors)
 
 
 def _innermost_optimizer(opt):
@@ -399,7 +419,7 @@ def length_grouped(pairs: list[Pair], pad: Pair | None, steps: int) -> list[tupl
     return out
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.25) -> float:
+def matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.15) -> float:
     """FLOP/s of repeated n^3 matrix products (n = 1024 on CPUs, 4096 on GPUs) at the calling thread count,
     for about `budget_s` seconds after one warm-up product."""
     n = 4096 if device.type == "cuda" else 1024

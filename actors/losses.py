@@ -73,7 +73,10 @@ def shared_prompt_token_logprobs(model, prompts: list[list[int]], responses: lis
     ids, mask, positions = left_padded(kept, pad_id, device)
     # logits only at the prompt's last position (the response's first token): the head over the whole prompt
     # would cost a vocabulary-wide product per prompt token, forward and backward, for nothing
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # (an index tensor, not the int 1: the int slices the hidden states to a non-contiguous view, which torch's
+    # CPU matmul multiplies as a batch of copies of the whole head, 10x slower than the full product)
+    last = torch.tensor([ids.shape[1] - 1], device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=last)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each response's first token
     owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long, device=device)
     flat = [r for c in cut for _, r in c]
@@ -174,4 +177,5 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int, device: torch.d
     """Next-token logits after each row (batch, vocab): the rows left-padded in one forward, only the last
     position's logits computed."""
     ids, mask, positions = left_padded(rows, pad_id, device)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    last = torch.tensor([ids.shape[1] - 1], device=device)  # an index, not the int 1 (shared_prompt_token_logprobs)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=last).logits[:, -1]

@@ -9,7 +9,8 @@ A. the learner's settings, one change at a time, from issue 13's (ZeRO-2, micro-
    one micro-batch, eager attention, fused AdamW): each step's seconds, useful FLOP/s (linear layers on real
    tokens, the output head only where a prediction is read, 3 forwards' worth) and that over a 1024^3 matmul
    at the same threads and dtype, measured beside each variant (`actors.learner.matmul_flops`, what a run
-   measures at its learner's set-up for `profile/learner_vs_peak`).
+   measures at its learner's first round for `profile/learner_vs_peak`). Then today's settings on a batch of
+   16 pairs: what a step costs whatever its size (the optimizer, DeepSpeed's bf16 bookkeeping) spread thinner.
 
 Then, on today's settings:
 0. the full batch as full rows, each response with its own copy of the prompt (the learner before issue 13;
@@ -49,7 +50,7 @@ from orchestrator.config import CPU_BF16_FLAGS, LearnerConfig, cpu_flags  # noqa
 
 
 def matmul_flops(threads: int, dtype: torch.dtype) -> float:
-    """A 1024^3 matmul's FLOP/s at `threads` CPU threads: what a run's learner measures at its set-up."""
+    """A 1024^3 matmul's FLOP/s at `threads` CPU threads: what a run's learner measures at its first round."""
     torch.set_num_threads(threads)
     return learner_matmul_flops(torch.device("cpu"), dtype)
 
@@ -88,8 +89,8 @@ VARIANTS = (  # name, settings, torch's AdamW implementation
 )
 
 
-def build(path: str, dtype: str, threads: int, adam: str, **settings) -> Learner:
-    cfg = LearnerConfig(global_batch_size=8, lr=1e-6, warmup_ratio=0.0, cpus_per_rank=threads, max_length=128,
+def build(path: str, dtype: str, threads: int, adam: str, global_batch_size: int = 8, **settings) -> Learner:
+    cfg = LearnerConfig(global_batch_size=global_batch_size, lr=1e-6, warmup_ratio=0.0, cpus_per_rank=threads, max_length=128,
                         **settings)
     lrn = Learner(cfg, path, dtype, rank=0, world_size=1, pad_id=0)
     import deepspeed  # noqa: F401  (imported before the patch below: it subclasses AdamW at import)
@@ -132,7 +133,8 @@ def main() -> None:
     for name, settings, adam in VARIANTS:
         lrn = build(path, dtype, args.threads, adam, **settings)
         if pairs is None:
-            pairs = task_pairs(8, lrn.engine.module.config.vocab_size)
+            vocab_size = lrn.engine.module.config.vocab_size
+            pairs = task_pairs(8, vocab_size)
             ref = lrn.reference_logprobs(pairs)
             ahead = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref["logps"])]
         lrn.train_step(ahead[:2], ahead[0], 8)  # warm-up: allocations, first-call costs
@@ -144,6 +146,18 @@ def main() -> None:
         if name != VARIANTS[-1][0]:
             del lrn
     print(f"({stats['tokens']} real tokens in the batch, {stats['flops'] / 1e9:.0f} GFLOP of useful work a step)")
+    # what a step costs whatever its size (the optimizer and DeepSpeed's bf16 bookkeeping) weighs less per pair
+    # in a larger batch: the same settings, 16 pairs in one micro-batch
+    big = build(path, dtype, args.threads, "fused", **VARIANTS[-1][1] | dict(micro_batch_size=16), global_batch_size=16)
+    more = task_pairs(16, vocab_size)
+    ref16 = big.reference_logprobs(more)
+    more = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(more, ref16["logps"])]
+    big.train_step(more[:2], more[0], 16)
+    s16, stats16 = timed_step(big, more, 16, args.repeats)
+    peak = matmul_flops(args.threads, peak_of)
+    print(f"{'  today, a batch of 16 pairs (one micro-batch)':<52}{s16:>9.2f}{stats16['flops'] / s16 / 1e9:>10.1f}"
+          f"{peak / 1e9:>9.1f}{stats16['flops'] / s16 / peak:>11.2f}{'':>10}")
+    del big
     print()
 
     full_s, full = timed_step(lrn, pairs, 8, args.repeats)

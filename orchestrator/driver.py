@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ def run(cfg: OdpoConfig) -> str:
         for r in range(s.out.completed, cfg.run.rounds):
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
+            s.generated = threading.Event()  # set once this round's chunks are generated: the generators' spare time
             start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
             s.draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
             # generate -> score -> pair -> train epoch 1, streamed (or the pairs drawn ahead); epochs 2..E;
@@ -77,13 +79,14 @@ def train(s: Session, r: int) -> Trained:
     progress = RoundProgress(r, cfg.run.rounds, len(prompts), cfg.metrics.progress_interval_s, telemetry=s.telemetry)
     from_data = s.fixed is not None and cfg.offline.dataset is not None  # offline.dataset: data.path is not trained on
     s.learners.start_round(r, planned_steps(len(s.fixed[r].pairs) if from_data else len(prompts), cfg))
-    gate = s.deferred.kl_sent if s.deferred is not None else None  # its KL runs on the weights before this round's
+    # the last round's evaluation without a frozen copy: its KL runs on the weights before this round's steps
+    gate = s.deferred.kl_sent if s.deferred is not None and not s.deferred.frozen else None
     fixed = s.fixed[r] if s.fixed is not None else s.pending.get(r)  # offline, or drawn by the round before
     if fixed is None:
-        generated = s.draw.generated if s.draw is not None else None  # the draw ahead starts once it is set
         stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate,
-                              generated)
+                              s.generated)
     else:
+        s.generated.set()  # nothing to generate: a deferred evaluation or a draw ahead may use the generators now
         if from_data:  # the dataset's rows in file order, in chunks as streaming would cut them
             chunks = [i // cfg.generator.chunk_size for i in range(len(s.fixed[r].pairs))]
         else:  # drawn from the round's prompts: each pair's chunk is its prompt's
@@ -96,8 +99,12 @@ def train(s: Session, r: int) -> Trained:
     replay_s = time.perf_counter() - replay_start
     progress.set_stage("sync")
     export_start = time.perf_counter()
-    export_refs = s.learners.async_export_refs(s.version + 1)
+    if s.deferred is not None and s.deferred.frozen:  # its KL, on the frozen copy, goes before this export replaces it
+        s.deferred.kl_sent.wait()
+    freeze = freezes_for_evaluation(cfg, r)
+    export_refs = s.learners.async_export_refs(s.version + 1, freeze)
     s.learners.get(export_refs, "the weight export")
+    s.froze_round = r if freeze else None
     return Trained(start, stream, replay, replay_s, export_refs, time.perf_counter() - export_start, progress,
                    {} if from_data else s.source.drops[r], 0 if from_data else s.source.truncated[r])
 
@@ -146,10 +153,19 @@ def defers_evaluation(cfg: OdpoConfig, r: int) -> bool:
     return cfg.eval.overlap and r + 1 < cfg.run.rounds and cfg.learner.reference == "fixed"
 
 
+def freezes_for_evaluation(cfg: OdpoConfig, r: int) -> bool:
+    """Round r's export leaves a frozen copy of its weights on learner rank 0 for its deferred evaluation's KL, so
+    that the next round need not wait for it: with every ZeRO stage but 3, whose ranks hold no full copy."""
+    return defers_evaluation(cfg, r) and cfg.learner.zero_stage < 3
+
+
 def start_deferred_evaluation(s: Session) -> None:
     if s.evaluation_due:
-        s.deferred = evaluation.Deferred(s.out.completed - 1, s.source.eval, s.cfg, s.generators, s.scorers,
-                                         s.learners, s.initial, s.version)
+        r = s.out.completed - 1
+        # a driver that resumed has no frozen copy: the learner's own weights are round r's until it steps
+        frozen = freezes_for_evaluation(s.cfg, r) and s.froze_round == r
+        s.deferred = evaluation.Deferred(r, s.source.eval, s.cfg, s.generators, s.scorers, s.learners, s.initial,
+                                         s.version, frozen, s.generated)
         s.evaluation_due = False
 
 

@@ -177,25 +177,34 @@ def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
     samples.ref_nll, samples.ref_rare = ranks[0]["ref_nll"], ranks[0]["ref_rare"]
 
 
-def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup, policy: bool = True) -> list[ray.ObjectRef]:
-    """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective)."""
+def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup, policy: bool = True,
+                frozen: bool = False) -> list[ray.ObjectRef]:
+    """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective), or with
+    `frozen` of rank 0 alone, on the copy of the policy it froze at the last export."""
     prompts = [ro.prompt_ids for c in chunks for ro in c.rollouts for _ in ro.responses]
     responses = [r.token_ids for c in chunks for ro in c.rollouts for r in ro.responses]
-    return [r.log_ratios.remote(prompts, responses, policy) for r in learners.ranks]
+    ranks = learners.ranks[:1] if frozen else learners.ranks
+    return [r.log_ratios.remote(prompts, responses, policy, frozen) for r in ranks]
 
 
 class Deferred:
     """Round r's held-out evaluation, run by a driver thread while round r+1 goes on (`eval.overlap`).
 
-    The generators hold round r's weights until round r+1 ends, so the evaluation set is generated first on
-    them (its chunks are queued ahead of round r+1's: `chunks_sent`); the KL's forwards are sent to the
-    learner ranks as soon as the samples exist (`kl_sent`), and round r+1's first training step waits for
-    that, so they run on round r's weights; scoring and judging go on beside the round. `result()` joins.
+    The generators hold round r's weights until round r+1 ends. With a frozen copy of those weights on learner
+    rank 0 (`frozen`, taken at round r's export), the evaluation set is generated once round r+1's own chunks
+    are (`after`), in the generators' spare time, and its KL runs on the copy whenever it comes: round r+1
+    never waits for it. Without one (ZeRO-3, whose ranks hold no full copy), the evaluation set is generated
+    first (its chunks queued ahead of round r+1's: `chunks_sent`) and round r+1's first training step waits
+    until the KL's forwards are sent (`kl_sent`), so they run on round r's weights. Scoring and judging go on
+    beside the round. `result()` joins.
     """
 
     def __init__(self, round_index: int, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool,
-                 scorers: ActorPool, learners: LearnerGroup, initial: Samples, version: int):
+                 scorers: ActorPool, learners: LearnerGroup, initial: Samples, version: int, frozen: bool = False,
+                 after: threading.Event | None = None):
         self.round_index, self.cfg, self.scorers, self.initial = round_index, cfg, scorers, initial
+        self.frozen, self.after = frozen, after if frozen else None
+        self.go_now = False
         self.chunks_sent, self.kl_sent = threading.Event(), threading.Event()
         self.samples: Samples | None = None
         self.outcome: dict | BaseException | None = None
@@ -203,12 +212,15 @@ class Deferred:
         self.thread = threading.Thread(target=self._run, args=(prompts, generators, learners, version), daemon=True,
                                        name=f"odpo-eval-round-{round_index}")
         self.thread.start()
-        self.chunks_sent.wait()
+        if not frozen:
+            self.chunks_sent.wait()
 
     def _run(self, prompts: list[Prompt], generators: ActorPool, learners: LearnerGroup, version: int) -> None:
         try:
+            while self.after is not None and not self.go_now and not self.after.wait(0.2):
+                pass
             chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent)
-            kl_refs = kl_requests(chunks, learners)
+            kl_refs = kl_requests(chunks, learners, frozen=self.frozen)
             self.kl_sent.set()
             self.samples = score(chunks, self.cfg, self.scorers)
             self.outcome = metrics(self.samples, self.initial, self.cfg, self.scorers, learners, kl_refs)
@@ -220,7 +232,9 @@ class Deferred:
 
     def redo_kl(self, learners: LearnerGroup) -> None:
         """The learner group died (and was rebuilt from round r's checkpoint) while this evaluation's KL was
-        pending: compute it again on the new group, before the retried round trains."""
+        pending: compute it again on the new group (its policy: round r's weights), before the retried round
+        trains. An evaluation still waiting for the failed round's generation goes now."""
+        self.go_now = True
         self.thread.join()
         from orchestrator.pools import LearnerFailure
 

@@ -271,7 +271,7 @@ class LearnerGroup:
         self.ranks = pool.actors
         self.timeout_s = timeout_s
         self.peak_flops = float("nan")
-        """A rank's matmul FLOP/s, measured at set-up (the slowest rank's), for profile/learner_vs_peak."""
+        """A rank's matmul FLOP/s (the slowest rank's), measured at its first round, for profile/learner_vs_peak."""
 
     def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None,
             timeout_key: str = "learner.step_timeout_s") -> list:
@@ -289,13 +289,12 @@ class LearnerGroup:
         start timeout: building the engines is a start, not a step). Returns #parameters."""
         addr, port = self.get([self.ranks[0].rendezvous_address.remote()], "rendezvous", timeout_s,
                               "ray.actor_start_timeout_s")[0]
-        params = self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up", timeout_s,
-                          "ray.actor_start_timeout_s")[0]
-        self.peak_flops = min(self.get([r.matmul_flops.remote() for r in self.ranks], "set-up"))
-        return params
+        return self.get([r.setup.remote(addr, port) for r in self.ranks], "set-up", timeout_s,
+                        "ray.actor_start_timeout_s")[0]
 
     def start_round(self, round_index: int, total_steps: int) -> None:
-        self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks], "start of round")
+        self.peak_flops = min(self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks],
+                                       "start of round"))
 
     def optimizer_states(self) -> list[bytes]:
         return self.get([r.optimizer_state.remote() for r in self.ranks], "optimizer-state export")
@@ -332,9 +331,10 @@ class LearnerGroup:
     def async_send_nccl_refs(self) -> list[ray.ObjectRef]:
         return [r.send_weights_nccl.remote() for r in self.ranks]
 
-    def async_export_refs(self, version: int) -> list[ray.ObjectRef]:
-        """All ranks take part in the gather; refs[0] (rank 0) holds the bundle, in the object store once."""
-        return [r.export_weights.remote(version) for r in self.ranks]
+    def async_export_refs(self, version: int, freeze: bool = False) -> list[ray.ObjectRef]:
+        """All ranks take part in the gather; refs[0] (rank 0) holds the bundle, in the object store once. `freeze`:
+        rank 0 keeps a frozen copy of these weights for a deferred evaluation's KL."""
+        return [r.export_weights.remote(version, freeze) for r in self.ranks]
 
 
 def attach_reference(pairs: list[Pair], result: dict) -> list[Pair]:

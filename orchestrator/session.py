@@ -16,6 +16,7 @@ and on exit shuts the pools and Ray down, then closes wandb. It also retries a r
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,11 @@ class Session:
     """The last committed round's evaluation is still to run, during the next round (eval.overlap)."""
     deferred: evaluation.Deferred | None = None
     """That evaluation, running."""
+    froze_round: int | None = None
+    """The round whose export left a frozen copy of its weights on learner rank 0 (for its deferred evaluation)."""
+    generated: threading.Event = field(default_factory=threading.Event)
+    """Set once the running round's chunks are generated (or it has none): a deferred evaluation with a frozen
+    copy and a draw ahead use the generators after that."""
     overlapped_busy: dict[str, float] = field(default_factory=dict)
     """Pool seconds a deferred evaluation or a draw ahead spent during the round now running (its profile
     counts them)."""

@@ -316,6 +316,27 @@ def test_log_ratios_are_the_kl_terms_of_each_sample(learner, tiny_policy_dir):
     assert any(abs(x) > 1e-3 for x in want)
 
 
+def test_the_frozen_copy_gives_the_kl_of_the_weights_it_froze(tiny_policy_dir):
+    """A deferred evaluation's KL on the copy frozen at an export equals the KL on the engine before the steps
+    that follow it; the engine's own has moved; a rank that froze nothing says so."""
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=4, lr=1e-2, beta=0.1, warmup_ratio=0.0)
+    lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=10)
+    pairs = fixed_pairs(3)
+    prompts = [p.prompt_ids for p in pairs for _ in range(2)]
+    responses = [r for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    with pytest.raises(RuntimeError, match="no frozen copy"):
+        lrn.log_ratios(prompts, responses, frozen=True)
+    lrn.train_step(pairs, pairs[0], 4)
+    lrn.export_weights(version=1, freeze=True)
+    evaluated = lrn.log_ratios(prompts, responses)["ratios"]
+    assert any(abs(x) > 1e-3 for x in evaluated)
+    lrn.train_step(pairs, pairs[0], 4)  # the next round's step
+    assert lrn.log_ratios(prompts, responses, frozen=True)["ratios"] == pytest.approx(evaluated, abs=1e-5)
+    assert lrn.log_ratios(prompts, responses)["ratios"] != pytest.approx(evaluated, abs=1e-3)
+
+
 def test_learner_steps_move_parameters_and_lower_loss(learner):
     pairs = fixed_pairs()
     before = learner.export_weights(version=1).tensors()
