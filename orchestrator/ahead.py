@@ -34,12 +34,11 @@ class Draw(threading.Thread):
     def __init__(self, r: int, version: int, session):
         super().__init__(name=f"odpo-draw-round-{r}", daemon=True)
         self.round_index, self.version, self.s = r, version, session
-        self.generated = session.generated
+        self.generated = threading.Event()
         """Set by the round's stream once its chunks are generated (a round that trains on drawn pairs: now)."""
         if r - 1 in session.pending:
             self.generated.set()
-        # the previous round's evaluation without a frozen copy: its samples come first (the learner waits for them)
-        self.after = [session.deferred.kl_sent] if session.deferred is not None and not session.deferred.frozen else []
+        self.after = [session.deferred.kl_sent] if session.deferred is not None else []
         self.stream: RoundStream | None = None
         self.error: BaseException | None = None
         self.waited_s = 0.0

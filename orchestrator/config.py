@@ -171,11 +171,11 @@ class EvalConfig:
     """A `module:function` reward used only to evaluate (the "gold" reward, e.g. the rule behind a proxy
     reward model), reported next to the scorer's reward; null: none."""
     overlap: bool = True
-    """Evaluate round t while round t+1 goes on (its figures still land in round t's metrics line): learner
-    rank 0 keeps a frozen copy of round t's weights (one more model in the policy's dtype), the evaluation set
-    is generated on the same pools once round t+1's chunks are, and its KL runs on the copy, so round t+1
-    never waits for it. Under ZeRO-3 (no full copy) the evaluation set is generated first and round t+1's
-    first step waits for the KL's forwards. The last round, and runs with learner.reference=previous (whose
+    """Evaluate round t while round t+1 goes on (its figures still land in round t's metrics line): the
+    evaluation set is generated first on the same pools and weights, and each chunk's KL runs, as the chunk
+    comes, on a frozen copy of round t's weights that learner rank 0 keeps (one more model in the policy's
+    dtype), so round t+1's steps never wait for it. Under ZeRO-3 (no full copy) round t+1's first step waits
+    until the KL's forwards are sent. The last round, and runs with learner.reference=previous (whose
     reference changes at the next round), evaluate before going on. false: every round waits for its
     evaluation."""
 

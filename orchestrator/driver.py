@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -33,7 +32,6 @@ def run(cfg: OdpoConfig) -> str:
         for r in range(s.out.completed, cfg.run.rounds):
             apply_scale_request(s.out.path, s.generators, s.scorers, s.nccl)  # `odpo scale`: rollout pools only
             s.telemetry.start_round(r, s.version, s.pool_sizes())
-            s.generated = threading.Event()  # set once this round's chunks are generated: the generators' spare time
             start_deferred_evaluation(s)  # the last round's, on the weights the generators still hold
             s.draw = ahead.start(s, r)  # run.staleness=1: round r+1's pairs, drawn meanwhile from these weights
             # generate -> score -> pair -> train epoch 1, streamed (or the pairs drawn ahead); epochs 2..E;
@@ -83,10 +81,10 @@ def train(s: Session, r: int) -> Trained:
     gate = s.deferred.kl_sent if s.deferred is not None and not s.deferred.frozen else None
     fixed = s.fixed[r] if s.fixed is not None else s.pending.get(r)  # offline, or drawn by the round before
     if fixed is None:
+        generated = s.draw.generated if s.draw is not None else None  # the draw ahead starts once it is set
         stream = stream_round(r, prompts, s.version, cfg, s.generators, s.scorers, s.learners, progress, gate,
-                              s.generated)
+                              generated)
     else:
-        s.generated.set()  # nothing to generate: a deferred evaluation or a draw ahead may use the generators now
         if from_data:  # the dataset's rows in file order, in chunks as streaming would cut them
             chunks = [i // cfg.generator.chunk_size for i in range(len(s.fixed[r].pairs))]
         else:  # drawn from the round's prompts: each pair's chunk is its prompt's
@@ -165,12 +163,17 @@ def start_deferred_evaluation(s: Session) -> None:
         # a driver that resumed has no frozen copy: the learner's own weights are round r's until it steps
         frozen = freezes_for_evaluation(s.cfg, r) and s.froze_round == r
         s.deferred = evaluation.Deferred(r, s.source.eval, s.cfg, s.generators, s.scorers, s.learners, s.initial,
-                                         s.version, frozen, s.generated)
+                                         s.version, frozen)
         s.evaluation_due = False
 
 
 def finish_deferred_evaluation(s: Session) -> None:
-    """The deferred evaluation's figures go into its round's metrics line (the last one committed)."""
+    """The deferred evaluation's figures go into its round's metrics line (the last one committed); the initial
+    policy's samples, taken during this round (round 0 of a fresh run), count in its profile."""
+    if s.initial is not None and not s.initial.accounted:
+        busy = s.initial.result().busy
+        s.initial.accounted = True
+        s.overlapped_busy = {"generator": busy["generate"], "scorer": busy["score"], "learner": busy["nll"]}
     if s.deferred is None:
         return
     deferred, s.deferred = s.deferred, None
@@ -187,7 +190,7 @@ def evaluate(s: Session, r: int) -> dict:
     """The held-out metrics of the weights just synced, against the initial policy's answers."""
     start = time.perf_counter()
     now = evaluation.sample(s.source.eval, s.cfg, s.generators, s.scorers, s.version)
-    metrics = evaluation.metrics(now, s.initial, s.cfg, s.scorers, s.learners)
+    metrics = evaluation.metrics(now, s.initial.result(), s.cfg, s.scorers, s.learners)
     metrics["timing/eval"] = time.perf_counter() - start
     evaluation.report(metrics, f"round {r + 1}/{s.cfg.run.rounds}")
     return metrics

@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,9 +83,10 @@ def sample(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorer
 
 
 def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, version: int,
-             sent: threading.Event | None = None) -> list[RolloutChunk]:
+             sent: threading.Event | None = None,
+             on_chunk: Callable[[int, RolloutChunk], None] | None = None) -> list[RolloutChunk]:
     """The eval set's chunks, generated with weights `version` (checked); `sent` is set once every chunk is
-    queued at the generators."""
+    queued at the generators; `on_chunk(i, chunk)` is called as chunk i comes back (checked)."""
     chunks = make_chunks(EVAL_ROUND, prompts, cfg.generator.chunk_size, cfg.run.seed)
 
     def all_sent() -> None:
@@ -93,8 +95,15 @@ def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, vers
         chaos.point("eval", version - 1)  # the round whose weights these are
 
     # a generator that dies or hangs is replaced and its chunks are redone (same seeds: the same samples)
+    def check(i: int, chunk: RolloutChunk) -> None:
+        if chunk.weight_version != version:
+            raise RuntimeError(f"evaluation chunk {chunk.chunk_id} was generated with weight version "
+                               f"{chunk.weight_version}, not {version}")
+        if on_chunk is not None:
+            on_chunk(i, chunk)
+
     out: list[RolloutChunk] = map_calls(generators, lambda a, c: a.generate.remote(c), chunks,
-                                        "generating the evaluation set", on_sent=all_sent)
+                                        "generating the evaluation set", on_sent=all_sent, on_result=check)
     stale = [c.chunk_id for c in out if c.weight_version != version]
     if stale:
         raise RuntimeError(f"evaluation chunks {stale} were generated with another weight version than {version}")
@@ -112,8 +121,9 @@ def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Sampl
 
 
 def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
-            learners: LearnerGroup | None, kl_refs: list[ray.ObjectRef] | None = None) -> dict:
-    """`kl_refs`: the learner ranks' log-ratios of `now`, already asked for (else asked here)."""
+            learners: LearnerGroup | None, kl_refs: list[ray.ObjectRef] | None = None, by_chunk: bool = False) -> dict:
+    """`kl_refs`: the learner ranks' log-ratios of `now`, already asked for (else asked here): one per rank, or
+    with `by_chunk` one per chunk of `now`, in order, from rank 0."""
     items, base = now.items(), initial.items()
     size = len(scorers)
     per = math.ceil(len(items) / size)
@@ -126,9 +136,8 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
     kl, kl_s, ratios = float("nan"), 0.0, []
     if learners is not None:
-        ranks = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
-        ratios, now.ref_nll, now.ref_rare = ranks[0]["ratios"], ranks[0]["ref_nll"], ranks[0]["ref_rare"]
-        kl_s = max(r["seconds"] for r in ranks)
+        got = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
+        ratios, now.ref_nll, now.ref_rare, kl_s = joined_kl(got, by_chunk)
         kl = float(np.mean(ratios))
     groups = now.prompt_ids()
     out = {
@@ -171,6 +180,15 @@ def figure(name: str, now: list[float], initial: list[float], groups: list[int])
             f"eval/{name}_change_ci95": change_half}
 
 
+def joined_kl(got: list[dict], by_chunk: bool) -> tuple[list[float], list[float], list[float], float]:
+    """Log-ratios, reference NLL and rare-token shares of every sample, and the learner's seconds, from the
+    answers of `log_ratios`: one per rank (the same lists; ranks compute together) or one per chunk, in order."""
+    if not by_chunk:
+        return got[0]["ratios"], got[0]["ref_nll"], got[0]["ref_rare"], max(g["seconds"] for g in got)
+    return ([x for g in got for x in g["ratios"]], [x for g in got for x in g["ref_nll"]],
+            [x for g in got for x in g["ref_rare"]], sum(g["seconds"] for g in got))
+
+
 def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
     """The reference's per-token NLL of `samples` (the initial policy's answers, once at start-up)."""
     ranks = learners.get(kl_requests(samples.chunks, learners, policy=False), "the initial samples' fluency")
@@ -179,32 +197,87 @@ def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
 
 def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup, policy: bool = True,
                 frozen: bool = False) -> list[ray.ObjectRef]:
-    """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective), or with
-    `frozen` of rank 0 alone, on the copy of the policy it froze at the last export."""
+    """log pi - log pi_ref of every sample, asked of every rank (ZeRO-3's forwards are collective), or of rank 0
+    alone with `frozen` (on the copy of the policy it froze at the last export) or without the `policy`."""
     prompts = [ro.prompt_ids for c in chunks for ro in c.rollouts for _ in ro.responses]
     responses = [r.token_ids for c in chunks for ro in c.rollouts for r in ro.responses]
-    ranks = learners.ranks[:1] if frozen else learners.ranks
+    ranks = learners.ranks[:1] if frozen or not policy else learners.ranks  # the reference: never partitioned
     return [r.log_ratios.remote(prompts, responses, policy, frozen) for r in ranks]
+
+
+class Initial:
+    """The initial policy's answers to the held-out prompts (the baseline of every change figure) and the
+    reference's NLL of them (the fluency figure's baseline). A fresh run takes them during its round 0
+    (`background`), on the weights round 0 samples with: their chunks are queued ahead of round 0's, each
+    chunk's NLL goes to learner rank 0 as the chunk comes, and the start-up does not wait for them. A resumed
+    run takes them at once, before it loads later weights. `result()` joins."""
+
+    def __init__(self, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
+                 learners: LearnerGroup, background: bool):
+        self.samples: Samples | None = None
+        self.outcome: Samples | BaseException | None = None
+        self.accounted = not background
+        """Whether its pool seconds are counted (a background one's, in the profile of the round it ran in)."""
+        self.thread: threading.Thread | None = None
+        sent = threading.Event()
+        args = (prompts, cfg, generators, scorers, learners, sent)
+        if background:
+            self.thread = threading.Thread(target=self._run, args=args, daemon=True, name="odpo-eval-initial")
+            self.thread.start()
+            sent.wait()  # queued ahead of round 0's chunks
+        else:
+            self._run(*args)
+
+    def _run(self, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
+             learners: LearnerGroup, sent: threading.Event) -> None:
+        try:
+            parts: dict[int, ray.ObjectRef] = {}
+            chunks = generate(prompts, cfg, generators, 0, sent=sent, on_chunk=lambda i, c: parts.__setitem__(
+                i, kl_requests([c], learners, policy=False)[0]))
+            self.samples = score(chunks, cfg, scorers)
+            got = learners.get([parts[i] for i in range(len(chunks))], "the initial samples' fluency")
+            _, self.samples.ref_nll, self.samples.ref_rare, self.samples.busy["nll"] = joined_kl(got, by_chunk=True)
+            self.outcome = self.samples
+        except BaseException as e:  # handed to the driver by result()
+            self.outcome = e
+        finally:
+            sent.set()
+
+    def redo_nll(self, learners: LearnerGroup) -> None:
+        """The learner group died while the NLL was pending: compute it on the new group."""
+        if self.thread is not None:
+            self.thread.join()
+        from orchestrator.pools import LearnerFailure
+
+        if isinstance(self.outcome, LearnerFailure) and self.samples is not None:
+            reference_nll(self.samples, learners)
+            self.outcome = self.samples
+
+    def result(self) -> Samples:
+        if self.thread is not None:
+            self.thread.join()
+        if isinstance(self.outcome, UserFunctionError):  # the user's function: its own one line, not wrapped
+            raise self.outcome
+        if isinstance(self.outcome, BaseException):
+            raise RuntimeError(f"the initial policy's evaluation failed: {self.outcome}") from self.outcome
+        return self.outcome
 
 
 class Deferred:
     """Round r's held-out evaluation, run by a driver thread while round r+1 goes on (`eval.overlap`).
 
-    The generators hold round r's weights until round r+1 ends. With a frozen copy of those weights on learner
-    rank 0 (`frozen`, taken at round r's export), the evaluation set is generated once round r+1's own chunks
-    are (`after`), in the generators' spare time, and its KL runs on the copy whenever it comes: round r+1
-    never waits for it. Without one (ZeRO-3, whose ranks hold no full copy), the evaluation set is generated
-    first (its chunks queued ahead of round r+1's: `chunks_sent`) and round r+1's first training step waits
-    until the KL's forwards are sent (`kl_sent`), so they run on round r's weights. Scoring and judging go on
-    beside the round. `result()` joins.
+    The generators hold round r's weights until round r+1 ends; the evaluation set is generated first on them
+    (its chunks queued ahead of round r+1's: `chunks_sent`). With a frozen copy of those weights on learner
+    rank 0 (`frozen`, taken at round r's export), each chunk's KL goes to it as soon as the chunk is generated,
+    so the learner computes it while the generators go on to round r+1's chunks, and round r+1's steps never
+    wait for it. Without one (ZeRO-3, whose ranks hold no full copy), the KL's forwards are sent once the set
+    is generated (`kl_sent`), and round r+1's first training step waits for that, so they run on round r's
+    weights. Scoring and judging go on beside the round. `result()` joins.
     """
 
     def __init__(self, round_index: int, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool,
-                 scorers: ActorPool, learners: LearnerGroup, initial: Samples, version: int, frozen: bool = False,
-                 after: threading.Event | None = None):
-        self.round_index, self.cfg, self.scorers, self.initial = round_index, cfg, scorers, initial
-        self.frozen, self.after = frozen, after if frozen else None
-        self.go_now = False
+                 scorers: ActorPool, learners: LearnerGroup, initial: Initial, version: int, frozen: bool = False):
+        self.round_index, self.cfg, self.scorers, self.initial, self.frozen = round_index, cfg, scorers, initial, frozen
         self.chunks_sent, self.kl_sent = threading.Event(), threading.Event()
         self.samples: Samples | None = None
         self.outcome: dict | BaseException | None = None
@@ -212,18 +285,22 @@ class Deferred:
         self.thread = threading.Thread(target=self._run, args=(prompts, generators, learners, version), daemon=True,
                                        name=f"odpo-eval-round-{round_index}")
         self.thread.start()
-        if not frozen:
-            self.chunks_sent.wait()
+        self.chunks_sent.wait()
 
     def _run(self, prompts: list[Prompt], generators: ActorPool, learners: LearnerGroup, version: int) -> None:
         try:
-            while self.after is not None and not self.go_now and not self.after.wait(0.2):
-                pass
-            chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent)
-            kl_refs = kl_requests(chunks, learners, frozen=self.frozen)
+            if self.frozen:  # chunk by chunk, on rank 0's frozen copy, as the chunks come
+                parts: dict[int, ray.ObjectRef] = {}
+                chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent,
+                                  on_chunk=lambda i, c: parts.__setitem__(i, kl_requests([c], learners, frozen=True)[0]))
+                kl_refs = [parts[i] for i in range(len(chunks))]
+            else:
+                chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent)
+                kl_refs = kl_requests(chunks, learners)
             self.kl_sent.set()
             self.samples = score(chunks, self.cfg, self.scorers)
-            self.outcome = metrics(self.samples, self.initial, self.cfg, self.scorers, learners, kl_refs)
+            self.outcome = metrics(self.samples, self.initial.result(), self.cfg, self.scorers, learners, kl_refs,
+                                   self.frozen)
         except BaseException as e:  # handed to the driver by result()
             self.outcome = e
         finally:
@@ -233,13 +310,12 @@ class Deferred:
     def redo_kl(self, learners: LearnerGroup) -> None:
         """The learner group died (and was rebuilt from round r's checkpoint) while this evaluation's KL was
         pending: compute it again on the new group (its policy: round r's weights), before the retried round
-        trains. An evaluation still waiting for the failed round's generation goes now."""
-        self.go_now = True
+        trains."""
         self.thread.join()
         from orchestrator.pools import LearnerFailure
 
         if isinstance(self.outcome, LearnerFailure) and self.samples is not None:
-            self.outcome = metrics(self.samples, self.initial, self.cfg, self.scorers, learners)
+            self.outcome = metrics(self.samples, self.initial.result(), self.cfg, self.scorers, learners)
 
     def result(self) -> dict:
         self.thread.join()

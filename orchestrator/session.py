@@ -16,7 +16,6 @@ and on exit shuts the pools and Ray down, then closes wandb. It also retries a r
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,7 +55,7 @@ class Session:
     nccl: bool
     telemetry: Telemetry
     history: list[dict]
-    initial: evaluation.Samples | None
+    initial: evaluation.Initial | None
     """The initial policy's answers to the held-out prompts (None without eval.prompts)."""
     fixed: list[RoundStream] | None
     """The offline baseline's pairs, round by round (None online)."""
@@ -70,9 +69,6 @@ class Session:
     """That evaluation, running."""
     froze_round: int | None = None
     """The round whose export left a frozen copy of its weights on learner rank 0 (for its deferred evaluation)."""
-    generated: threading.Event = field(default_factory=threading.Event)
-    """Set once the running round's chunks are generated (or it has none): a deferred evaluation with a frozen
-    copy and a draw ahead use the generators after that."""
     overlapped_busy: dict[str, float] = field(default_factory=dict)
     """Pool seconds a deferred evaluation or a draw ahead spent during the round now running (its profile
     counts them)."""
@@ -102,6 +98,8 @@ class Session:
                                                attempt + 1)
                 if self.deferred is not None:  # the last round's KL, if the dead group never answered it
                     self.deferred.redo_kl(self.learners)
+                if self.initial is not None:  # the initial samples' NLL likewise (round 0)
+                    self.initial.redo_nll(self.learners)
         raise AssertionError("unreachable")
 
 
@@ -135,9 +133,9 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)
             clock.lap("learners")  # placed, built and joined (DeepSpeed's set-up), while the other pools build
             # the initial policy's answers to the held-out prompts, before a resume loads later weights
-            initial = evaluation.sample(source.eval, cfg, generators, scorers, 0) if source.eval else None
-            if initial is not None:  # the fluency figure's baseline: how likely the reference finds its own samples
-                evaluation.reference_nll(initial, learners)
+            # a fresh run's: during round 0; a resumed run's: now, before it loads later weights
+            initial = evaluation.Initial(source.eval, cfg, generators, scorers, learners, background=not out.completed
+                                         ) if source.eval else None
             clock.lap("initial_eval")
             fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
             if out.completed:

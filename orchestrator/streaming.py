@@ -161,11 +161,12 @@ class Dispatcher:
 
 
 def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], items: list, what: str,
-              on_sent: Callable[[], None] | None = None) -> list:
+              on_sent: Callable[[], None] | None = None, on_result: Callable[[int, object], None] | None = None) -> list:
     """`call(actor, item)` for every item, spread over the pool by a Dispatcher (no per-actor bound), results
     in item order: the held-out evaluation's calls, outside a round's stream. An actor that dies, or holds
     work past the pool's call timeout (after the last look), is replaced as in a round (the restart budget
-    applies) and its items are sent again. `on_sent`: called once the first calls are all sent."""
+    applies) and its items are sent again. `on_sent`: called once the first calls are all sent; `on_result(i,
+    result)`: as item i's result comes back (once per item)."""
     d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"))
     todo, results = deque(range(len(items))), {}
     while todo or d.inflight:
@@ -188,6 +189,8 @@ def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], 
             continue
         i, _ = d.complete(ready[0])
         results[i] = value
+        if on_result is not None:
+            on_result(i, value)
     return [results[i] for i in range(len(items))]
 
 
