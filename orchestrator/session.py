@@ -132,10 +132,10 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             scorers = cluster.scorers(reward_path)
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)
             clock.lap("learners")  # placed, built and joined (DeepSpeed's set-up), while the other pools build
-            # the initial policy's answers to the held-out prompts, before a resume loads later weights
-            # a fresh run's: during round 0; a resumed run's: now, before it loads later weights
-            initial = evaluation.Initial(source.eval, cfg, generators, scorers, learners, background=not out.completed
-                                         ) if source.eval else None
+            # the initial policy's answers to the held-out prompts: a resumed run's now, before it loads later weights
+            initial = None
+            if source.eval and out.completed:
+                initial = evaluation.Initial(source.eval, cfg, generators, scorers, learners, background=False)
             clock.lap("initial_eval")
             fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
             if out.completed:
@@ -144,6 +144,8 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                 generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
             generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
             scorers.wait_ready()
+            if source.eval and not out.completed:  # a fresh run's: during round 0, queued ahead of its chunks
+                initial = evaluation.Initial(source.eval, cfg, generators, scorers, learners, background=True)
             clock.lap("rest")
             nccl = cfg.generator.weight_sync == "nccl"
             if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
