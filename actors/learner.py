@@ -336,11 +336,13 @@ class Learner:
 
     # -- weights out --------------------------------------------------------------------------------
 
-    def _full_state_dict(self, to_cpu: bool = True, keep: bool = True, tied: bool = True) -> dict[str, torch.Tensor]:
+    def _full_state_dict(self, to_cpu: bool = True, keep: bool = True, tied: bool = True,
+                         copy: bool = True) -> dict[str, torch.Tensor]:
         """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype; ranks that
         only help the gather (`keep=False`) copy nothing. `tied=False` leaves out a weight that shares its
         storage with one already taken (a tied output head: 28% of a 135M model's bytes), as save_pretrained
-        does; every loader of the payload (transformers, vLLM) ties it back."""
+        does; every loader of the payload (transformers, vLLM) ties it back. `copy=False`: a tensor already on
+        the CPU in the policy dtype is the live weight itself, for a caller that serialises it at once."""
         import deepspeed
 
         module = self.engine.module
@@ -354,7 +356,7 @@ class Learner:
                 if k in skip:
                     continue
                 t = v.detach().to(DTYPES[self.dtype])
-                out[k] = t.to("cpu", copy=True) if to_cpu else t.clone()
+                out[k] = t.to("cpu", copy=copy) if to_cpu else t.clone()
         return out
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
@@ -372,7 +374,9 @@ class Learner:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None. With
         `freeze`, rank 0 also keeps them as a frozen copy of the policy (`log_ratios(frozen=True)`): a deferred
         evaluation's KL then runs on the weights it evaluates while the next round trains."""
-        tensors = self._full_state_dict(keep=self.rank == 0, tied=False)
+        # serialised before this call returns, so no copy of the live weights first (ZeRO-3's gathered ones are
+        # released as the gather ends: those are copied)
+        tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copy=self.cfg.zero_stage == 3)
         if self.rank != 0:
             return None
         if freeze:
