@@ -57,9 +57,6 @@ class Learner:
         self.gas = cfg.global_batch_size // (world_size * cfg.micro_batch_size)
         self.engine = None
         self.frozen = None
-        self.peak_flops: float | None = None
-        """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU): the machine's rate,
-        against which `profile/learner_vs_peak` holds the learner's useful FLOP/s."""
         """The policy as last exported with freeze=True (rank 0; the deferred evaluation's KL)."""
         self.step_in_round = 0
         self.total_steps = 1
@@ -134,18 +131,20 @@ class Learner:
 
     # -- a round ----------------------------------------------------------------------------------
 
-    def start_round(self, round_index: int, total_steps: int) -> float:
-        """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured. Returns the
-        matmul rate of this rank (`matmul_flops`), measured at its first round, when the other pools are idle."""
-        if self.peak_flops is None:
-            self.peak_flops = matmul_flops(self.device, DTYPES[self.dtype])
+    def start_round(self, round_index: int, total_steps: int) -> None:
+        """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured."""
         self.step_in_round = 0
         self.total_steps = max(1, total_steps)
         if self.cfg.reset_optimizer_each_round:
             _innermost_optimizer(self.optimizer).state.clear()
         if self.cfg.reference == "previous" and round_index > 0:
             self.reference.load_state_dict(self._full_state_dict(to_cpu=False))
-        return self.peak_flops
+
+    def matmul_flops(self) -> float:
+        """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU): the machine's rate,
+        against which `profile/learner_vs_peak` holds the learner's useful FLOP/s. Asked once the other pools
+        are idle (a busy neighbour on the same cores lowers it)."""
+        return matmul_flops(self.device, DTYPES[self.dtype])
 
     def ready(self) -> str:
         return f"learner-{self.rank}"

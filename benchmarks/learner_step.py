@@ -9,7 +9,7 @@ A. the learner's settings, one change at a time, from issue 13's (ZeRO-2, micro-
    one micro-batch, eager attention, fused AdamW): each step's seconds, useful FLOP/s (linear layers on real
    tokens, the output head only where a prediction is read, 3 forwards' worth) and that over a 1024^3 matmul
    at the same threads and dtype, measured beside each variant (`actors.learner.matmul_flops`, what a run
-   measures at its learner's first round for `profile/learner_vs_peak`). Then today's settings on a batch of
+   measures at start-up for `profile/learner_vs_peak`). Then today's settings on a batch of
    16 pairs: what a step costs whatever its size (the optimizer, DeepSpeed's bf16 bookkeeping) spread thinner.
 
 Then, on today's settings:
@@ -50,7 +50,7 @@ from orchestrator.config import CPU_BF16_FLAGS, LearnerConfig, cpu_flags  # noqa
 
 
 def matmul_flops(threads: int, dtype: torch.dtype) -> float:
-    """A 1024^3 matmul's FLOP/s at `threads` CPU threads: what a run's learner measures at its first round."""
+    """A 1024^3 matmul's FLOP/s at `threads` CPU threads: what a run's learner measures at start-up."""
     torch.set_num_threads(threads)
     return learner_matmul_flops(torch.device("cpu"), dtype)
 

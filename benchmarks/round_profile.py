@@ -52,12 +52,12 @@ def show(run_dir: str, cfg) -> None:
           f"{'learner GFLOP/s':>16}{'vs matmul':>10}{'pad share':>10}")
     for m in lines:
         flops = m.get("profile/learner_flops_per_s") or float("nan")
-        ratio = m.get("profile/learner_vs_peak") or flops / peak  # the run's own, measured at the learner's first round
+        ratio = m.get("profile/learner_vs_peak") or flops / peak  # the run's own, measured at the run's start-up
         print(f"{m['round']:>5}{m['profile/round_s']:>9.1f}{(m.get('timing/eval') or 0):>8.1f}{m['timing/stream']:>9.1f}"
               f"{m['timing/sync']:>8.1f}{m['profile/round_over_slowest']:>14.2f}{flops / 1e9:>16.1f}{ratio:>10.2f}"
               f"{(m.get('profile/learner_pad_share') or float('nan')):>10.3f}")
     run_peak = lines[-1].get("profile/learner_peak_flops")
-    print("(vs matmul: against the matmul rate the learner measured at its first round"
+    print("(vs matmul: against the matmul rate the learner measured at the run's start-up"
           + (f", {run_peak / 1e9:.1f} GFLOP/s" if run_peak else " (not in this run: measured now)")
           + f"; measured now at the learner's {learner_threads} thread(s), {dtype}: {peak / 1e9:.1f} GFLOP/s)")
 

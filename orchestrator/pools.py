@@ -270,8 +270,6 @@ class LearnerGroup:
         self.pool = pool
         self.ranks = pool.actors
         self.timeout_s = timeout_s
-        self.peak_flops = float("nan")
-        """A rank's matmul FLOP/s (the slowest rank's), measured at its first round, for profile/learner_vs_peak."""
 
     def get(self, refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None,
             timeout_key: str = "learner.step_timeout_s") -> list:
@@ -293,8 +291,11 @@ class LearnerGroup:
                         "ray.actor_start_timeout_s")[0]
 
     def start_round(self, round_index: int, total_steps: int) -> None:
-        self.peak_flops = min(self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks],
-                                       "start of round"))
+        self.get([r.start_round.remote(round_index, total_steps) for r in self.ranks], "start of round")
+
+    def matmul_flops(self) -> float:
+        """The slowest rank's matmul FLOP/s (Learner.matmul_flops), all ranks at once."""
+        return min(self.get([r.matmul_flops.remote() for r in self.ranks], "the matmul rate"))
 
     def optimizer_states(self) -> list[bytes]:
         return self.get([r.optimizer_state.remote() for r in self.ranks], "optimizer-state export")

@@ -108,7 +108,7 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
     the evaluation's scoring and judging; learner = training steps (all epochs) + the reference stage + the
     weight export + the evaluation's KL. `overlapped`: pool seconds the previous round's deferred evaluation
     (eval.overlap) spent during this round, counted here, where they ran; a line whose own evaluation was
-    deferred counts none of it. `peak_flops`: a learner rank's matmul FLOP/s (measured at its first round);
+    deferred counts none of it. `peak_flops`: a learner rank's matmul FLOP/s (measured at start-up, every pool idle);
     `profile/learner_vs_peak` is the learner's useful FLOP/s over it."""
     def get(key: str) -> float:
         v = m.get(key, 0.0)

@@ -67,6 +67,8 @@ class Session:
     """The last committed round's evaluation is still to run, during the next round (eval.overlap)."""
     deferred: evaluation.Deferred | None = None
     """That evaluation, running."""
+    peak_flops: float = float("nan")
+    """A learner rank's matmul FLOP/s, measured once at start-up with every pool idle (profile/learner_vs_peak)."""
     froze_round: int | None = None
     """The round whose export left a frozen copy of its weights on learner rank 0 (for its deferred evaluation)."""
     overlapped_busy: dict[str, float] = field(default_factory=dict)
@@ -144,6 +146,7 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                 generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
             generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
             scorers.wait_ready()
+            peak_flops = learners.matmul_flops()  # while every pool is idle: profile/learner_vs_peak's measure
             if source.eval and not out.completed:  # a fresh run's: during round 0, queued ahead of its chunks
                 initial = evaluation.Initial(source.eval, cfg, generators, scorers, learners, background=True)
             clock.lap("rest")
@@ -158,7 +161,8 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                   file=sys.stderr)
             session = Session(cfg, out, source, cluster, policy_path, tokenizer.pad_token_id, generators, scorers,
                               learners, out.completed, nccl, Telemetry(cfg.run.name), out.history(), initial, fixed,
-                              startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {})
+                              startup=startup, pending=ahead.load(out, out.completed) if cfg.run.staleness else {},
+                              peak_flops=peak_flops)
             # the last committed round's deferred evaluation, lost with the driver that was running it, runs now
             session.evaluation_due = bool(initial is not None and session.history
                                           and "eval/win_rate" not in session.history[-1])

@@ -74,7 +74,7 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
         assert m["profile/round_over_slowest"] >= 1
         assert m["timing/reference"] > 0  # the reference stage ran (learner.reference_ahead, the default)
         assert m["train/flops"] > 0 and m["profile/learner_flops_per_s"] > 0
-        # against the matmul rate the learner measured at its first round
+        # against the matmul rate the learner measured at start-up
         assert m["profile/learner_peak_flops"] > 1e8
         assert m["profile/learner_vs_peak"] == pytest.approx(m["profile/learner_flops_per_s"] / m["profile/learner_peak_flops"])
         assert 0 <= m["train/padded_tokens"] < m["train/computed_tokens"]
