@@ -336,11 +336,11 @@ class Learner:
     # -- weights out --------------------------------------------------------------------------------
 
     def _full_state_dict(self, to_cpu: bool = True, keep: bool = True, tied: bool = True,
-                         copy: bool = True) -> dict[str, torch.Tensor]:
+                         copied: bool = True) -> dict[str, torch.Tensor]:
         """Full weights, gathered under ZeRO-3 (every rank must call), cast to the policy dtype; ranks that
         only help the gather (`keep=False`) copy nothing. `tied=False` leaves out a weight that shares its
         storage with one already taken (a tied output head: 28% of a 135M model's bytes), as save_pretrained
-        does; every loader of the payload (transformers, vLLM) ties it back. `copy=False`: a tensor already on
+        does; every loader of the payload (transformers, vLLM) ties it back. `copied=False`: a tensor already on
         the CPU in the policy dtype is the live weight itself, for a caller that serialises it at once."""
         import deepspeed
 
@@ -355,7 +355,7 @@ class Learner:
                 if k in skip:
                     continue
                 t = v.detach().to(DTYPES[self.dtype])
-                out[k] = t.to("cpu", copy=copy) if to_cpu else t.clone()
+                out[k] = t.to("cpu", copy=copied) if to_cpu else t.clone()
         return out
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
@@ -375,7 +375,7 @@ class Learner:
         evaluation's KL then runs on the weights it evaluates while the next round trains."""
         # serialised before this call returns, so no copy of the live weights first (ZeRO-3's gathered ones are
         # released as the gather ends: those are copied)
-        tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copy=self.cfg.zero_stage == 3)
+        tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copied=self.cfg.zero_stage == 3)
         if self.rank != 0:
             return None
         if freeze:
