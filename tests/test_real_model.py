@@ -216,7 +216,7 @@ def test_the_real_model_workflow_end_to_end(ray_cluster, smol_dir, tmp_path, mon
         "generator.n=2", "generator.resample_ties=1", "generator.max_new_tokens=8", "generator.cpus_per_actor=0.5",
         "scorer.cpus_per_actor=0.5",
         "reward_training.num_pairs=24", "reward_training.base_layers=2", "reward_training.epochs=1",
-        "learner.global_batch_size=4", "learner.epochs=1", "metrics.wandb=false"])
+        "learner.global_batch_size=4", "learner.micro_batch_size=4", "learner.epochs=1", "metrics.wandb=false"])
     run_dir = run(cfg)
     rm = [json.loads(line) for line in open(os.path.join(run_dir, "reward_model_metrics.jsonl"))]
     assert rm[0]["epoch"] == -1 and rm[0]["eval/pairs"] >= 1 and rm[-1]["steps"] >= 1
