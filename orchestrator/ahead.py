@@ -28,8 +28,9 @@ from orchestrator.streaming import RoundStream
 
 class Draw(threading.Thread):
     """Round r's pairs drawn in the background from the weights the generators hold (`version`), once the
-    generation on the round's critical path is done: the previous round's deferred evaluation samples (its KL
-    gates this round's first step) and, when this round streams, its own chunks (`generated`)."""
+    generation on the round's critical path is done: the previous round's deferred evaluation samples (the
+    learner computes their KL meanwhile, or, without a frozen copy, waits for them before its first step) and,
+    when this round streams, its own chunks (`generated`)."""
 
     def __init__(self, r: int, version: int, session):
         super().__init__(name=f"odpo-draw-round-{r}", daemon=True)
