@@ -17,16 +17,10 @@ import time
 
 import torch
 
-from actors.models import (
-    load_causal_lm,
-    load_tokenizer,
-    own_process_ids,
-    prepare_worker,
-    render_prompt,
-    tied_copies,
-)
+from actors.models import load_causal_lm, load_tokenizer, render_prompt, tied_copies
 from actors.settings import GeneratorConfig
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
+from actors.worker import own_process_ids, prepare_worker
 
 
 class PromptRenderer:

@@ -34,9 +34,10 @@ from actors.losses import (
     shared_prompt_logprobs,
     shared_prompt_token_logprobs,
 )
-from actors.models import DTYPES, load_causal_lm, own_process_ids, prepare_worker, tied_copies
+from actors.models import DTYPES, load_causal_lm, tied_copies
 from actors.settings import LearnerConfig
 from actors.types import Pair, WeightBundle
+from actors.worker import own_process_ids, prepare_worker
 
 RARE_LOGPROB = math.log(1e-4)
 """A response token the reference gives less probability than this is "rare" (made-up words, odd symbols)."""

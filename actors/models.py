@@ -17,6 +17,7 @@ import sys
 import torch
 
 from actors.settings import BUILTIN_PREFIX
+from actors.worker import put_this_environment_first_on_path
 
 # A chat template for tokenizers that ship none (the builtin byte tokenizer): role tags, one turn a line.
 SIMPLE_CHAT_TEMPLATE = (
@@ -113,7 +114,6 @@ def prepare_packaged_model(name: str) -> str:
                 return dest
     except (OSError, ValueError):
         pass
-    import sys
 
     print(f"odpo: converting builtin:{name} from {source} into {dest} (once)", file=sys.stderr, flush=True)
     tmp = f"{dest}.tmp-{os.getpid()}"
@@ -297,27 +297,6 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def quiet_libraries() -> None:
-    """Progress bars and notices of transformers, datasets and DeepSpeed drown odpo's own progress lines."""
-    import logging
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-
-
-def prepare_worker(cpus: float) -> None:
-    """Thread count from the actor's CPU reservation (not the machine's cores), this environment's tools
-    first on PATH, and quiet library logs."""
-    torch.set_num_threads(max(1, round(cpus)))
-    put_this_environment_first_on_path()
-    quiet_libraries()
-
-
 def build_deepspeed_cpu_ops() -> list[str]:
     """Compile, into TORCH_EXTENSIONS_DIR, the DeepSpeed op every CPU learner loads as it joins its group
     (the shared-memory allreduce, as `deepspeed.init_distributed` builds it): `make install` calls this so
@@ -326,24 +305,3 @@ def build_deepspeed_cpu_ops() -> list[str]:
 
     put_this_environment_first_on_path()
     return ["deepspeed_shm_comm"] if build_shm_op() is not None else []
-
-
-def put_this_environment_first_on_path() -> None:
-    """This interpreter's bin directory first on PATH, as `source .venv/bin/activate` would. DeepSpeed
-    compiles its CPU ops with torch's JIT, which runs the `ninja` on PATH, and caches the build
-    (TORCH_EXTENSIONS_DIR). A worker started from a shell without the environment on PATH runs another ninja
-    than one started with it, and two ninja versions rebuild each other's cache every time (about a minute
-    on 2 cores); with the environment's own ninja (a DeepSpeed dependency) first, every worker agrees."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
-    if path[:1] != [bin_dir]:
-        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
-
-
-def own_process_ids() -> list[int]:
-    """This process's pid and its children's (for checks that nothing outlives an actor, and for fault
-    injection by pid)."""
-    import psutil
-
-    me = psutil.Process()
-    return [me.pid] + [c.pid for c in me.children(recursive=True)]

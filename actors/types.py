@@ -6,9 +6,10 @@ Every rollout and pair carries the weight version of the policy that produced it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Messages = list[dict[str, str]]
 

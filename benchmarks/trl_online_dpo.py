@@ -56,10 +56,10 @@ from actors.models import (  # noqa: E402
     load_causal_lm,
     load_tokenizer,
     materialize_builtin,
-    quiet_libraries,
     render_prompt,
 )
 from actors.scorer import RewardFn  # noqa: E402
+from actors.worker import quiet_libraries  # noqa: E402
 from orchestrator.config import load_config, resolve_dtype  # noqa: E402
 from orchestrator.data import PromptSource  # noqa: E402
 

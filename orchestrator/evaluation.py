@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from actors.models import load_tokenizer, quiet_libraries
+from actors.models import load_tokenizer
 from actors.types import Prompt, RolloutChunk, WeightBundle
 from actors.user_code import RewardFn, UserFunctionError
+from actors.worker import quiet_libraries
 from orchestrator import chaos, stats
 from orchestrator.cluster import Cluster
 from orchestrator.config import InputError, InputNotFound, OdpoConfig

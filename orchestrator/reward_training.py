@@ -32,11 +32,12 @@ from collections.abc import Callable
 import numpy as np
 
 from actors.learner import PairwiseLearner, RewardLearner
-from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin, quiet_libraries
+from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin
 from actors.preference import PreferenceFormat
 from actors.rewards import lowercase_ratio
 from actors.types import Messages, Pair
 from actors.user_code import RewardFn
+from actors.worker import quiet_libraries
 from orchestrator.cluster import Cluster
 from orchestrator.config import InputError, OdpoConfig, OutputExists, RewardTrainingConfig
 from orchestrator.outputs import RunDir, write_atomic

@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import ray
 
-from actors.models import load_tokenizer, quiet_libraries
+from actors.models import load_tokenizer
+from actors.worker import quiet_libraries
 from orchestrator import ahead, evaluation, offline
 from orchestrator.cluster import Cluster, resolve_backend
 from orchestrator.config import OdpoConfig

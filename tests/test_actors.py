@@ -459,7 +459,7 @@ def test_previous_reference_follows_the_policy(tiny_policy_dir):
 def test_workers_build_torch_extensions_with_this_environments_ninja(monkeypatch):
     """Ninja versions rebuild each other's cached DeepSpeed ops: a worker started without the environment on
     PATH must still find the environment's ninja first."""
-    from actors.models import put_this_environment_first_on_path
+    from actors.worker import put_this_environment_first_on_path
 
     own = os.path.join(os.path.dirname(sys.executable), "ninja")
     assert os.path.exists(own)  # DeepSpeed's dependency, installed with it
