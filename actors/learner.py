@@ -14,6 +14,7 @@ Reference log-probs come with the pairs when the driver had them computed as the
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import socket
@@ -100,6 +101,7 @@ class Learner:
         # DeepSpeed's own Adam would need a compiled extension
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
                                       weight_decay=self.cfg.weight_decay, fused=True)
+        import_muon_without_compiling()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
         e = self.engine  # plain fp32 without ZeRO: DeepSpeed's clip does not record the gradient norm
@@ -387,6 +389,44 @@ class Learner:
                 raise RuntimeError(f"the frozen copy does not take the exported weights (missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]})")
         return WeightBundle.from_tensors(version, tensors)
+
+
+def import_muon_without_compiling() -> None:
+    """DeepSpeed imports its Muon optimizer on every engine's set-up (to ask whether ours is one), and that
+    module wraps three functions in `torch.compile` as it is imported, which imports torch's inductor: 1.6 s
+    of a CPU learner's ~7 s start, for an optimizer odpo never uses. Imported here first with DeepSpeed's
+    `compiler.compile` deferred to each function's first call (the same compiled function if Muon is ever
+    used); every later import finds the module loaded."""
+    import sys
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    def deferred():
+        compile_now = real()
+
+        def wrap(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def first_call_compiles(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = compile_now(fn)
+                return compiled(*args, **kwargs)
+            return first_call_compiles
+        return wrap
+
+    real = compiler.compile
+    compiler.compile = deferred
+    try:
+        __import__(name)
+    except ImportError:  # a DeepSpeed without Muon: nothing to defer
+        pass
+    finally:
+        compiler.compile = real
 
 
 def _innermost_optimizer(opt):

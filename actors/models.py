@@ -61,11 +61,13 @@ def model_cache_dir() -> str:
 def materialize_builtin(location: str, dest: str, seed: int) -> str:
     """The checkpoint directory of `builtin:NAME`. A packaged model is converted once into the shared cache
     (`dest` and `seed` unused); a tiny model is built with random init from `seed` and saved at `dest`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
     name = location[len(BUILTIN_PREFIX):]
     if name in PACKAGED_MODELS:
         return prepare_packaged_model(name)
+    # here, not above: transformers' modelling classes cost the driver 3-4 s to import, which a packaged
+    # model already converted never needs
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
     tok = builtin_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
