@@ -467,3 +467,36 @@ def test_workers_build_torch_extensions_with_this_environments_ninja(monkeypatch
     put_this_environment_first_on_path()
     assert shutil.which("ninja") == own
     assert os.environ["PATH"].split(os.pathsep).count(os.path.dirname(sys.executable)) == 1
+
+
+LOADS = """
+import json, sys
+from actors.scorer import Scorer
+from orchestrator.config import LearnerConfig, ScorerConfig
+Scorer(ScorerConfig(type="function", function="actors.rewards:lowercase_ratio"))
+after_scorer = sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules)
+from actors.learner import Learner
+lrn = Learner(LearnerConfig(global_batch_size=4, micro_batch_size=2, zero_stage=2), sys.argv[1], "float32", rank=0,
+              world_size=1, pad_id=0)
+lrn.setup(*lrn.rendezvous_address())
+from deepspeed.runtime.zero.muon import original_muon
+print(json.dumps({"after_scorer": after_scorer, "inductor": "torch._inductor.compile_fx" in sys.modules,
+                  "datasets": "datasets" in sys.modules,
+                  "muon_compiled_on": original_muon.zeropower_via_newtonschulz5.__code__.co_name}))
+"""
+
+
+def test_actors_load_only_what_they_use(tiny_policy_dir):
+    """Start-up is mostly imports: a function scorer never imports torch, transformers or datasets; a learner
+    sets up its ZeRO engine without importing torch's inductor (DeepSpeed's Muon module, compiled on first use
+    only) or datasets (silenced through its environment). A fresh interpreter: this one has loaded them all."""
+    import json
+    import subprocess
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", LOADS, tiny_policy_dir], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == {"after_scorer": [], "inductor": False, "datasets": False, "muon_compiled_on": "first_call_compiles"}
