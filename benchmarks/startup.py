@@ -1,0 +1,79 @@
+"""Start-up, side by side with another commit: the same `odpo run` under this tree and under REF, alternated.
+
+Each run is a fresh `odpo run` process (its own Ray cluster, as a user's command starts one) of one round; its
+`startup/*` figures (metrics.jsonl's first line) are read back. The other commit runs from a git worktree with
+this environment (PYTHONPATH puts its code first, for the driver and every Ray worker it starts). Printed: every
+run's start-up broken down, then per variant the median of each step and the ratio to REF's.
+
+    .venv/bin/python benchmarks/startup.py configs/tiny.yaml --against 9944a86            # make run's job
+    .venv/bin/python benchmarks/startup.py examples/plurals/task.yaml --against 9944a86   # make real's job
+
+`total` counts everything from the driver's first step to the first round; `besides_rm` leaves out the
+reward-model stage (the tiny default trains its reward model first; issue 24's targets are besides it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("total", "besides_rm", "before_ray", "ray", "reward_model", "learners", "initial_eval", "rest",
+         "generators_build", "scorers_build")
+
+
+def one_run(code: str, config: str, overrides: list[str], out: str, name: str) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", config, f"run.output_dir={out}", f"run.name={name}",
+           "run.rounds=1", "metrics.wandb=false", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed under {code}:\n{done.stderr[-3000:]}")
+    with open(os.path.join(out, name, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    steps = {k.removeprefix("startup/").removesuffix("_s"): v for k, v in first.items() if k.startswith("startup/")}
+    steps["besides_rm"] = steps["total"] - steps.get("reward_model", 0.0)
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--against", required=True, help="the git commit to compare with (run from a worktree)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    scratch = tempfile.mkdtemp(prefix="odpo-startup-")
+    worktree = os.path.join(scratch, "against")
+    subprocess.run(["git", "worktree", "add", "--detach", worktree, args.against], cwd=REPO, check=True,
+                   capture_output=True)
+    variants = {f"against {args.against}": worktree, "this tree": REPO}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    try:
+        print(f"{'run':<24}" + "".join(f"{s:>17}" for s in STEPS))
+        for k in range(args.repeats):
+            for variant, code in variants.items():  # alternated: a slow minute of the machine hits both
+                steps = one_run(code, args.config, args.overrides, scratch, f"{'ab'[variant == 'this tree']}{k}")
+                results[variant].append(steps)
+                print(f"{variant + f' #{k}':<24}" + "".join(f"{steps.get(s, 0.0):>17.1f}" for s in STEPS), flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=REPO, capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\nmedians of {args.repeats} runs each ({args.config} {' '.join(args.overrides)}):")
+    print(f"{'variant':<24}" + "".join(f"{s:>17}" for s in STEPS))
+    medians = {v: {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STEPS} for v, runs in results.items()}
+    for variant, m in medians.items():
+        print(f"{variant:<24}" + "".join(f"{m[s]:>17.1f}" for s in STEPS))
+    base, new = medians[f"against {args.against}"], medians["this tree"]
+    print(f"{'this tree / against':<24}" + "".join(f"{new[s] / base[s]:>17.2f}" if base[s] > 0.05 else f"{'-':>17}"
+                                                   for s in STEPS))
+
+
+if __name__ == "__main__":
+    main()
