@@ -29,10 +29,14 @@ STEPS = ("total", "besides_rm", "before_ray", "ray", "reward_model", "learners",
 
 
 def one_run(code: str, config: str, overrides: list[str], out: str, name: str) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p))
+    """One `odpo run` of `code`'s tree: started in it (`python -m` puts the working directory first on the path,
+    ahead of this environment's editable install, and Ray's workers inherit the driver's), on its own copy of
+    the config; the DeepSpeed op compiled once for this environment is shared."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions")))
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", config, f"run.output_dir={out}", f"run.name={name}",
            "run.rounds=1", "metrics.wandb=false", *overrides]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed under {code}:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, name, "metrics.jsonl")) as f:
@@ -54,6 +58,11 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", worktree, args.against], cwd=REPO, check=True,
                    capture_output=True)
     variants = {f"against {args.against}": worktree, "this tree": REPO}
+    for variant, code in variants.items():  # each variant must import its own tree, not the editable install
+        where = subprocess.run([sys.executable, "-c", "import actors.learner as m; print(m.__file__)"], cwd=code,
+                               env=dict(os.environ, PYTHONPATH=code), capture_output=True, text=True).stdout.strip()
+        if not where.startswith(os.path.realpath(code) + os.sep) and not where.startswith(code + os.sep):
+            raise SystemExit(f"{variant}: imports {where}, not its tree {code}")
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     try:
         print(f"{'run':<24}" + "".join(f"{s:>17}" for s in STEPS))
