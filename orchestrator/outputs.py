@@ -81,7 +81,12 @@ class RunDir:
                 os.makedirs(os.path.join(self.path, sub), exist_ok=True)
             write_atomic(os.path.join(self.path, "config.yaml"), to_yaml(cfg))
         self.wandb_run = None
-        if cfg.metrics.wandb and cfg.metrics.wandb_mode != "disabled":
+
+    def start_wandb(self, cfg: OdpoConfig) -> None:
+        """The run's wandb run (resumed under its id), where metrics.wandb asks for one. The session starts it
+        once the pools are building: its start (1-2 s, mostly waiting for wandb's service) then overlaps them
+        instead of delaying Ray. Nothing is logged before the first commit."""
+        if cfg.metrics.wandb and cfg.metrics.wandb_mode != "disabled" and self.wandb_run is None:
             import wandb
 
             self.wandb_run = wandb.init(project=cfg.metrics.wandb_project, name=cfg.run.name, dir=self.path,

@@ -7,7 +7,7 @@
     the offline baseline's pair set (run.mode=offline), checked against the settings it was made with
     Ray, and the generator pool
     the run's own reward model (scorer.model_path=reward_training), trained once, sampling the generator pool
-    the scorer pool and the learner group (from the last checkpoint, with its optimizer state)
+    the scorer pool and the learner group (from the last checkpoint, with its optimizer state), then wandb's run
     the initial policy's answers to the held-out prompts, and the offline rounds still to be drawn
     on resume, the last checkpoint's weights in every generator; NCCL between learner and engines on GPUs
 and on exit shuts the pools and Ray down, then closes wandb. It also retries a round whose learner group died.
@@ -135,6 +135,8 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             scorers = cluster.scorers(reward_path)
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)
             clock.lap("learners")  # placed, built and joined (DeepSpeed's set-up), while the other pools build
+            out.start_wandb(cfg)  # here, not before Ray: while the generators still build
+            clock.lap("wandb")
             # the initial policy's answers to the held-out prompts: a resumed run's now, before it loads later weights
             initial = None
             if source.eval and out.completed:
