@@ -395,38 +395,35 @@ def import_muon_without_compiling() -> None:
     """DeepSpeed imports its Muon optimizer on every engine's set-up (to ask whether ours is one), and that
     module wraps three functions in `torch.compile` as it is imported, which imports torch's inductor: 1.6 s
     of a CPU learner's ~7 s start, for an optimizer odpo never uses. Imported here first with DeepSpeed's
-    `compiler.compile` deferred to each function's first call (the same compiled function if Muon is ever
-    used); every later import finds the module loaded."""
+    `compiler.compile()` handing out `compiled_on_first_call` instead; every later import finds the module
+    loaded."""
     import sys
+
+    from deepspeed.runtime import compiler
 
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
     if name in sys.modules:
         return
-    from deepspeed.runtime import compiler
-
-    def deferred():
-        compile_now = real()
-
-        def wrap(fn):
-            compiled = None
-
-            @functools.wraps(fn)
-            def first_call_compiles(*args, **kwargs):
-                nonlocal compiled
-                if compiled is None:
-                    compiled = compile_now(fn)
-                return compiled(*args, **kwargs)
-            return first_call_compiles
-        return wrap
-
-    real = compiler.compile
-    compiler.compile = deferred
+    real, compiler.compile = compiler.compile, lambda: compiled_on_first_call
     try:
         __import__(name)
     except ImportError:  # a DeepSpeed without Muon: nothing to defer
         pass
     finally:
         compiler.compile = real
+
+
+def compiled_on_first_call(fn):
+    """`torch.compile(fn)`, built when first called rather than when the decorator runs."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def first_call_compiles(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args, **kwargs)
+    return first_call_compiles
 
 
 def _innermost_optimizer(opt):
