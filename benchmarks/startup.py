@@ -46,6 +46,17 @@ def one_run(code: str, config: str, overrides: list[str], out: str, name: str) -
     return steps
 
 
+def machine() -> str:
+    """The machine the figures were measured on: cores, CPU model, the vector and matrix flags that decide the
+    policy's dtype and speed (docs/benchmarks.md names it beside every figure)."""
+    from orchestrator.config import cpu_flags
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return f"machine: {os.cpu_count()} cores, {model}, {' '.join(flags) or 'no AVX2'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
@@ -55,20 +66,24 @@ def main() -> None:
     args = ap.parse_args()
     scratch = tempfile.mkdtemp(prefix="odpo-startup-")
     worktree = os.path.join(scratch, "against")
-    subprocess.run(["git", "worktree", "add", "--detach", worktree, args.against], cwd=REPO, check=True,
-                   capture_output=True)
+    added = subprocess.run(["git", "worktree", "add", "--detach", worktree, args.against], cwd=REPO,
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise SystemExit(f"--against {args.against}: {added.stderr.strip()}")
     variants = {f"against {args.against}": worktree, "this tree": REPO}
-    for variant, code in variants.items():  # each variant must import its own tree, not the editable install
-        where = subprocess.run([sys.executable, "-c", "import actors.learner as m; print(m.__file__)"], cwd=code,
-                               env=dict(os.environ, PYTHONPATH=code), capture_output=True, text=True).stdout.strip()
-        if not where.startswith(os.path.realpath(code) + os.sep) and not where.startswith(code + os.sep):
-            raise SystemExit(f"{variant}: imports {where}, not its tree {code}")
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     try:
+        for variant, code in variants.items():  # each variant must import its own tree, not the editable install
+            where = subprocess.run([sys.executable, "-c", "import actors.learner as m; print(m.__file__)"], cwd=code,
+                                   env=dict(os.environ, PYTHONPATH=code), capture_output=True, text=True).stdout.strip()
+            if not os.path.realpath(where).startswith(os.path.realpath(code) + os.sep):
+                raise SystemExit(f"{variant}: imports {where or 'nothing'}, not its tree {code}")
+        print(machine())
         print(f"{'run':<24}" + "".join(f"{s:>17}" for s in STEPS))
         for k in range(args.repeats):
-            for variant, code in variants.items():  # alternated: a slow minute of the machine hits both
-                steps = one_run(code, args.config, args.overrides, scratch, f"{'ab'[variant == 'this tree']}{k}")
+            for i, (variant, code) in enumerate(variants.items()):  # alternated: a slow minute hits both
+                steps = one_run(code, args.config, args.overrides, scratch, f"variant{i}-run{k}")
                 results[variant].append(steps)
                 print(f"{variant + f' #{k}':<24}" + "".join(f"{steps.get(s, 0.0):>17.1f}" for s in STEPS), flush=True)
     finally:
