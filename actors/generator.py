@@ -19,6 +19,7 @@ import torch
 
 from actors.models import load_causal_lm, load_tokenizer, render_prompt, tied_copies
 from actors.settings import GeneratorConfig
+from actors.turns import TakesTurns, in_turn
 from actors.types import PromptChunk, Response, Rollout, RolloutChunk, RolloutMeta, WeightBundle
 from actors.worker import own_process_ids, prepare_worker
 
@@ -55,7 +56,7 @@ def build_chunk(chunk: PromptChunk, texts: list[str], ids: list[list[int]], resp
                         actor=actor, seconds=time.perf_counter() - start, new_tokens=new_tokens)
 
 
-class GeneratorBase:
+class GeneratorBase(TakesTurns):
     """What the pool and the driver call on every backend besides `generate` and `load_weights`."""
 
     def __init__(self, cfg: GeneratorConfig, tokenizer_path: str, max_prompt_length: int, trust_remote_code: bool,
@@ -94,6 +95,7 @@ class HFGenerator(GeneratorBase):
         self.tied_keys = set(tied_copies(self.model))
         """Weights stored once with another (a tied output head), which a payload may leave out."""
 
+    @in_turn
     def load_weights(self, bundle: WeightBundle) -> int:
         """Copy the learner's full state dict into this engine in place; returns the new version."""
         self._check_newer(bundle.version)
@@ -109,6 +111,7 @@ class HFGenerator(GeneratorBase):
         """The engine's current weights on CPU (for checks that a sync landed exactly)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    @in_turn
     @torch.no_grad()
     def generate(self, chunk: PromptChunk) -> RolloutChunk:
         start = time.perf_counter()

@@ -37,6 +37,7 @@ from actors.losses import (
 )
 from actors.models import DTYPES, load_causal_lm, tied_copies
 from actors.settings import LearnerConfig
+from actors.turns import TakesTurns, in_turn
 from actors.types import Pair, WeightBundle
 from actors.worker import own_process_ids, prepare_worker
 
@@ -44,7 +45,7 @@ RARE_LOGPROB = math.log(1e-4)
 """A response token the reference gives less probability than this is "rare" (made-up words, odd symbols)."""
 
 
-class Learner:
+class Learner(TakesTurns):
     def __init__(self, cfg: LearnerConfig, policy_path: str, dtype: str, rank: int, world_size: int,
                  pad_id: int, trust_remote_code: bool = False, reference_path: str | None = None):
         prepare_worker(cfg.cpus_per_rank)
@@ -143,6 +144,7 @@ class Learner:
         if self.cfg.reference == "previous" and round_index > 0:
             self.reference.load_state_dict(self._full_state_dict(to_cpu=False))
 
+    @in_turn
     def matmul_flops(self) -> float:
         """FLOP/s of a square matmul in the policy's dtype on this rank's threads (or GPU): the machine's rate,
         against which `profile/learner_vs_peak` holds the learner's useful FLOP/s. Asked once the other pools
@@ -180,6 +182,7 @@ class Learner:
             opt.state.setdefault(p, {})[key] = value.to(p.device) if value.dim() else value
         return len(loaded)
 
+    @in_turn
     def train_step(self, pairs: list[Pair], pad: Pair, batch_pairs: int) -> dict:
         """One optimizer step over this rank's `pairs` of a global batch of `batch_pairs` pairs.
 
@@ -229,6 +232,7 @@ class Learner:
                     seconds=time.perf_counter() - start, tokens=tokens)
         return sums
 
+    @in_turn
     @torch.no_grad()
     def reference_logprobs(self, pairs: list[Pair]) -> dict:
         """The reference model's summed log-probs of each pair's chosen and rejected response (`logps`, in the
@@ -247,6 +251,7 @@ class Learner:
         result = [found[id(p)] for p in pairs]
         return {"logps": result, "seconds": time.perf_counter() - start, "flops": flops}
 
+    @in_turn
     @torch.no_grad()
     def log_ratios(self, prompts: list[list[int]], responses: list[list[int]], policy: bool = True,
                    frozen: bool = False) -> dict:
@@ -372,6 +377,7 @@ class Learner:
         """Broadcast the current weights into every engine (rank 0 sends, other ranks help gather)."""
         self.nccl_sync.send()
 
+    @in_turn
     def export_weights(self, version: int, freeze: bool = False) -> WeightBundle | None:
         """Rank 0 returns the full weights as version `version`; other ranks help gather and return None. With
         `freeze`, rank 0 also keeps them as a frozen copy of the policy (`log_ratios(frozen=True)`): a deferred
@@ -520,6 +526,7 @@ class RewardLearner(Learner):
         work = dict(computed_tokens=computed, padded_tokens=computed - real, flops=self.forward_flops(real, 0) * 3)
         return bradley_terry_loss(chosen, rejected, reduction="none"), chosen, rejected, work
 
+    @in_turn
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair]) -> dict:
         """Held-out sums over this rank's slice: pairs ranked right, loss, count."""
@@ -568,6 +575,7 @@ class PairwiseLearner(Learner):
                     flops=self.forward_flops(real, len(pairs)) * 3)  # one prediction a row: the letter
         return -right, right, wrong, work
 
+    @in_turn
     @torch.no_grad()
     def evaluate(self, pairs: list[Pair]) -> dict:
         """Held-out sums over preferences (pairs sharing a uid: one preference in its orders): P(right) from

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from actors.settings import ScorerConfig
 from actors.tournament import Match, best_and_worst
+from actors.turns import TakesTurns, in_turn
 from actors.types import Messages, RolloutChunk, ScoredChunk
 from actors.user_code import RewardFn, function_failed, import_function
 from actors.worker import own_process_ids, prepare_worker
@@ -49,7 +50,7 @@ def no_grad(method: Callable) -> Callable:
     return wrapper
 
 
-class Scorer:
+class Scorer(TakesTurns):
     def __init__(self, cfg: ScorerConfig, model_path: str | None = None, name: str = "scorer"):
         prepare_worker(cfg.cpus_per_actor)
         self.cfg = cfg
@@ -88,6 +89,7 @@ class Scorer:
     def process_ids(self) -> list[int]:
         return own_process_ids()
 
+    @in_turn
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
         if self.cfg.type == "pairwise":
             return self.pick(chunk)
@@ -108,6 +110,7 @@ class Scorer:
         return ScoredChunk(rollouts=chunk, scores=scores, actor=self.name, seconds=time.perf_counter() - start,
                            failures=failures)
 
+    @in_turn
     def pick(self, chunk: RolloutChunk) -> ScoredChunk:
         """Best and worst response of every prompt by knockout; `scores` count the comparisons each won."""
         start = time.perf_counter()
@@ -132,6 +135,7 @@ class Scorer:
         return ScoredChunk(rollouts=chunk, scores=wins, actor=self.name, seconds=time.perf_counter() - start,
                            picks=picks, comparisons=calls, failures=failures)
 
+    @in_turn
     def rewards(self, items: list[tuple[Messages, str]], columns: list[dict] | None = None) -> list[float]:
         """One reward per (messages, response): the reward function (given each prompt row's `columns`) or the
         reward model's logit."""
@@ -139,6 +143,7 @@ class Scorer:
             return self.score_texts(items)
         return [self.fn(m, t, c) for (m, t), c in zip(items, columns or [{}] * len(items))]
 
+    @in_turn
     def compare(self, items: list[tuple[Messages, str, str]], columns: list[dict] | None = None) -> list[float]:
         """P(a is better than b): the pairwise judge (both orders when configured), or for a reward scorer 1,
         0.5 or 0 as a's reward is above, equal to or below b's (`columns`: each prompt row's, for a reward
@@ -152,6 +157,7 @@ class Scorer:
         b_scores = self.rewards([(m, b) for m, _, b in items], columns)
         return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a_scores, b_scores)]
 
+    @in_turn
     def prefer(self, items: list[tuple[Messages, str, str]]) -> list[float]:
         """P(a is better than b) for each (messages, a, b)."""
         if self.fn is not None:

@@ -26,6 +26,7 @@ import torch
 from actors.generator import GeneratorBase, build_chunk
 from actors.models import checkpoint_tied_copies
 from actors.settings import GeneratorConfig
+from actors.turns import in_turn
 from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
 
 
@@ -85,6 +86,7 @@ class VLLMGenerator(GeneratorBase):
         self.llm.generate([{"prompt_token_ids": [self.tokenizer.eos_token_id]}],
                           self._sampling_params(max_tokens=2, detokenize=False), use_tqdm=False)
 
+    @in_turn
     def load_weights(self, bundle: WeightBundle) -> int:
         """Reload the engine's weights in place from the learner's payload; returns the new version."""
         self._check_newer(bundle.version)
@@ -114,6 +116,7 @@ class VLLMGenerator(GeneratorBase):
         self.version = version
         return version
 
+    @in_turn
     def generate(self, chunk: PromptChunk) -> RolloutChunk:
         start = time.perf_counter()
         texts, ids = self.renderer.render(chunk)

@@ -12,6 +12,7 @@ section of the config. Imports go downward: entry points -> this module -> pools
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,14 +20,15 @@ import sys
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from actors.generator import HFGenerator
 from actors.learner import Learner
 from actors.scorer import Scorer
 from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available
 from actors.user_code import CODE_PATH_ENV
-from orchestrator.config import OdpoConfig
-from orchestrator.pools import ActorPool, LearnerGroup, Placement
+from orchestrator.config import OdpoConfig, colocated_sections, pool_cpus, pool_size
+from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementError
 
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", CODE_PATH_ENV)
 """Passed to every worker so actors find the same caches, stay offline like the driver, and import the user's
@@ -88,6 +90,8 @@ class Cluster:
         self.cfg = cfg
         self.pools: list[ActorPool] = []
         self.started_ray = False
+        self.shared: PlacementGroup | None = None
+        """The placement group of ray.colocate's pools: bundle k holds actor k of each (made with the first)."""
 
     def __enter__(self) -> Cluster:
         self.started_ray = start_ray(self.cfg)
@@ -104,6 +108,7 @@ class Cluster:
             except Exception as e:
                 print(f"odpo: shutting down pool `{pool.name}`: {e}", file=sys.stderr)
         self.pools.clear()
+        self._release_shared()
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
@@ -112,6 +117,49 @@ class Cluster:
         """Shut one pool down before the run ends (its resources go to the next one)."""
         self.pools.remove(pool)
         pool.shutdown()
+        self._release_shared()
+
+    def colocated(self, name: str) -> PlacementGroup | None:
+        """The shared placement group when pool `name` is colocated (ray.colocate), made on first use: one
+        bundle per actor pair, reserving the sum of the colocated pools' CPUs and custom resources."""
+        sections = colocated_sections(self.cfg)
+        if name not in sections:
+            return None
+        if self.shared is None:
+            bundle: dict[str, float] = {"CPU": sum(pool_cpus(s) for s in sections.values())}
+            for section in sections.values():
+                for key, amount in section.resources.items():
+                    bundle[key] = bundle.get(key, 0.0) + amount
+            size = pool_size(next(iter(sections.values())))
+            labels = dict(next(iter(sections.values())).node_labels)
+            pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK", name="odpo-colocated",
+                                 bundle_label_selector=[dict(labels) for _ in range(size)] if labels else None)
+            timeout_s = self.cfg.ray.placement_timeout_s
+            if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
+                remove_placement_group(pg)
+                raise PlacementError(
+                    f"colocated pools {'+'.join(sections)}: {size} x {bundle} could not be placed within "
+                    f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()} (available now: "
+                    f"{ray.available_resources()})")
+            self.shared = pg
+        return self.shared
+
+    def threads_of(self, name: str, section: Any) -> Any:
+        """The section an actor of pool `name` is given: a colocated actor computes on its whole bundle's CPUs
+        (its thread count), though it reserves only its own share of them."""
+        sections = colocated_sections(self.cfg)
+        if name not in sections:
+            return section
+        cpus = sum(pool_cpus(s) for s in sections.values())
+        key = "cpus_per_rank" if name == "learner" else "cpus_per_actor"
+        return dataclasses.replace(section, **{key: cpus})
+
+    def _release_shared(self) -> None:
+        """The shared group goes once no colocated pool is left in it (`odpo train-rm` drops its sampling pool
+        before the reward model trains)."""
+        if self.shared is not None and not any(p.shared is not None for p in self.pools):
+            remove_placement_group(self.shared)
+            self.shared = None
 
     def placement(self, section: RolloutPoolConfig | LearnerConfig) -> Placement:
         """What one actor of the section's pool reserves, and where it may go."""
@@ -129,29 +177,34 @@ class Cluster:
     def generators(self, policy_path: str, tokenizer_path: str) -> ActorPool:
         g, p = self.cfg.generator, self.cfg.policy
         max_prompt_length = self.cfg.data.max_prompt_length
+        actor_g = self.threads_of("generator", g)
         return self._add(ActorPool(
             "generator", generator_class(g.backend), g.num_actors, self.placement(g),
-            lambda r: (g, policy_path, tokenizer_path, p.dtype, max_prompt_length, p.trust_remote_code,
+            lambda r: (actor_g, policy_path, tokenizer_path, p.dtype, max_prompt_length, p.trust_remote_code,
                        f"generator-{r}"),
-            g.max_restarts, call_timeout_s=g.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s))
+            g.max_restarts, call_timeout_s=g.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s,
+            shared=self.colocated("generator")))
 
     def scorers(self, reward_path: str | None) -> ActorPool:
         s = self.cfg.scorer
+        actor_s = self.threads_of("scorer", s)
         return self._add(ActorPool(
-            "scorer", Scorer, s.num_actors, self.placement(s), lambda r: (s, reward_path, f"scorer-{r}"),
-            s.max_restarts, call_timeout_s=s.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s))
+            "scorer", Scorer, s.num_actors, self.placement(s), lambda r: (actor_s, reward_path, f"scorer-{r}"),
+            s.max_restarts, call_timeout_s=s.call_timeout_s, start_timeout_s=self.cfg.ray.actor_start_timeout_s,
+            shared=self.colocated("scorer")))
 
     def learners(self, policy_path: str, reference_path: str, pad_id: int, incarnation: int = 0) -> LearnerGroup:
         """The DPO learner ranks on `policy_path`, with `reference_path`'s log-probs as the reference."""
-        lc, p = self.cfg.learner, self.cfg.policy
+        lc, p = self.threads_of("learner", self.cfg.learner), self.cfg.policy
         return self.learner_group("learner", Learner, lambda r: (lc, policy_path, p.dtype, r, lc.num_ranks, pad_id,
                                                                  p.trust_remote_code, reference_path), incarnation)
 
     def learner_group(self, name: str, cls: type, args_for_rank: Any, incarnation: int = 0) -> LearnerGroup:
-        """`learner.num_ranks` actors of `cls` placed together, joined into one torch.distributed group."""
+        """`learner.num_ranks` actors of `cls` placed together, joined into one torch.distributed group (the
+        DPO learner, `learner`, in the colocated bundles when ray.colocate lists it; a reward model's beside)."""
         lc = self.cfg.learner
         pool = self._add(ActorPool(name, cls, lc.num_ranks, self.placement(lc), args_for_rank,
-                                   incarnation=incarnation, gang=True))
+                                   incarnation=incarnation, gang=True, shared=self.colocated(name)))
         group = LearnerGroup(pool, lc.step_timeout_s)
         group.setup(self.cfg.ray.actor_start_timeout_s)
         return group

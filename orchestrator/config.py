@@ -88,6 +88,9 @@ class RunConfig:
     records what drew it (docs/architecture.md, "One-step-off-policy rounds")."""
 
 
+COLOCATABLE = ("generator", "scorer", "learner")
+
+
 @dataclass
 class RayConfig:
     address: str | None = None
@@ -105,6 +108,13 @@ class RayConfig:
     """Seconds an actor may take to start (load its model, build its engine) before the run stops."""
     dashboard_host: str = "127.0.0.1"
     """Address the local cluster's dashboard and job server bind to (0.0.0.0 exposes them to the network)."""
+    colocate: list[str] = field(default_factory=list)
+    """Pools that share their cores and take turns on them, e.g. [generator, learner] (verl's hybrid engine,
+    OpenRLHF's colocation): actor k of each pool goes into one placement bundle that reserves the sum of their
+    CPUs, each computes on all of them, and one at a time (the others wait for their turn): a pool never holds
+    a core it is not using. Each pool listed needs the same number of actors (the learner's num_ranks); their
+    sizes stay fixed (no `odpo scale`). CPU pools only. Empty: every pool on cores of its own
+    (docs/architecture.md, "Colocated pools")."""
 
 
 @dataclass
@@ -454,6 +464,10 @@ def check_ray(c: RayConfig) -> None:
     for key in ("placement_timeout_s", "replace_placement_timeout_s", "actor_start_timeout_s"):
         value = getattr(c, key)
         _require(value > 0, f"ray.{key}", f"must be > 0, got {value}")
+    unknown = [p for p in c.colocate if p not in COLOCATABLE]
+    _require(not unknown, "ray.colocate", f"unknown pool(s) {unknown}; the pools are {', '.join(COLOCATABLE)}")
+    _require(len(set(c.colocate)) == len(c.colocate), "ray.colocate", f"a pool is listed twice: {list(c.colocate)}")
+    _require(len(c.colocate) != 1, "ray.colocate", "list at least two pools to share cores (or none)")
 
 
 def check_policy(p: PolicyConfig) -> None:
@@ -600,9 +614,42 @@ def check_across(cfg: OdpoConfig) -> None:
              "a pairwise judge always picks a best and a worst (it finds no ties): leave it 0")
     _require(cfg.scorer.type != "pairwise" or cfg.pairs.strategy == "max_min", "pairs.strategy",
              f"a pairwise scorer picks the best and the worst response (max_min); got {cfg.pairs.strategy!r}")
+    check_colocation(cfg)
     _require(cfg.learner.max_length > d.max_prompt_length, "learner.max_length",
              f"must exceed data.max_prompt_length ({d.max_prompt_length}) to leave room for a response, "
              f"got {cfg.learner.max_length}")
+
+
+def colocated_sections(cfg: OdpoConfig) -> dict[str, RolloutPoolConfig | LearnerConfig]:
+    """ray.colocate's pools, by name, with their config sections."""
+    return {name: getattr(cfg, name) for name in cfg.ray.colocate}
+
+
+def pool_size(section: RolloutPoolConfig | LearnerConfig) -> int:
+    return section.num_ranks if isinstance(section, LearnerConfig) else section.num_actors
+
+
+def pool_cpus(section: RolloutPoolConfig | LearnerConfig) -> float:
+    return section.cpus_per_rank if isinstance(section, LearnerConfig) else section.cpus_per_actor
+
+
+def check_colocation(cfg: OdpoConfig) -> None:
+    """Colocated pools pair their actors one to one on shared bundles: same sizes, the same nodes, CPUs only."""
+    pools = colocated_sections(cfg)
+    if not pools:
+        return
+    sizes = {name: pool_size(section) for name, section in pools.items()}
+    _require(len(set(sizes.values())) == 1, "ray.colocate",
+             "colocated pools pair their actors one to one: give them the same size ("
+             + ", ".join(f"{name}: {n}" for name, n in sizes.items()) + ")")
+    for name, section in pools.items():
+        per = "rank" if name == "learner" else "actor"
+        _require(getattr(section, f"gpus_per_{per}") == 0, f"{name}.gpus_per_{per}",
+                 "colocated pools run on CPUs only: on GPUs, taking turns needs vLLM's sleep mode between turns, "
+                 "which odpo does not drive yet (leave ray.colocate empty)")
+    labels = {name: dict(section.node_labels) for name, section in pools.items()}
+    _require(len({tuple(sorted(v.items())) for v in labels.values()}) == 1, "ray.colocate",
+             f"colocated pools share nodes: give them the same node_labels (now {labels})")
 
 
 SECTION_CHECKS = {"run": check_run, "ray": check_ray, "policy": check_policy, "data": check_data,

@@ -73,12 +73,17 @@ class ActorPool:
     scorers) give every actor its own one-bundle placement group, so they grow and shrink between rounds
     (`resize`) and a dead actor's replacement can land on any node with room; when none has room within
     `placement.replace_timeout_s` (its node left), the pool goes on without it.
+
+    A colocated pool (`shared`: the cluster's placement group for `ray.colocate`) puts actor k into bundle k of
+    that group, beside the other colocated pools' actor k, and has it take turns with them on the bundle's
+    cores (actors/turns.py); its size is fixed and a replacement goes into the same bundle.
     """
 
     def __init__(self, name: str, cls: type, size: int, placement: Placement, args_for_rank: Any,
                  max_restarts: int = 0, incarnation: int = 0, call_timeout_s: float | None = None,
-                 start_timeout_s: float | None = None, gang: bool = False):
+                 start_timeout_s: float | None = None, gang: bool = False, shared: PlacementGroup | None = None):
         self.name, self.cls, self.placement, self.args_for_rank, self.gang = name, cls, placement, args_for_rank, gang
+        self.shared = shared
         self.max_restarts, self.restarts, self.dropped = max_restarts, 0, 0
         self.no_room_until = 0.0
         self.call_timeout_s, self.start_timeout_s = call_timeout_s, start_timeout_s
@@ -115,6 +120,10 @@ class ActorPool:
         p = self.placement
         new_ids = ids is None
         ids = ids or list(range(self.next_id, self.next_id + count))
+        if self.shared is not None:  # colocated: actor k in the shared group's bundle k, placed with the group
+            if new_ids:
+                self.next_id += count
+            return [Slot(i, self.shared, i) for i in ids]
         selector = [dict(p.labels) for _ in range(count)] if p.labels else None
         if self.gang:
             groups = [placement_group([p.bundle() for _ in ids], strategy="PACK", name=f"odpo-{self.name}",
@@ -143,6 +152,8 @@ class ActorPool:
             max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle_index),
         ).remote(*self.args_for_rank(slot.id))
+        if self.shared is not None:  # before any other call: every call runs after it, in order
+            slot.actor.take_turns.remote(f"{slot.pg.id.hex()}-{slot.bundle_index}")
 
     def _serve(self, slots: list[Slot], what: str) -> None:
         """Wait until new actors are built, then give them the current weights: they serve only after."""
@@ -155,6 +166,9 @@ class ActorPool:
         serve. Returns (before, after)."""
         if size < 1:
             raise ValueError(f"pool `{self.name}`: size must be >= 1, got {size}")
+        if self.shared is not None and size != len(self.slots):
+            raise ValueError(f"pool `{self.name}` is colocated (ray.colocate): its actors pair one to one with the "
+                             f"other colocated pools', so its size stays {len(self.slots)}")
         before = len(self.slots)
         if size > before:
             new = self._place(size - before, self.placement.timeout_s)
@@ -175,7 +189,7 @@ class ActorPool:
 
     def _remove(self, slot: Slot) -> None:
         ray.kill(slot.actor, no_restart=True)
-        if not self.gang:
+        if not self.gang and self.shared is None:
             remove_placement_group(slot.pg)
 
     def replace(self, slot: Slot, reason: str, failed: Any = None) -> bool:
@@ -212,13 +226,14 @@ class ActorPool:
                   f"{len(self.slots)} {self.name}(s)", file=sys.stderr)
             return False
         if self.restarts >= self.max_restarts:  # only replacements count: an actor given up costs nothing
-            remove_placement_group(placed.pg)
+            if self.shared is None:
+                remove_placement_group(placed.pg)
             raise PoolExhausted(f"pool `{self.name}`: actor {old_name} {reason}, and the pool's restart budget "
                                 f"({self.max_restarts}) is spent")
         self.restarts += 1
         print(f"odpo: replacing {old_name} ({self.restarts}/{self.max_restarts})", file=sys.stderr)
         dead = slot.actor
-        slot.pg, slot.bundle_index, slot.incarnation = placed.pg, 0, slot.incarnation + 1
+        slot.pg, slot.bundle_index, slot.incarnation = placed.pg, placed.bundle_index, slot.incarnation + 1
         self._start(slot)
         new, slot.actor = slot.actor, dead  # other threads see the new actor only once it holds the weights
         try:
@@ -257,8 +272,9 @@ class ActorPool:
             self.closed = True
         for s in self.slots:
             ray.kill(s.actor, no_restart=True)
-        for pg in {s.pg.id.hex(): s.pg for s in self.slots}.values():
-            remove_placement_group(pg)
+        if self.shared is None:  # the shared group is the cluster's: it outlives each colocated pool
+            for pg in {s.pg.id.hex(): s.pg for s in self.slots}.values():
+                remove_placement_group(pg)
 
 
 class LearnerFailure(RuntimeError):

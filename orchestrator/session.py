@@ -156,9 +156,10 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             nccl = cfg.generator.weight_sync == "nccl"
             if nccl:  # GPUs: weights go learner rank 0 -> engines over NCCL; the object store carries only checkpoints
                 learners.init_nccl_sync(generators.actors, cfg.generator.tensor_parallel_size)
+            together = f"; {'+'.join(cfg.ray.colocate)} colocated, taking turns" if cfg.ray.colocate else ""
             print(f"odpo: {len(generators)} {resolve_backend(cfg.generator.backend)} generator(s), {len(scorers)} "
-                  f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}",
-                  file=sys.stderr)
+                  f"scorer(s), {cfg.learner.num_ranks} learner rank(s); weight sync: {cfg.generator.weight_sync}"
+                  f"{together}", file=sys.stderr)
             startup = clock.summary(generators=generators.build_seconds(), scorers=scorers.build_seconds())
             print("odpo: start-up " + ", ".join(f"{k.removeprefix('startup/')} {v:.1f}s" for k, v in startup.items()),
                   file=sys.stderr)

@@ -3,14 +3,18 @@ per-round plot, and `odpo submit`'s checks before anything is uploaded."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import multiprocessing
 import os
 import time
 
 import pytest
 from conftest import REPO, wait_for
 
+from actors.turns import TakesTurns, Turns, in_turn
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
 from orchestrator.plots import PLOT_FILE, plot_rounds
@@ -294,3 +298,132 @@ def test_map_replaces_dead_and_stopped_actors_but_not_late_ones(ray_cluster):
         assert pids[0] not in {pid for pid, _ in dead}
     finally:
         pool.shutdown()
+
+
+class Turner(TakesTurns):
+    """A colocated pool's actor: `work` holds the bundle's turn while it runs (as generate or train_step do)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def ready(self) -> str:
+        return self.name
+
+    def load_weights(self, version: int) -> int:
+        return version
+
+    @in_turn
+    def work(self, seconds: float) -> tuple[float, float, int]:
+        start = time.time()
+        time.sleep(seconds)
+        return start, time.time(), os.getpid()
+
+
+def overlaps(a: list[tuple], b: list[tuple]) -> list[tuple]:
+    return [(x, y) for x in a for y in b if x[0] < y[1] and y[0] < x[1]]
+
+
+def hold_turn(key: str, seconds: float, out, depth: int = 1) -> None:
+    """In a process of its own: hold the turn `seconds` (re-entered `depth` times), report the interval."""
+    turns = Turns(key)
+    with contextlib.ExitStack() as stack:
+        for _ in range(depth):
+            stack.enter_context(turns)
+        start = time.time()
+        time.sleep(seconds)
+        out.put((start, time.time(), turns.waited_s))
+
+
+def hold_turn_forever(key: str, out) -> None:
+    with Turns(key):
+        out.put("holding")
+        time.sleep(600)
+
+
+def test_turns_are_exclusive_across_processes_reentrant_and_freed_when_the_holder_dies(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    key = f"test-{os.getpid()}-{time.time_ns()}"
+    out = ctx.Queue()
+    procs = [ctx.Process(target=hold_turn, args=(key, 0.3, out, depth)) for depth in (1, 2, 1, 3)]
+    for p in procs:
+        p.start()
+    spans = sorted(out.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # one at a time
+    assert sum(waited for _, _, waited in spans) > 0.3  # three of them waited for the first
+    # a holder killed mid-turn (SIGKILL: no clean-up runs) frees the cores at once
+    holder = ctx.Process(target=hold_turn_forever, args=(key, out))
+    holder.start()
+    assert out.get(timeout=30) == "holding"
+    holder.kill()
+    holder.join(10)
+    turns = Turns(key)
+    start = time.time()
+    with turns:
+        assert time.time() - start < 5
+    # re-entered, the turn is held until the outermost exit
+    with turns:
+        with turns:
+            pass
+        fd = os.open(turns.path, os.O_RDWR)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after it
+    os.close(fd)
+
+
+def test_colocated_pools_share_bundles_take_turns_and_replace_in_place(ray_cluster):
+    """Two pools in one shared placement group: actor k of each in bundle k; their calls never run at once
+    (pools apart would run them side by side), a replacement goes into the same bundle and takes turns too,
+    the size is fixed, and shutting a pool down leaves the shared group to its owner."""
+    from ray.util import placement_group, placement_group_table, remove_placement_group
+
+    shared = placement_group([{"CPU": 0.5}, {"CPU": 0.5}], name="test-colocated")
+    ray_cluster.get(shared.ready(), timeout=30)
+    pools = [ActorPool(name, Turner, 2, Placement(0.25, timeout_s=30), lambda r, n=name: (f"{n}-{r}",),
+                       max_restarts=1, start_timeout_s=60, shared=shared) for name in ("turner-a", "turner-b")]
+    try:
+        for pool in pools:
+            pool.wait_ready()
+            assert [(s.pg.id, s.bundle_index) for s in pool.slots] == [(shared.id, 0), (shared.id, 1)]
+
+        def side_by_side() -> list[list[tuple]]:
+            refs = [[a.work.remote(0.25) for _ in range(3)] for pool in pools for a in pool.actors]
+            return [ray_cluster.get(r) for r in refs]  # a-0, a-1, b-0, b-1
+
+        a0, a1, b0, b1 = side_by_side()
+        assert overlaps(a0, b0) == [] and overlaps(a1, b1) == []  # the same bundle: one at a time
+        assert overlaps(a0, a1) and overlaps(b0, b1)  # other bundles: at the same time
+        slot = pools[0].slots[0]
+        ray_cluster.kill(slot.actor, no_restart=True)
+        assert pools[0].replace(slot, "was killed") is True
+        assert (slot.pg.id, slot.bundle_index, slot.incarnation) == (shared.id, 0, 1)
+        a0, _, b0, _ = side_by_side()
+        assert overlaps(a0, b0) == []
+        with pytest.raises(ValueError, match="colocated"):
+            pools[1].resize(3)
+        pools[0].shutdown()
+        assert placement_group_table(shared)["state"] != "REMOVED"
+    finally:
+        for pool in pools:
+            pool.shutdown()
+        remove_placement_group(shared)
+
+
+def test_colocation_config_is_validated(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/tiny.yaml", ["ray.colocate=[generator,learner]"])
+    assert cfg.ray.colocate == ["generator", "learner"]
+    for overrides, key, message in (
+            (["ray.colocate=[generator,trainer]"], "ray.colocate", "unknown pool"),
+            (["ray.colocate=[learner]"], "ray.colocate", "at least two"),
+            (["ray.colocate=[learner,learner]"], "ray.colocate", "listed twice"),
+            (["ray.colocate=[generator,learner]", "generator.num_actors=2"], "ray.colocate",
+             "same size .generator: 2, learner: 1."),
+            (["ray.colocate=[generator,learner]", "learner.gpus_per_rank=1"], "learner.gpus_per_rank", "CPUs only"),
+            (["ray.colocate=[scorer,learner]", "scorer.node_labels={odpo-role: rollout}"], "ray.colocate",
+             "same node_labels")):
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config("configs/tiny.yaml", overrides)
+        assert e.value.key == key

@@ -145,6 +145,32 @@ def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, s
     assert_no_actor_alive(ray_cluster)
 
 
+def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, straight, tmp_path, monkeypatch):
+    """The generator and the learner colocated (ray.colocate), taking turns on one bundle of 1 CPU: each still
+    computes on 1 thread, as apart, so the run must end exactly as the fault-free run with pools apart, even
+    with the generator killed in round 1 (its replacement goes into the same bundle) and the learner rank killed
+    in round 2 (the group is rebuilt in the same bundles), both possibly mid-turn."""
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "colocated", "run.rounds=3", "ray.colocate=[generator,learner]", "learner.cpus_per_rank=0.5")
+    run_dir = str(tmp_path / "colocated")
+    saboteur = Saboteur(ray_cluster, run_dir, [(1, "generator-0", signal.SIGKILL), (2, "learner-0", signal.SIGKILL)])
+    saboteur.start()
+    run(cfg)
+    saboteur.join(timeout=5)
+    assert len(saboteur.done) == 2
+    m = metrics_of(run_dir)
+    assert sum(x["faults/generator_restarts"] for x in m) == 1
+    assert [x["faults/learner_retries"] for x in m] == [0, 0, 1]
+    assert_every_prompt_once(cfg, run_dir)
+    assert_same_outcome(run_dir, straight)
+    assert_no_actor_alive(ray_cluster)
+    from ray.util import placement_group_table
+
+    wait_for(lambda: not [pg for pg in placement_group_table().values()
+                          if pg["name"] == "odpo-colocated" and pg["state"] != "REMOVED"], 20,
+             "the colocated placement group removed")
+
+
 def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, straight, tmp_path, monkeypatch):
     """The driver (and with it its local Ray cluster) is SIGKILLed after round 1 and the same command is run
     again: the resumed run continues from round 2 and ends with the same pairs and metrics."""

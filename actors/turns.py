@@ -1,0 +1,76 @@
+"""Colocated actors take turns on the cores they share (`ray.colocate`).
+
+Actors of different pools placed in one bundle (say generator-0 and learner-0) each compute with all of the
+bundle's cores, one at a time: every method that computes holds the bundle's turn, a lock on a file named
+after the bundle, for as long as it runs. `flock` is a node-local lock the kernel releases when its holder
+dies, so a killed actor never leaves its neighbours waiting. A method's own timer starts once it holds the
+turn: the time spent waiting for a neighbour is not counted as its pool's busy time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class Turns:
+    """Exclusive use of a colocated bundle's cores; re-entrant within one actor (a method that calls
+    another that also takes the turn)."""
+
+    def __init__(self, key: str | None = None):
+        self.path = os.path.join(tempfile.gettempdir(), f"odpo-turns-{key}.lock") if key else None
+        self.fd: int | None = None
+        self.depth = 0
+        self.waited_s = 0.0
+        """Seconds spent waiting for a neighbour to give the cores back, since the actor started."""
+        self.turns = 0
+
+    def __enter__(self) -> Turns:
+        if self.path is None:
+            return self
+        if self.depth == 0:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            start = time.perf_counter()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.waited_s += time.perf_counter() - start
+            self.turns += 1
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+class TakesTurns:
+    """What every actor class has: no turns unless the pool colocates it (`take_turns`, called right after
+    the actor is created, before any other call)."""
+
+    turns: Turns = Turns()
+
+    def take_turns(self, key: str) -> None:
+        self.turns = Turns(key)
+
+    def turn_stats(self) -> dict[str, float]:
+        return {"turns": self.turns.turns, "waited_s": self.turns.waited_s}
+
+
+def in_turn(method: F) -> F:
+    """The method computes only while its actor holds the bundle's turn (nothing to wait for when the actor
+    is not colocated)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.turns:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
