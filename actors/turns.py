@@ -30,7 +30,6 @@ class Turns:
         self.depth = 0
         self.waited_s = 0.0
         """Seconds spent waiting for a neighbour to give the cores back, since the actor started."""
-        self.turns = 0
 
     def __enter__(self) -> Turns:
         if self.path is None:
@@ -41,7 +40,6 @@ class Turns:
             start = time.perf_counter()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.waited_s += time.perf_counter() - start
-            self.turns += 1
         self.depth += 1
         return self
 
@@ -61,9 +59,6 @@ class TakesTurns:
 
     def take_turns(self, key: str) -> None:
         self.turns = Turns(key)
-
-    def turn_stats(self) -> dict[str, float]:
-        return {"turns": self.turns.turns, "waited_s": self.turns.waited_s}
 
 
 def in_turn(method: F) -> F:

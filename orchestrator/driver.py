@@ -214,7 +214,7 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
             ahead.save(s.out, r + 1, s.pending[r + 1])
         metrics["timing/checkpoint"] = time.perf_counter() - start
         metrics |= profile(metrics, trained.export_s, s.pool_sizes(), time.perf_counter() - trained.start,
-                           s.overlapped_busy, s.peak_flops)
+                           s.overlapped_busy, s.peak_flops, s.cfg.ray.colocate)
         metrics |= s.telemetry.driver_usage()  # the driver's own CPU and memory, round by round
         s.out.log_metrics(metrics)
         chaos.point("commit", r)

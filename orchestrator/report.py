@@ -99,7 +99,8 @@ POOLS = ("generator", "scorer", "learner")
 
 
 def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
-            overlapped: dict[str, float] | None = None, peak_flops: float = float("nan")) -> dict:
+            overlapped: dict[str, float] | None = None, peak_flops: float = float("nan"),
+            colocated: list[str] | tuple[str, ...] = ()) -> dict:
     """Where round `m` went (`profile/*`), from its timings: per pool, the seconds its actors computed and
     sat idle (averaged over the pool's actors), utilisation, throughput per busy second, and the learner's
     useful FLOP/s per rank. `round_s` runs from the round's start to its commit, evaluation included.
@@ -109,7 +110,8 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
     weight export + the evaluation's KL. `overlapped`: pool seconds the previous round's deferred evaluation
     (eval.overlap) spent during this round, counted here, where they ran; a line whose own evaluation was
     deferred counts none of it. `peak_flops`: a learner rank's matmul FLOP/s (measured at start-up, every pool idle);
-    `profile/learner_vs_peak` is the learner's useful FLOP/s over it."""
+    `profile/learner_vs_peak` is the learner's useful FLOP/s over it. `colocated`: pools that take turns on the
+    same cores (ray.colocate), whose busy times add up in `profile/round_over_slowest`'s bound."""
     def get(key: str) -> float:
         v = m.get(key, 0.0)
         return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
@@ -141,7 +143,9 @@ def profile(m: dict, export_s: float, sizes: dict[str, int], round_s: float,
     out["profile/learner_vs_peak"] = out["profile/learner_flops_per_s"] / peak_flops if peak_flops > 0 else float("nan")
     computed = get("train/computed_tokens")
     out["profile/learner_pad_share"] = get("train/padded_tokens") / computed if computed else float("nan")
-    slowest = max(out[f"profile/{p}_busy_s"] for p in POOLS)
+    # the round's floor: the busiest pool on cores of its own, or colocated pools' work one after another
+    slowest = max([out[f"profile/{p}_busy_s"] for p in POOLS if p not in colocated]
+                  + [sum(out[f"profile/{p}_busy_s"] for p in colocated)])
     out["profile/round_over_slowest"] = round_s / slowest if slowest else float("nan")  # 1.0: nothing but the slowest pool's work
     return out
 

@@ -427,3 +427,17 @@ def test_colocation_config_is_validated(monkeypatch):
         with pytest.raises(ConfigError, match=message) as e:
             load_config("configs/tiny.yaml", overrides)
         assert e.value.key == key
+
+
+def test_colocated_pools_count_as_one_in_the_round_profile():
+    """Hand-computed: generator busy 30 + (1.5 - 0.5) sync load = 31 s, scorer 2 s, learner 20 + 5 + 0.5 export
+    = 25.5 s. Apart the floor is the busiest pool (31 s); colocated, generator and learner take turns: 56.5 s."""
+    from orchestrator.report import profile
+
+    m = {"timing/generate": 30.0, "timing/score": 2.0, "timing/train": 20.0, "timing/reference": 5.0, "timing/sync": 1.5}
+    sizes = {"generator": 1, "scorer": 1, "learner": 1}
+    apart = profile(m, 0.5, sizes, 60.0)
+    together = profile(m, 0.5, sizes, 60.0, colocated=["generator", "learner"])
+    assert (apart["profile/generator_busy_s"], apart["profile/learner_busy_s"]) == (31.0, 25.5)
+    assert apart["profile/round_over_slowest"] == pytest.approx(60.0 / 31.0)
+    assert together["profile/round_over_slowest"] == pytest.approx(60.0 / 56.5)
