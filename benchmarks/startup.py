@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("total", "besides_rm", "before_ray", "ray", "reward_model", "learners", "wandb", "initial_eval", "rest",
+STEPS = ("total", "besides_rm", "before_ray", "ray", "models", "reward_model", "learners", "wandb", "initial_eval", "rest",
          "generators_build", "scorers_build")
 
 

@@ -147,7 +147,7 @@ class DataConfig:
     """Prompt tokens allowed after the chat template."""
     overlong_prompt: str = "truncate"
     """A prompt longer than max_prompt_length: `truncate` (keep its last tokens, counted), `skip` (counted as a
-    drop) or `error` (stop before Ray starts, naming the row)."""
+    drop) or `error` (stop before any pool starts, naming the row; lengths are counted while Ray starts)."""
     bad_prompt: str = "error"
     """An empty or malformed prompt: `error` (stop before Ray starts, naming the row) or `skip` (counted)."""
 

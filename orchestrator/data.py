@@ -50,7 +50,8 @@ def load_prompts(path: str, cfg: DataConfig, key: str, limit: int | None = None)
 class PromptSource:
     """The dataset shuffled once with the run seed; round k takes the k-th slice of `prompts_per_round`.
 
-    Every prompt is checked before Ray starts. Skipped prompts (data.bad_prompt=skip,
+    Every prompt is checked before Ray starts; its length after the chat template (`check_lengths`, which needs
+    the tokenizer) while Ray starts, before any pool. Skipped prompts (data.bad_prompt=skip,
     data.overlong_prompt=skip) are counted as drops of the round whose slice they were in.
     """
 

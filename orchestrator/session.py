@@ -3,9 +3,10 @@
 `open_session(cfg)` prepares, in order:
     the prompts, checked before Ray starts (a bad row stops the run here)
     the run directory, new or resumed after its `completed` rounds
-    the models: builtins built once into the run directory, everything else loaded from a path
-    the offline baseline's pair set (run.mode=offline), checked against the settings it was made with
-    Ray, and the generator pool
+    while Ray starts: the models (builtins built once into the run directory, everything else loaded from a
+    path), the prompts' lengths checked with the tokenizer, and the offline baseline's pair set
+    (run.mode=offline), checked against the settings it was made with
+    the generator pool
     the run's own reward model (scorer.model_path=reward_training), trained once, sampling the generator pool
     the scorer pool and the learner group (from the last checkpoint, with its optimizer state), then wandb's run
     the initial policy's answers to the held-out prompts, and the offline rounds still to be drawn
@@ -18,9 +19,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import ray
 
@@ -113,20 +115,20 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
     quiet_libraries()
     source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds, cfg.eval.prompts)  # bad data stops us here
     out = RunDir(cfg)
+    preparing = None
     try:
-        policy_path, tokenizer_path, reward_path = resolve_models(cfg, out.path)
-        tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
-        source.check_lengths(tokenizer, cfg.data)  # overlong prompts: truncate, skip or stop, before Ray starts
-        with out.writing("the policy's config and tokenizer (base/)"):
-            out.save_policy_files(policy_path, tokenizer)
-        # offline: saved rounds checked against the settings, a dataset's rows made into pairs (a bad one stops us)
-        fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
         take_scale_request(out.path, written_after=started)  # one left by an earlier driver is dropped
         with out.writing("job.json"):
             out.write_job_marker()
-        clock.lap("before_ray")  # prompts, models (a builtin's conversion), the run directory
+        clock.lap("before_ray")  # prompts read and checked, the run directory
+        # Ray's start keeps about one of 2 cores busy for 4-5 s: the models are prepared beside it
+        background = ThreadPoolExecutor(1, thread_name_prefix="odpo-models")
+        preparing = background.submit(prepare_models, cfg, source, out)
+        background.shutdown(wait=False)
         with Cluster(cfg) as cluster:
             clock.lap("ray")
+            policy_path, tokenizer_path, reward_path, tokenizer, fixed_set = preparing.result()  # errors stop us here
+            clock.lap("models")  # what the models took beyond Ray's start
             generators = cluster.generators(policy_path, tokenizer_path)
             if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
                 with out.writing("the run's reward model (reward_model/)"):
@@ -176,11 +178,27 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                 if session.draw is not None:
                     session.draw.cancel()
     finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
+        if preparing is not None:  # Ray failed to start: the models' thread still writes into the run directory
+            wait([preparing])
         try:
             out.close()
         except Exception as e:
             print(f"odpo: closing wandb failed ({type(e).__name__}: {e}); metrics.jsonl holds every committed round",
                   file=sys.stderr)
+
+
+def prepare_models(cfg: OdpoConfig, source: PromptSource, out: RunDir) -> tuple[str, str, str | None, Any, Any]:
+    """The policy's, tokenizer's and reward model's paths (a builtin converted once), the tokenizer, the prompts'
+    lengths checked with it (overlong ones truncated, skipped or refused), the policy's files in base/, and the
+    offline baseline's pair set (its saved rounds checked against the settings, a dataset's rows made into pairs).
+    Runs while Ray starts; a bad prompt or model stops the run before any pool is built."""
+    policy_path, tokenizer_path, reward_path = resolve_models(cfg, out.path)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.policy.trust_remote_code)
+    source.check_lengths(tokenizer, cfg.data)
+    with out.writing("the policy's config and tokenizer (base/)"):
+        out.save_policy_files(policy_path, tokenizer)
+    fixed_set = offline.prepare(cfg, out, tokenizer) if cfg.run.mode == "offline" else None
+    return policy_path, tokenizer_path, reward_path, tokenizer, fixed_set
 
 
 class StartupClock:

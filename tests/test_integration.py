@@ -143,6 +143,24 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path):
     assert not os.path.exists(tmp_path / "tiny")
 
 
+def test_an_overlong_prompt_counted_while_ray_starts_stops_the_run_before_any_pool(ray_cluster, tmp_path, monkeypatch):
+    """The prompts' lengths are counted with the tokenizer in a thread beside Ray's start (session.prepare_models):
+    data.overlong_prompt=error still stops the run naming the row, and no pool is placed or started."""
+    from ray.util import placement_group_table
+
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "x" * 100 if i == 5 else f"prompt {i}"}) + "\n" for i in range(8)))
+    cfg = load_config("configs/tiny.yaml", [
+        *RULE_LOOP, f"run.output_dir={tmp_path}", "run.name=overlong", "run.rounds=1", f"data.path={data}",
+        "data.prompts_per_round=8", "data.shuffle=false", "data.overlong_prompt=error", "metrics.wandb=false"])
+    groups = set(placement_group_table())
+    with pytest.raises(ValueError, match=r"data row 5: the prompt is 118 tokens .*data.max_prompt_length=64"):
+        run(cfg)
+    assert set(placement_group_table()) == groups
+    assert_no_run_actors_left(ray_cluster)
+
+
 def test_runs_are_reproducible_whatever_order_chunks_finish_and_whatever_the_pool_size(ray_cluster, tmp_path,
                                                                                      monkeypatch):
     """Generators finish chunks in varying order, and run c starts with one generator and resumes with
