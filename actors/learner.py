@@ -135,6 +135,7 @@ class Learner(TakesTurns):
 
     # -- a round ----------------------------------------------------------------------------------
 
+    @in_turn
     def start_round(self, round_index: int, total_steps: int) -> None:
         """Schedule this round's `total_steps` optimizer steps; fresh optimizer state if configured."""
         self.step_in_round = 0
@@ -157,6 +158,7 @@ class Learner(TakesTurns):
     def process_ids(self) -> list[int]:
         return own_process_ids()
 
+    @in_turn
     def optimizer_state(self) -> bytes:
         """This rank's AdamW state (its ZeRO partition) as safetensors, for resuming with
         reset_optimizer_each_round=false. Never pickled."""
@@ -170,6 +172,7 @@ class Learner(TakesTurns):
                     tensors[f"{g}.{j}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         return save(tensors)
 
+    @in_turn
     def load_optimizer_state(self, payload: bytes) -> int:
         from safetensors.torch import load
 

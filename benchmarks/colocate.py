@@ -3,7 +3,7 @@
 Each run is a fresh `odpo run` process (its own Ray cluster). The separate way is the config as it is; the
 colocated way adds `ray.colocate=[POOLS]`: the listed pools' actors share one bundle that reserves the sum of
 their CPUs, and each computes on all of those cores in its turn. For each seed the two ways run one after the
-other. Printed: per run and round the round's wall time, each pool's busy seconds and the held-out gold; then
+other, which first alternating from seed to seed. Printed: per run and round the round's wall time, each pool's busy seconds and the held-out gold; then
 per way the medians and the colocated/separate ratios; then the held-out gold change of the two ways, paired
 by seed (mean and 95% t interval over the seeds).
 
@@ -60,8 +60,9 @@ def main() -> None:
     print(machine())
     results: dict[str, list[tuple[float, list[dict]]]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory(prefix="odpo-colocate-") as out:
-        for seed in seeds:
-            for way, extra in ways.items():
+        for i, seed in enumerate(seeds):
+            for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):  # which runs first alternates by seed
+                extra = ways[way]
                 wall, rows = one_run(args.config, [*args.overrides, *extra, f"run.seed={seed}"], out, f"{way}-{seed}")
                 results[way].append((wall, rows))
                 print(f"{way}, seed {seed}: {wall:.1f} s, start-up {rows[0].get('startup/total_s', float('nan')):.1f} s",

@@ -20,7 +20,11 @@ import sys
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    remove_placement_group,
+)
 
 from actors.generator import HFGenerator
 from actors.learner import Learner
@@ -29,6 +33,12 @@ from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available
 from actors.user_code import CODE_PATH_ENV
 from orchestrator.config import OdpoConfig, colocated_sections, pool_cpus, pool_size
 from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementError
+
+SHARED_GROUP = "odpo-colocated"
+"""The name of ray.colocate's placement group, as the dashboard lists it."""
+_RUN_SHARED: list[PlacementGroup] = []
+"""This process's colocated group while its owner lives: the reward-model stage's cluster, inside the run's,
+places its learner there too."""
 
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", CODE_PATH_ENV)
 """Passed to every worker so actors find the same caches, stay offline like the driver, and import the user's
@@ -92,6 +102,8 @@ class Cluster:
         self.started_ray = False
         self.shared: PlacementGroup | None = None
         """The placement group of ray.colocate's pools: bundle k holds actor k of each (made with the first)."""
+        self.owns_shared = False
+        """False when it was made by another Cluster of this driver (the reward-model stage's, inside the run's)."""
 
     def __enter__(self) -> Cluster:
         self.started_ray = start_ray(self.cfg)
@@ -126,13 +138,16 @@ class Cluster:
         if name not in sections:
             return None
         if self.shared is None:
+            if _RUN_SHARED:  # the run's own, when this is the reward-model stage's cluster inside it
+                self.shared, self.owns_shared = _RUN_SHARED[0], False
+                return self.shared
             bundle: dict[str, float] = {"CPU": sum(pool_cpus(s) for s in sections.values())}
             for section in sections.values():
                 for key, amount in section.resources.items():
                     bundle[key] = bundle.get(key, 0.0) + amount
             size = pool_size(next(iter(sections.values())))
             labels = dict(next(iter(sections.values())).node_labels)
-            pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK", name="odpo-colocated",
+            pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK", name=SHARED_GROUP,
                                  bundle_label_selector=[dict(labels) for _ in range(size)] if labels else None)
             timeout_s = self.cfg.ray.placement_timeout_s
             if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
@@ -141,7 +156,8 @@ class Cluster:
                     f"colocated pools {'+'.join(sections)}: {size} x {bundle} could not be placed within "
                     f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()} (available now: "
                     f"{ray.available_resources()})")
-            self.shared = pg
+            self.shared, self.owns_shared = pg, True
+            _RUN_SHARED[:] = [pg]
         return self.shared
 
     def threads_of(self, name: str, section: Any) -> Any:
@@ -158,7 +174,9 @@ class Cluster:
         """The shared group goes once no colocated pool is left in it (`odpo train-rm` drops its sampling pool
         before the reward model trains)."""
         if self.shared is not None and not any(p.shared is not None for p in self.pools):
-            remove_placement_group(self.shared)
+            if self.owns_shared:
+                remove_placement_group(self.shared)
+                _RUN_SHARED.clear()
             self.shared = None
 
     def placement(self, section: RolloutPoolConfig | LearnerConfig) -> Placement:
@@ -200,11 +218,12 @@ class Cluster:
                                                                  p.trust_remote_code, reference_path), incarnation)
 
     def learner_group(self, name: str, cls: type, args_for_rank: Any, incarnation: int = 0) -> LearnerGroup:
-        """`learner.num_ranks` actors of `cls` placed together, joined into one torch.distributed group (the
-        DPO learner, `learner`, in the colocated bundles when ray.colocate lists it; a reward model's beside)."""
+        """`learner.num_ranks` actors of `cls` placed together, joined into one torch.distributed group; in the
+        colocated bundles when ray.colocate lists the learner (the DPO learner's, or before it the reward
+        model's, which takes its place there while it trains)."""
         lc = self.cfg.learner
         pool = self._add(ActorPool(name, cls, lc.num_ranks, self.placement(lc), args_for_rank,
-                                   incarnation=incarnation, gang=True, shared=self.colocated(name)))
+                                   incarnation=incarnation, gang=True, shared=self.colocated("learner")))
         group = LearnerGroup(pool, lc.step_timeout_s)
         group.setup(self.cfg.ray.actor_start_timeout_s)
         return group

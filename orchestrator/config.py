@@ -111,8 +111,8 @@ class RayConfig:
     colocate: list[str] = field(default_factory=list)
     """Pools that share their cores and take turns on them, e.g. [generator, learner] (verl's hybrid engine,
     OpenRLHF's colocation): actor k of each pool goes into one placement bundle that reserves the sum of their
-    CPUs, each computes on all of them, and one at a time (the others wait for their turn): a pool never holds
-    a core it is not using. Each pool listed needs the same number of actors (the learner's num_ranks); their
+    CPUs, each computes on all of them, and one at a time (the others wait for their turn): no core sits
+    reserved for a pool that is not computing. Each pool listed needs the same number of actors (the learner's num_ranks); their
     sizes stay fixed (no `odpo scale`). CPU pools only. Empty: every pool on cores of its own
     (docs/architecture.md, "Colocated pools")."""
 

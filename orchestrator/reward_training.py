@@ -268,7 +268,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         name = "pairwise model" if pairwise else "reward model"
         print(f"odpo: {name} from {rt.base_model}{' (RLHFlow A/B format)' if pairwise else ''}: {len(train)} training pairs, {len(held_items)} held out",
               file=sys.stderr)
-        rm_learner = dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr)
+        rm_learner = cluster.threads_of("learner", dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr))
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name) | data_info]

@@ -17,9 +17,9 @@ and on exit shuts the pools and Ray down, then closes wandb. It also retries a r
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -122,9 +122,7 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             out.write_job_marker()
         clock.lap("before_ray")  # prompts read and checked, the run directory
         # Ray's start keeps about one of 2 cores busy for 4-5 s: the models are prepared beside it
-        background = ThreadPoolExecutor(1, thread_name_prefix="odpo-models")
-        preparing = background.submit(prepare_models, cfg, source, out)
-        background.shutdown(wait=False)
+        preparing = InBackground(prepare_models, cfg, source, out)
         with Cluster(cfg) as cluster:
             clock.lap("ray")
             policy_path, tokenizer_path, reward_path, tokenizer, fixed_set = preparing.result()  # errors stop us here
@@ -177,14 +175,42 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             finally:  # a draw ahead still running when the run stops must not outlive its pools
                 if session.draw is not None:
                     session.draw.cancel()
+    except Exception as e:
+        if preparing is not None:  # Ray failed to start: the models' thread may still write into the run directory
+            preparing.thread.join()
+            if preparing.error is not None and preparing.error is not e:
+                print(f"odpo: preparing the models failed too: {type(preparing.error).__name__}: {preparing.error}",
+                      file=sys.stderr)
+        raise
     finally:  # after the pools: nothing may keep them alive (on SIGTERM, wandb's service is already gone)
-        if preparing is not None:  # Ray failed to start: the models' thread still writes into the run directory
-            wait([preparing])
         try:
             out.close()
         except Exception as e:
             print(f"odpo: closing wandb failed ({type(e).__name__}: {e}); metrics.jsonl holds every committed round",
                   file=sys.stderr)
+
+
+class InBackground:
+    """`fn(*args)` in a daemon thread: a Ctrl-C or SIGTERM to the driver is not held up by it. `result()` waits
+    for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[..., T], *args: Any):
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), name="odpo-models", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def prepare_models(cfg: OdpoConfig, source: PromptSource, out: RunDir) -> tuple[str, str, str | None, Any, Any]:

@@ -256,3 +256,23 @@ def test_the_run_reuses_its_reward_model_only_under_the_same_settings(tmp_path, 
     with pytest.raises(ValueError, match="reward model was made with other settings \\(reward_training\\)"):
         train_own_reward_model(other, out, model)
     assert os.path.isdir(model)  # a model a committed round used is never removed
+
+
+def test_colocated_the_reward_model_trains_in_the_shared_bundle_then_the_policy(ray_cluster, tmp_path, monkeypatch):
+    """ray.colocate with all three pools: the reward-model stage's learner takes the DPO learner's place in the
+    shared bundle (the stage's own cluster finds the run's group by name) and takes turns with the generator;
+    then the scorer, the generator and the DPO learner share it. No pool makes a placement group of its own."""
+    from ray.util import placement_group_table
+
+    from orchestrator.driver import run
+
+    monkeypatch.chdir(REPO)
+    before = set(placement_group_table())
+    run_dir = run(load_config("configs/tiny.yaml", [
+        *SMALL, f"run.output_dir={tmp_path}", "run.name=colocated", "run.rounds=1", "data.prompts_per_round=16",
+        "eval.prompts=0", "reward_training.num_pairs=256", "learner.global_batch_size=8",
+        "ray.colocate=[generator,scorer,learner]", "ray.placement_timeout_s=30"]))
+    assert os.path.exists(os.path.join(run_dir, "reward_model", "model.safetensors"))
+    assert len(open(os.path.join(run_dir, "metrics.jsonl")).readlines()) == 1
+    made = [pg["name"] for key, pg in placement_group_table().items() if key not in before]
+    assert made == ["odpo-colocated"]

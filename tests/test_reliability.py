@@ -150,9 +150,12 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
     computes on 1 thread, as apart, so the run must end exactly as the fault-free run with pools apart, even
     with the generator killed in round 1 (its replacement goes into the same bundle) and the learner rank killed
     in round 2 (the group is rebuilt in the same bundles), both possibly mid-turn."""
+    from ray.util import placement_group_table
+
     monkeypatch.chdir(REPO)
     cfg = config(tmp_path, "colocated", "run.rounds=3", "ray.colocate=[generator,learner]", "learner.cpus_per_rank=0.5")
     run_dir = str(tmp_path / "colocated")
+    before = set(placement_group_table())
     saboteur = Saboteur(ray_cluster, run_dir, [(1, "generator-0", signal.SIGKILL), (2, "learner-0", signal.SIGKILL)])
     saboteur.start()
     run(cfg)
@@ -164,8 +167,9 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
     assert_every_prompt_once(cfg, run_dir)
     assert_same_outcome(run_dir, straight)
     assert_no_actor_alive(ray_cluster)
-    from ray.util import placement_group_table
-
+    # every generator and learner (replacements and the rebuilt group included) went into one shared group
+    made = {pg["name"] for key, pg in placement_group_table().items() if key not in before}
+    assert made == {"odpo-colocated", "odpo-scorer-0"}
     wait_for(lambda: not [pg for pg in placement_group_table().values()
                           if pg["name"] == "odpo-colocated" and pg["state"] != "REMOVED"], 20,
              "the colocated placement group removed")
