@@ -46,6 +46,11 @@ functions from the same folders (ODPO_CODE_PATH: the config's folder; relative t
 working_dir inside a Ray job)."""
 
 
+def in_ray_job() -> bool:
+    """Submitted as a Ray job (`odpo submit`, `ray job submit`): the driver joins the job's cluster."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def start_ray(cfg: OdpoConfig) -> bool:
     """Join or start a cluster; False when Ray was already initialised by the caller.
 
@@ -54,7 +59,7 @@ def start_ray(cfg: OdpoConfig) -> bool:
     and binds its dashboard to ray.dashboard_host."""
     if ray.is_initialized():
         return False
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # submitted as a Ray job: join the job's cluster
+    in_job = in_ray_job()
     address = cfg.ray.address or ("auto" if in_job else None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}

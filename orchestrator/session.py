@@ -29,7 +29,7 @@ import ray
 from actors.models import load_tokenizer
 from actors.worker import quiet_libraries
 from orchestrator import ahead, evaluation, offline
-from orchestrator.cluster import Cluster, resolve_backend
+from orchestrator.cluster import Cluster, in_ray_job, resolve_backend
 from orchestrator.config import OdpoConfig
 from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
@@ -121,8 +121,11 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
         with out.writing("job.json"):
             out.write_job_marker()
         clock.lap("before_ray")  # prompts read and checked, the run directory
-        # Ray's start keeps about one of 2 cores busy for 4-5 s: the models are prepared beside it
-        preparing = InBackground(prepare_models, cfg, source, out)
+        # Ray's start keeps about one of 2 cores busy for 4-5 s: the models are prepared beside it. Not in a
+        # Ray job: its driver runs in the job's copy of its working_dir, which Ray removes as the driver joins
+        # (seen with Ray 2.60.0: os.getcwd() fails from then on), and transformers reads the current directory
+        # as it is imported
+        preparing = InBackground(prepare_models, cfg, source, out, now=in_ray_job())
         with Cluster(cfg) as cluster:
             clock.lap("ray")
             policy_path, tokenizer_path, reward_path, tokenizer, fixed_set = preparing.result()  # errors stop us here
@@ -177,7 +180,7 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
                     session.draw.cancel()
     except Exception as e:
         if preparing is not None:  # Ray failed to start: the models' thread may still write into the run directory
-            preparing.thread.join()
+            preparing.join()
             if preparing.error is not None and preparing.error is not e:
                 print(f"odpo: preparing the models failed too: {type(preparing.error).__name__}: {preparing.error}",
                       file=sys.stderr)
@@ -192,13 +195,15 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
 
 class InBackground:
     """`fn(*args)` in a daemon thread: a Ctrl-C or SIGTERM to the driver is not held up by it. `result()` waits
-    for it and returns its value or raises its error."""
+    for it and returns its value or raises its error. With `now`, `fn` runs here instead (its error raised here)."""
 
-    def __init__(self, fn: Callable[..., T], *args: Any):
-        self.value: Any = None
+    def __init__(self, fn: Callable[..., T], *args: Any, now: bool = False):
+        self.value: Any = fn(*args) if now else None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, args), name="odpo-models", daemon=True)
-        self.thread.start()
+        self.thread = None if now else threading.Thread(target=self._run, args=(fn, args), name="odpo-models",
+                                                         daemon=True)
+        if self.thread is not None:
+            self.thread.start()
 
     def _run(self, fn: Callable, args: tuple) -> None:
         try:
@@ -206,8 +211,12 @@ class InBackground:
         except BaseException as e:
             self.error = e
 
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
     def result(self) -> Any:
-        self.thread.join()
+        self.join()
         if self.error is not None:
             raise self.error
         return self.value
