@@ -27,16 +27,14 @@ from actors.generator import GeneratorBase, build_chunk
 from actors.models import checkpoint_tied_copies
 from actors.settings import GeneratorConfig
 from actors.turns import in_turn
-from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle
+from actors.types import PromptChunk, Response, RolloutChunk, WeightBundle, safetensors_views
 
 
 def _reload_from_safetensors(worker, payload: bytes, tied: dict[str, str]) -> int:
     """Runs on every vLLM worker (collective_rpc): in-place reload from checkpoint-format tensors. A tied copy
     the payload leaves out (`tied`: copy -> source, the output head) is named again: vLLM's CPU build keeps a
     processed copy of the head that only a reload naming it refreshes."""
-    from safetensors.torch import load
-
-    tensors = load(payload)
+    tensors = safetensors_views(payload)  # no copy: vLLM copies each into its own weights
     tensors |= {copy: tensors[source] for copy, source in tied.items() if copy not in tensors and source in tensors}
     worker.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
     return len(tensors)

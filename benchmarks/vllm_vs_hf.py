@@ -6,7 +6,8 @@
    one chunk before the clock starts.
 2. Weight sync: the config's learner group exports the policy and the driver's own `sync_weights` loads it
    into a vLLM generator pool, as every round does; seconds per sync (the export included) against one
-   in-process serialisation of the same state dict, the floor of any path through host memory.
+   in-process serialisation of the same state dict by safetensors' `save` (and by odpo's own packing, which
+   the export uses).
 
     .venv/bin/python benchmarks/vllm_vs_hf.py                                      # configs/smollm2.yaml, ~6 min
     .venv/bin/python benchmarks/vllm_vs_hf.py --config configs/tiny.yaml --rounds-of-prompts 2
@@ -52,9 +53,10 @@ def throughput(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, c
 
 
 def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, rounds: int
-                ) -> tuple[list[tuple[float, float]], float, int]:
+                ) -> tuple[list[tuple[float, float]], float, float, int]:
     """What the driver does after each round's training: export once, then `sync_weights` (object store); the
-    seconds of each (export, load), and one in-process serialisation of the same tensors, the tied embedding once."""
+    seconds of each (export, load), and in-process, one serialisation of the same tensors by safetensors' `save`
+    (the tied embedding once) and one by odpo's own (`WeightBundle.from_tensors`, one copy)."""
     pad_id = load_tokenizer(tokenizer).pad_token_id
     learners = cluster.learners(policy, policy, pad_id)
     generators = cluster.generators(policy, tokenizer)
@@ -67,15 +69,26 @@ def weight_sync(cfg: OdpoConfig, cluster: Cluster, policy: str, tokenizer: str, 
         exported = time.perf_counter()
         sync_weights(generators, learners, refs, version, nccl=False)
         seconds.append((exported - start, time.perf_counter() - exported))
+    from safetensors.torch import save
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy)
     skip = tied_copies(model)
     dtype = DTYPES[cfg.policy.dtype]
     state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items() if k not in skip}
-    start = time.perf_counter()
-    size = WeightBundle.from_tensors(1, state).num_bytes()
-    return seconds, time.perf_counter() - start, size
+
+    def median_s(fn) -> float:  # of 3: the first call of each also pays for its output's fresh pages
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    size = len(save(state, metadata={"format": "pt"}))
+    assert WeightBundle.from_tensors(1, state).num_bytes() >= size
+    return (seconds, median_s(lambda: save(state, metadata={"format": "pt"})),
+            median_s(lambda: WeightBundle.from_tensors(1, state)), size)
 
 
 def main() -> None:
@@ -102,7 +115,7 @@ def main() -> None:
                 rows.append((backend, *throughput(bcfg, cluster, policy, tokenizer, chunks)))
         vcfg = load_config(args.config, [*base, "generator.backend=vllm"])
         with Cluster(vcfg) as cluster:
-            sync_s, serialise_s, size = weight_sync(vcfg, cluster, policy, tokenizer, args.syncs)
+            sync_s, serialise_s, pack_s, size = weight_sync(vcfg, cluster, policy, tokenizer, args.syncs)
     g = cfg.generator
     if rows:
         print(f"\n1. generation: {args.config} {' '.join(args.overrides)}; {prompts} prompts x n={g.n} "
@@ -118,6 +131,8 @@ def main() -> None:
     print(f"{'MB':>7s} {'sync_s each (export + load)':>42s} {'serialise_once_s':>17s} {'sync / serialise':>17s}")
     each = " ".join(f"{e + lo:.2f} ({e:.2f}+{lo:.2f})" for e, lo in sync_s)
     print(f"{size / 2**20:7.1f} {each:>42s} {serialise_s:17.2f} {mean / serialise_s:17.2f}")
+    print(f"(serialise: safetensors' save of the same tensors, median of 3; odpo's own one-copy packing of them {pack_s:.3f} s, "
+          f"the sync {mean / pack_s:.1f}x that)")
 
 
 if __name__ == "__main__":

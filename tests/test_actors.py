@@ -130,6 +130,42 @@ def test_a_tied_head_is_synced_once_and_tied_back(tiny_policy_dir, tmp_path):
     assert torch.equal(again.lm_head.weight, sent["model.embed_tokens.weight"])
 
 
+def test_weight_payload_is_safetensors_read_without_copies(ray_cluster, tmp_path):
+    """The learner's one-copy packing writes what safetensors reads (every dtype a model holds, strided and
+    empty tensors, a scalar), the bundle's tensors are views into the payload, and through Ray's object
+    store the payload reaches a reader without a copy (a read-only view of the stored one)."""
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    from actors.types import safetensors_views
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "w.f32": torch.randn(7, generator=g),
+               "steps": torch.arange(3), "strided": torch.randn(4, 6, generator=g)[:, ::2],
+               "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5, dtype=torch.float16),
+               "mask": torch.tensor([True, False, True]), "odd": torch.ones(3, dtype=torch.int8)}
+    bundle = WeightBundle.from_tensors(4, tensors)
+    for read in (load(bytes(bundle.payload)), bundle.tensors()):  # safetensors' reader and odpo's
+        assert set(read) == set(tensors)
+        for k, v in tensors.items():
+            assert read[k].dtype == v.dtype and torch.equal(read[k], v), k
+    with open(tmp_path / "w.safetensors", "wb") as f:
+        f.write(bundle.payload)
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata()["odpo_weight_version"] == "4"
+    start = bundle.payload.ctypes.data
+    assert all(start <= t.data_ptr() < start + bundle.num_bytes() for t in bundle.tensors().values() if t.numel())
+    plain = save({k: v.contiguous() for k, v in tensors.items()})  # a checkpoint file's bytes read the same way
+    assert all(torch.equal(safetensors_views(plain)[k], v) for k, v in tensors.items())
+    fetched = ray_cluster.get(ray_cluster.put(bundle))
+    assert not fetched.payload.flags.writeable  # the object store's own memory, not a copy
+    assert all(torch.equal(fetched.tensors()[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="not a safetensors payload"):
+        safetensors_views(b"\xff" * 16)
+    with pytest.raises(ValueError, match="cannot pack tensors of dtype torch.complex64"):
+        WeightBundle.from_tensors(1, {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
 # -- scorer ---------------------------------------------------------------------------------------
 
 
