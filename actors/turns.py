@@ -20,13 +20,41 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable)
 
 
+HOLDER_BYTES = 64
+
+
+def lock_path(key: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"odpo-turns-{key}.lock")
+
+
+def holder_of(key: str) -> str:
+    """`name pid` of the actor holding bundle `key`'s turn, read on its node, or "" when none does. Only a
+    live holder can be named: the kernel frees a dead one's lock, and a lock taken without a name is not
+    counted."""
+    try:
+        fd = os.open(lock_path(key), os.O_RDONLY)
+    except FileNotFoundError:
+        return ""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the holder wrote its name once it had the lock
+            return os.pread(fd, HOLDER_BYTES, 0).decode(errors="replace").strip()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    finally:
+        os.close(fd)
+
+
 class Turns:
     """Exclusive use of a colocated bundle's cores; re-entrant within one actor (a method that calls
     another that also takes the turn)."""
 
-    def __init__(self, key: str | None = None):
-        self.path = os.path.join(tempfile.gettempdir(), f"odpo-turns-{key}.lock") if key else None
+    def __init__(self, key: str | None = None, holder: str = ""):
+        self.path = lock_path(key) if key else None
         self.fd: int | None = None
+        self.holder = f"{holder} {os.getpid()}".encode().ljust(HOLDER_BYTES)[:HOLDER_BYTES]
+        """Written into the lock file while this actor holds the turn: who holds a bundle can be read there."""
         self.depth = 0
         self.waited_s = 0.0
         """Seconds spent waiting for a neighbour to give the cores back, since the actor started."""
@@ -40,6 +68,7 @@ class Turns:
             start = time.perf_counter()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.waited_s += time.perf_counter() - start
+            os.pwrite(self.fd, self.holder, 0)
         self.depth += 1
         return self
 
@@ -48,6 +77,7 @@ class Turns:
             return
         self.depth -= 1
         if self.depth == 0:
+            os.pwrite(self.fd, b" " * HOLDER_BYTES, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
@@ -57,8 +87,8 @@ class TakesTurns:
 
     turns: Turns = Turns()
 
-    def take_turns(self, key: str) -> None:
-        self.turns = Turns(key)
+    def take_turns(self, key: str, name: str = "") -> None:
+        self.turns = Turns(key, name)
 
 
 def in_turn(method: F) -> F:

@@ -66,6 +66,11 @@ class Slot:
         return f"{pool}-{self.id}" + (f".{self.incarnation}" if self.incarnation else "")
 
 
+def turn_key(slot: Slot) -> str:
+    """The name of the turn the actors of `slot`'s colocated bundle take (actors/turns.py)."""
+    return f"{slot.pg.id.hex()}-{slot.bundle_index}"
+
+
 class ActorPool:
     """Actors of one class, each named `<pool>-<id>`, on their own placement bundles.
 
@@ -153,7 +158,7 @@ class ActorPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle_index),
         ).remote(*self.args_for_rank(slot.id))
         if self.shared is not None:  # before any other call: every call runs after it, in order
-            slot.actor.take_turns.remote(f"{slot.pg.id.hex()}-{slot.bundle_index}")
+            slot.actor.take_turns.remote(turn_key(slot), slot.name(self.name))
 
     def _serve(self, slots: list[Slot], what: str) -> None:
         """Wait until new actors are built, then give them the current weights: they serve only after."""
@@ -253,6 +258,25 @@ class ActorPool:
     def wait_ready(self) -> None:
         """Block until every actor's constructor has finished (model loaded, engine built)."""
         self.get([a.ready.remote() for a in self.actors], "starting", self.start_timeout_s)
+
+    def turn_holder(self, slot: Slot, timeout_s: float = 30.0) -> str:
+        """Who holds the turn of `slot`'s colocated bundle (`learner-0 4242`), read by a task on the bundle's
+        node; "" when no one does, the pool is not colocated or the node does not answer."""
+        if self.shared is None:
+            return ""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from actors.turns import holder_of
+
+        node = ray.util.placement_group_table(slot.pg)["bundles_to_node_id"].get(slot.bundle_index)
+        if not node:
+            return ""
+        read = ray.remote(num_cpus=0, max_retries=0)(holder_of).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        try:
+            return ray.get(read.remote(turn_key(slot)), timeout=timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            return ""
 
     def nodes(self) -> dict[str, str]:
         """Actor name -> the id of the node its bundle was placed on."""

@@ -430,12 +430,26 @@ def _handle_hang(gen: Dispatcher, score: Dispatcher, learner_since: float | None
     """`learner_since`: when the learner's oldest unfinished call (a step or a reference batch) was sent."""
     if (ref := gen.hung()) is not None:
         if not gen.answers_after_all(ref):
+            blame_a_learner_holding_the_turn(gen, ref)
             gen.requeue(ref, f"made no progress for {cfg.generator.call_timeout_s:.0f}s (hung)", chunks, out.faults)
     elif (ref := score.hung()) is not None:
         if not score.answers_after_all(ref):
+            blame_a_learner_holding_the_turn(score, ref)
             score.requeue(ref, f"made no progress for {cfg.scorer.call_timeout_s:.0f}s (hung)", to_score, out.faults)
     elif learner_since is not None and time.perf_counter() - learner_since > cfg.learner.step_timeout_s:
         raise LearnerFailure(f"a training step took longer than learner.step_timeout_s={cfg.learner.step_timeout_s:.0f}s (hung)")
+
+
+def blame_a_learner_holding_the_turn(d: Dispatcher, ref: ray.ObjectRef) -> None:
+    """A colocated actor that made no progress may only have waited for its turn (ray.colocate): when a learner
+    rank holds the turn of its bundle, the learner is the one hung (a step that holds the cores longer than a
+    neighbour's call timeout counts as hung), and the round is retried from its checkpoint as on a learner
+    step's timeout: no blameless actor is replaced, and the stopped rank's death frees the turn."""
+    slot = d.slots[d.inflight[ref][0]]
+    holder = d.pool.turn_holder(slot).split(" ")[0]
+    if holder.startswith("learner-"):
+        raise LearnerFailure(f"{holder} has held the cores it shares with {slot.name(d.pool.name)} for "
+                             f"{d.timeout_s:.0f}s ({d.pool.name}.call_timeout_s; ray.colocate) (hung)")
 
 
 def _collect(sc: ScoredChunk, out: RoundStream, cfg: OdpoConfig, round_index: int, resampler: Resampler) -> list[Pair]:

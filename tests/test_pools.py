@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import REPO, wait_for
 
-from actors.turns import TakesTurns, Turns, in_turn
+from actors.turns import TakesTurns, Turns, holder_of, in_turn
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
 from orchestrator.plots import PLOT_FILE, plot_rounds
@@ -335,7 +335,7 @@ def hold_turn(key: str, seconds: float, out, depth: int = 1) -> None:
 
 
 def hold_turn_forever(key: str, out) -> None:
-    with Turns(key):
+    with Turns(key, "generator-3"):
         out.put("holding")
         time.sleep(600)
 
@@ -356,12 +356,16 @@ def test_turns_are_exclusive_across_processes_reentrant_and_freed_when_the_holde
     holder = ctx.Process(target=hold_turn_forever, args=(key, out))
     holder.start()
     assert out.get(timeout=30) == "holding"
+    assert holder_of(key) == f"generator-3 {holder.pid}"  # who holds a bundle can be read on its node
     holder.kill()
     holder.join(10)
-    turns = Turns(key)
+    assert holder_of(key) == ""  # a dead holder is not named: its lock is gone with it
+    turns = Turns(key, "learner-0")
     start = time.time()
     with turns:
         assert time.time() - start < 5
+        assert holder_of(key) == f"learner-0 {os.getpid()}"
+    assert holder_of(key) == ""
     # re-entered, the turn is held until the outermost exit
     with turns:
         with turns:

@@ -175,6 +175,69 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
              "the colocated placement group removed")
 
 
+def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int, stopped: list) -> None:
+    """SIGSTOP actor `name` at a moment it holds its colocated bundle's turn, once `after_rounds` rounds are
+    committed: its name in a turn's lock file (written once it has the lock, blanked before it lets go) read
+    before and after the signal; when it let go in between, SIGCONT and try again."""
+    import glob
+    import tempfile
+
+    deadline = time.time() + 240
+    pid = None
+    while pid is None and time.time() < deadline:
+        try:
+            pid = ray.get(ray.get_actor(name).process_ids.remote())[0]
+        except ValueError:
+            time.sleep(0.05)
+    mine = f"{name} {pid}"
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+
+    def holder(path: str) -> str:
+        with open(path, "rb") as f:
+            return f.read(64).decode(errors="replace").strip()
+
+    while time.time() < deadline:
+        if not os.path.exists(metrics) or len(open(metrics).readlines()) < after_rounds:
+            time.sleep(0.02)
+            continue
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), "odpo-turns-*.lock")):
+            if holder(path) == mine:
+                os.kill(pid, signal.SIGSTOP)
+                if holder(path) == mine:
+                    stopped.append(path)
+                    return
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001)
+
+
+def test_colocated_a_learner_hung_holding_the_turn_is_blamed_not_its_neighbour(ray_cluster, straight, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The learner rank stopped (SIGSTOP) while it holds the turn it shares with the generator, early in round 1:
+    the generator waits past its call timeout (6 s) for a turn that never comes. The driver reads who holds the
+    bundle's turn and retries the round as for a hung learner (whose own step timeout, 600 s, is far off): the
+    generator is not replaced (before, it was, and its replacement waited for the same turn), and the run ends
+    exactly as the fault-free run with pools apart."""
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path, "colocated-hang", "run.rounds=3", "ray.colocate=[generator,learner]",
+                 "learner.cpus_per_rank=0.5", "generator.call_timeout_s=6", "learner.step_timeout_s=600")
+    run_dir = str(tmp_path / "colocated-hang")
+    stopped: list[str] = []
+    thread = threading.Thread(target=stop_while_holding_its_turn, args=(ray_cluster, "learner-0", run_dir, 1, stopped),
+                              daemon=True)
+    thread.start()
+    run(cfg)
+    thread.join(timeout=5)
+    assert stopped, "the learner was never caught holding its turn"
+    assert "learner-0 has held the cores it shares with generator-0 for 6s (generator.call_timeout_s; ray.colocate)" \
+        in capsys.readouterr().err
+    m = metrics_of(run_dir)
+    assert sum(x["faults/generator_restarts"] for x in m) == 0
+    assert [x["faults/learner_retries"] for x in m] == [0, 1, 0]
+    assert_every_prompt_once(cfg, run_dir)
+    assert_same_outcome(run_dir, straight)
+    assert_no_actor_alive(ray_cluster)
+
+
 def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, straight, tmp_path, monkeypatch):
     """The driver (and with it its local Ray cluster) is SIGKILLed after round 1 and the same command is run
     again: the resumed run continues from round 2 and ends with the same pairs and metrics."""
