@@ -36,9 +36,6 @@ from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementErro
 
 SHARED_GROUP = "odpo-colocated"
 """The name of ray.colocate's placement group, as the dashboard lists it."""
-_RUN_SHARED: list[PlacementGroup] = []
-"""This process's colocated group while its owner lives: the reward-model stage's cluster, inside the run's,
-places its learner there too."""
 
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", CODE_PATH_ENV)
 """Passed to every worker so actors find the same caches, stay offline like the driver, and import the user's
@@ -107,8 +104,6 @@ class Cluster:
         self.started_ray = False
         self.shared: PlacementGroup | None = None
         """The placement group of ray.colocate's pools: bundle k holds actor k of each (made with the first)."""
-        self.owns_shared = False
-        """False when it was made by another Cluster of this driver (the reward-model stage's, inside the run's)."""
 
     def __enter__(self) -> Cluster:
         self.started_ray = start_ray(self.cfg)
@@ -143,9 +138,6 @@ class Cluster:
         if name not in sections:
             return None
         if self.shared is None:
-            if _RUN_SHARED:  # the run's own, when this is the reward-model stage's cluster inside it
-                self.shared, self.owns_shared = _RUN_SHARED[0], False
-                return self.shared
             bundle: dict[str, float] = {"CPU": sum(pool_cpus(s) for s in sections.values())}
             for section in sections.values():
                 for key, amount in section.resources.items():
@@ -161,8 +153,7 @@ class Cluster:
                     f"colocated pools {'+'.join(sections)}: {size} x {bundle} could not be placed within "
                     f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()} (available now: "
                     f"{ray.available_resources()})")
-            self.shared, self.owns_shared = pg, True
-            _RUN_SHARED[:] = [pg]
+            self.shared = pg
         return self.shared
 
     def threads_of(self, name: str, section: Any) -> Any:
@@ -179,9 +170,7 @@ class Cluster:
         """The shared group goes once no colocated pool is left in it (`odpo train-rm` drops its sampling pool
         before the reward model trains)."""
         if self.shared is not None and not any(p.shared is not None for p in self.pools):
-            if self.owns_shared:
-                remove_placement_group(self.shared)
-                _RUN_SHARED.clear()
+            remove_placement_group(self.shared)
             self.shared = None
 
     def placement(self, section: RolloutPoolConfig | LearnerConfig) -> Placement:

@@ -20,6 +20,7 @@ orders (P(A) averaged, as the scorer judges); `scorer.type=pairwise` loads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -223,9 +224,10 @@ def train_reward_model(cfg: OdpoConfig) -> str:
 
 
 def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: str, policy_path: str | None = None,
-                     generators: ActorPool | None = None) -> str:
-    """Train, evaluate each epoch, save to `dest` (whole or not at all); uses the running Ray cluster if there
-    is one (the driver trains its reward model first this way), else starts one for itself. With
+                     generators: ActorPool | None = None, cluster: Cluster | None = None) -> str:
+    """Train, evaluate each epoch, save to `dest` (whole or not at all); on the run's `cluster` when given (the
+    driver trains its reward model first this way: the reward model's learner takes the DPO learner's place,
+    colocated bundles included, and leaves it when trained), else on a cluster of its own. With
     builtin:policy-samples, the initial policy's samples come from `generators` (the run's pool, holding the
     initial weights), or from a pool of its own on `policy_path` (default: policy.path)."""
     quiet_libraries()
@@ -239,7 +241,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
     tokenizer = load_tokenizer(base)
     tokenizer.truncation_side = "left"
     data_info = {}
-    with Cluster(cfg) as cluster:  # the driver's, when it trains its reward model first
+    with contextlib.ExitStack() as stack:
+        cluster = cluster or stack.enter_context(Cluster(cfg))
         if rt.data_path == POLICY_SAMPLES:
             own = None
             if generators is None:
@@ -271,6 +274,7 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         rm_learner = cluster.threads_of("learner", dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr))
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
+        stack.callback(cluster.remove, group.pool)  # its cores go to the run's pools once it is saved
         history = [evaluate(group, held_out, -1, 0, float("nan"), 0.0, name) | data_info]
         g = lc.global_batch_size
         steps_per_epoch = math.ceil(len(train) / g)
@@ -310,7 +314,8 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         return dest
 
 
-def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool | None = None) -> None:
+def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: ActorPool | None = None,
+                           cluster: Cluster | None = None) -> None:
     """scorer.model_path=reward_training: train the reward model once per run directory. One trained with
     other reward_training settings is trained again while no round has used it; after that, a resume with
     other settings is refused."""
@@ -318,7 +323,7 @@ def train_own_reward_model(cfg: OdpoConfig, out: RunDir, path: str, generators: 
         print(f"odpo: using the reward model this run trained, {path}", file=sys.stderr)
     else:
         fit_reward_model(cfg, path, out.sub("reward_model_metrics.jsonl"), out.sub("base_models", "reward"),
-                         generators=generators)
+                         generators=generators, cluster=cluster)
 
 
 def evaluate(group: LearnerGroup, held_out: list[Pair], epoch: int, steps: int, train_loss: float,

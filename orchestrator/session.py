@@ -133,7 +133,7 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             generators = cluster.generators(policy_path, tokenizer_path)
             if reward_path == out.sub("reward_model"):  # scorer.model_path=reward_training (may sample the policy)
                 with out.writing("the run's reward model (reward_model/)"):
-                    train_own_reward_model(cfg, out, reward_path, generators)
+                    train_own_reward_model(cfg, out, reward_path, generators, cluster)
             clock.lap("reward_model")  # with the generator pool's build when it samples the policy
             scorers = cluster.scorers(reward_path)
             learners = build_learners(cfg, cluster, out, policy_path, tokenizer.pad_token_id)

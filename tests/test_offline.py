@@ -260,7 +260,7 @@ def test_the_run_reuses_its_reward_model_only_under_the_same_settings(tmp_path, 
 
 def test_colocated_the_reward_model_trains_in_the_shared_bundle_then_the_policy(ray_cluster, tmp_path, monkeypatch):
     """ray.colocate with all three pools: the reward-model stage's learner takes the DPO learner's place in the
-    shared bundle (the stage's own cluster finds the run's group by name) and takes turns with the generator;
+    shared bundle (it trains on the run's own cluster) and takes turns with the generator;
     then the scorer, the generator and the DPO learner share it. No pool makes a placement group of its own."""
     from ray.util import placement_group_table
 

@@ -17,6 +17,7 @@ import time
 import pytest
 from conftest import REPO, RULE_LOOP, wait_for
 
+from actors.turns import HOLDER_BYTES
 from actors.user_code import UserFunctionError
 from orchestrator import chaos
 from orchestrator.config import load_config
@@ -128,6 +129,18 @@ def assert_same_outcome(run_dir, straight: str) -> None:
     assert chaos.differences(str(run_dir), straight) == []
 
 
+def assert_recovered_like(straight: str, cfg, run_dir: str, ray, generator_restarts: int,
+                          learner_retries: list[int]) -> None:
+    """A run with faults ended as the fault-free one: these restarts and retries, every prompt once, the same
+    outcome, no actor left."""
+    m = metrics_of(run_dir)
+    assert sum(x["faults/generator_restarts"] for x in m) == generator_restarts
+    assert [x["faults/learner_retries"] for x in m] == learner_retries
+    assert_every_prompt_once(cfg, run_dir)
+    assert_same_outcome(run_dir, straight)
+    assert_no_actor_alive(ray)
+
+
 def test_learner_death_retries_the_round_from_the_last_checkpoint(ray_cluster, straight, tmp_path, monkeypatch):
     """The learner rank is SIGKILLed in round 1: the round is run again on a new learner group built from round
     0's checkpoint, and the run ends as the fault-free one does (same pairs, losses and rewards)."""
@@ -161,12 +174,7 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
     run(cfg)
     saboteur.join(timeout=5)
     assert len(saboteur.done) == 2
-    m = metrics_of(run_dir)
-    assert sum(x["faults/generator_restarts"] for x in m) == 1
-    assert [x["faults/learner_retries"] for x in m] == [0, 0, 1]
-    assert_every_prompt_once(cfg, run_dir)
-    assert_same_outcome(run_dir, straight)
-    assert_no_actor_alive(ray_cluster)
+    assert_recovered_like(straight, cfg, run_dir, ray_cluster, generator_restarts=1, learner_retries=[0, 0, 1])
     # every generator and learner (replacements and the rebuilt group included) went into one shared group
     made = {pg["name"] for key, pg in placement_group_table().items() if key not in before}
     assert made == {"odpo-colocated", "odpo-scorer-0"}
@@ -192,9 +200,9 @@ def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int,
     mine = f"{name} {pid}"
     metrics = os.path.join(run_dir, "metrics.jsonl")
 
-    def holder(path: str) -> str:
+    def holder(path: str) -> str:  # the name in the file, lock or not (a stopped holder keeps its lock)
         with open(path, "rb") as f:
-            return f.read(64).decode(errors="replace").strip()
+            return f.read(HOLDER_BYTES).decode(errors="replace").strip()
 
     while time.time() < deadline:
         if not os.path.exists(metrics) or len(open(metrics).readlines()) < after_rounds:
@@ -230,12 +238,7 @@ def test_colocated_a_learner_hung_holding_the_turn_is_blamed_not_its_neighbour(r
     assert stopped, "the learner was never caught holding its turn"
     assert "learner-0 has held the cores it shares with generator-0 for 6s (generator.call_timeout_s; ray.colocate)" \
         in capsys.readouterr().err
-    m = metrics_of(run_dir)
-    assert sum(x["faults/generator_restarts"] for x in m) == 0
-    assert [x["faults/learner_retries"] for x in m] == [0, 1, 0]
-    assert_every_prompt_once(cfg, run_dir)
-    assert_same_outcome(run_dir, straight)
-    assert_no_actor_alive(ray_cluster)
+    assert_recovered_like(straight, cfg, run_dir, ray_cluster, generator_restarts=0, learner_retries=[0, 1, 0])
 
 
 def test_driver_killed_and_resumed_ends_like_an_uninterrupted_run(ray_cluster, straight, tmp_path, monkeypatch):
