@@ -14,6 +14,7 @@ buffer, still in chunk order, with those attached.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -94,6 +95,8 @@ class Dispatcher:
         """ref -> (slot position, tag, the call's other refs, the actor handle it went to: another thread may
         replace a slot's actor meanwhile)."""
         self.last_progress = [time.perf_counter()] * len(self.slots)
+        self.waited: set[int] = set()
+        """Slot positions whose wait for a learner's turn was reported."""
 
     def has_room(self) -> bool:
         return min(self.load) < self.limit
@@ -155,6 +158,24 @@ class Dispatcher:
             self.last_progress[i] = time.perf_counter()
         return bool(ready)
 
+    def learner_holding_the_turn(self, ref: ray.ObjectRef) -> str:
+        """The learner rank holding the turn of the bundle that `ref`'s actor shares with it (ray.colocate), or
+        "": an actor that made no progress may only have waited for that turn."""
+        holder = self.pool.turn_holder(self.slots[self.inflight[ref][0]]).split(" ")[0]
+        return holder if holder.startswith("learner-") else ""
+
+    def waits_for_a_learner(self, ref: ray.ObjectRef, what: str) -> bool:
+        """`ref`'s actor only waits for a learner rank's turn: its deadline starts again (said once per actor)."""
+        holder = self.learner_holding_the_turn(ref)
+        if holder:
+            i = self.inflight[ref][0]
+            self.last_progress[i] = time.perf_counter()
+            if i not in self.waited:
+                self.waited.add(i)
+                print(f"odpo: {self.slots[i].name(self.pool.name)} has waited {self.timeout_s:.0f}s for the cores "
+                      f"{holder} holds while {what} (ray.colocate); waiting on", file=sys.stderr)
+        return bool(holder)
+
     def seconds_to_deadline(self) -> float:
         busy = [self.last_progress[i] for i in range(len(self.load)) if 0 < self.load[i] < float("inf")]
         return min(busy) + self.timeout_s - time.perf_counter() if busy else float("inf")
@@ -166,7 +187,9 @@ def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], 
     in item order: the held-out evaluation's calls, outside a round's stream. An actor that dies, or holds
     work past the pool's call timeout (after the last look), is replaced as in a round (the restart budget
     applies) and its items are sent again. `on_sent`: called once the first calls are all sent; `on_result(i,
-    result)`: as item i's result comes back (once per item)."""
+    result)`: as item i's result comes back (once per item). A colocated actor that only waits for the turn a
+    learner rank holds is not replaced: it waits on (the round running beside these calls blames the learner
+    when its own calls starve, or the learner's step timeout does)."""
     d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"))
     todo, results = deque(range(len(items))), {}
     while todo or d.inflight:
@@ -179,7 +202,7 @@ def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], 
         ready, _ = ray.wait(list(d.inflight), num_returns=1, fetch_local=False,
                             timeout=min(max(0.05, d.seconds_to_deadline()), 3600.0))
         if not ready:
-            if (ref := d.hung()) is not None and not d.answers_after_all(ref):
+            if (ref := d.hung()) is not None and not d.waits_for_a_learner(ref, what) and not d.answers_after_all(ref):
                 todo.extendleft(reversed(d.fail(ref, f"finished nothing for {d.timeout_s:.0f}s while {what} (hung)")))
             continue
         try:
@@ -445,10 +468,9 @@ def blame_a_learner_holding_the_turn(d: Dispatcher, ref: ray.ObjectRef) -> None:
     rank holds the turn of its bundle, the learner is the one hung (a step that holds the cores longer than a
     neighbour's call timeout counts as hung), and the round is retried from its checkpoint as on a learner
     step's timeout: no blameless actor is replaced, and the stopped rank's death frees the turn."""
-    slot = d.slots[d.inflight[ref][0]]
-    holder = d.pool.turn_holder(slot).split(" ")[0]
-    if holder.startswith("learner-"):
-        raise LearnerFailure(f"{holder} has held the cores it shares with {slot.name(d.pool.name)} for "
+    if holder := d.learner_holding_the_turn(ref):
+        name = d.slots[d.inflight[ref][0]].name(d.pool.name)
+        raise LearnerFailure(f"{holder} has held the cores it shares with {name} for "
                              f"{d.timeout_s:.0f}s ({d.pool.name}.call_timeout_s; ray.colocate) (hung)")
 
 

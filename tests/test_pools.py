@@ -18,7 +18,7 @@ from actors.turns import TakesTurns, Turns, holder_of, in_turn
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
 from orchestrator.plots import PLOT_FILE, plot_rounds
-from orchestrator.pools import ActorPool, Placement, PlacementError
+from orchestrator.pools import ActorPool, Placement, PlacementError, turn_key
 from orchestrator.progress import RoundProgress, parse_line
 
 
@@ -409,6 +409,40 @@ def test_colocated_pools_share_bundles_take_turns_and_replace_in_place(ray_clust
             pools[1].resize(3)
         pools[0].shutdown()
         assert placement_group_table(shared)["state"] != "REMOVED"
+    finally:
+        for pool in pools:
+            pool.shutdown()
+        remove_placement_group(shared)
+
+
+def test_an_evaluation_call_waiting_for_a_learners_turn_waits_on_and_replaces_no_one(ray_cluster, capsys):
+    """map_calls (the held-out evaluation, run beside a round): a colocated actor past its call timeout only
+    because learner-0 holds their bundle's turn is not replaced (the round blames the learner, or its step
+    timeout does); its calls finish once the learner lets go. Before, it was replaced, and its replacement waited
+    for the same turn."""
+    from ray.util import placement_group, remove_placement_group
+
+    from orchestrator.streaming import map_calls
+
+    shared = placement_group([{"CPU": 0.5}], name="test-colocated-wait")
+    ray_cluster.get(shared.ready(), timeout=30)
+    pools = [ActorPool(name, Turner, 1, Placement(0.25, timeout_s=30), lambda r, n=name: (f"{n}-{r}",),
+                       max_restarts=2, call_timeout_s=1.0, start_timeout_s=60, shared=shared)
+             for name in ("learner", "turner")]
+    learner, neighbour = pools
+    try:
+        for pool in pools:
+            pool.wait_ready()
+        pid = ray_cluster.get(neighbour.actors[0].work.remote(0))[2]
+        held = learner.actors[0].work.remote(5.0)
+        while holder_of(turn_key(learner.slots[0])).split(" ")[0] != "learner-0":
+            time.sleep(0.01)
+        out = map_calls(neighbour, lambda a, s: a.work.remote(s), [0.1, 0.1], "judging")
+        learner_start, learner_end, _ = ray_cluster.get(held)
+        assert [p for _, _, p in out] == [pid, pid] and neighbour.restarts == 0
+        assert all(start >= learner_end for start, _, _ in out)  # they ran once the learner let go
+        assert "turner-0 has waited 1s for the cores learner-0 holds while judging (ray.colocate)" \
+            in capsys.readouterr().err
     finally:
         for pool in pools:
             pool.shutdown()

@@ -183,10 +183,18 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
              "the colocated placement group removed")
 
 
+def a_neighbour_waits_for(path: str) -> bool:
+    """Another process is blocked on the turn's lock (/proc/locks lists a waiter as `->` on the file's inode)."""
+    inode = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as f:
+        return any("->" in line and inode in line for line in f)
+
+
 def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int, stopped: list) -> None:
-    """SIGSTOP actor `name` at a moment it holds its colocated bundle's turn, once `after_rounds` rounds are
-    committed: its name in a turn's lock file (written once it has the lock, blanked before it lets go) read
-    before and after the signal; when it let go in between, SIGCONT and try again."""
+    """SIGSTOP actor `name` at a moment it holds its colocated bundle's turn while a neighbour waits for it,
+    once `after_rounds` rounds are committed: its name in a turn's lock file (written once it has the lock,
+    blanked before it lets go) read before and after the signal; when it let go in between, SIGCONT and try
+    again. (A learner stopped while no neighbour needs the cores is found by its own step timeout.)"""
     import glob
     import tempfile
 
@@ -209,7 +217,7 @@ def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int,
             time.sleep(0.02)
             continue
         for path in glob.glob(os.path.join(tempfile.gettempdir(), "odpo-turns-*.lock")):
-            if holder(path) == mine:
+            if holder(path) == mine and a_neighbour_waits_for(path):
                 os.kill(pid, signal.SIGSTOP)
                 if holder(path) == mine:
                     stopped.append(path)
