@@ -230,12 +230,12 @@ def test_colocated_a_learner_hung_holding_the_turn_is_blamed_not_its_neighbour(r
                                                                                monkeypatch, capsys):
     """The learner rank stopped (SIGSTOP) while it holds the turn it shares with the generator, early in round 1:
     the generator waits past its call timeout (6 s) for a turn that never comes. The driver reads who holds the
-    bundle's turn and retries the round as for a hung learner (whose own step timeout, 600 s, is far off): the
+    bundle's turn and retries the round as for a hung learner (whose own step timeout, 60 s, is far off): the
     generator is not replaced (before, it was, and its replacement waited for the same turn), and the run ends
     exactly as the fault-free run with pools apart."""
     monkeypatch.chdir(REPO)
     cfg = config(tmp_path, "colocated-hang", "run.rounds=3", "ray.colocate=[generator,learner]",
-                 "learner.cpus_per_rank=0.5", "generator.call_timeout_s=6", "learner.step_timeout_s=600")
+                 "learner.cpus_per_rank=0.5", "generator.call_timeout_s=6", "learner.step_timeout_s=60")
     run_dir = str(tmp_path / "colocated-hang")
     stopped: list[str] = []
     thread = threading.Thread(target=stop_while_holding_its_turn, args=(ray_cluster, "learner-0", run_dir, 1, stopped),
