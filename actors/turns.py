@@ -27,6 +27,21 @@ def lock_path(key: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"odpo-turns-{key}.lock")
 
 
+def remove_turn_files(prefix: str) -> int:
+    """Delete this node's lock files of the turns whose key starts with `prefix` (a colocated placement group's
+    id, once the group and its actors are gone: no actor opens them again); returns how many."""
+    import glob
+
+    removed = 0
+    for path in glob.glob(lock_path(f"{prefix}-*")):
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def holder_of(key: str) -> str:
     """`name pid` of the actor holding bundle `key`'s turn, read on its node, or "" when none does. Only a
     live holder can be named: the kernel frees a dead one's lock, and a lock taken without a name is not

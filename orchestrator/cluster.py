@@ -23,6 +23,7 @@ import ray
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 
@@ -32,7 +33,7 @@ from actors.scorer import Scorer
 from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available
 from actors.user_code import CODE_PATH_ENV
 from orchestrator.config import OdpoConfig, colocated_sections, pool_cpus, pool_size
-from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementError
+from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementError, on_node
 
 SHARED_GROUP = "odpo-colocated"
 """The name of ray.colocate's placement group, as the dashboard lists it."""
@@ -78,6 +79,19 @@ def start_ray(cfg: OdpoConfig) -> bool:
             print(f"odpo: Ray dashboard http://{context.dashboard_url} (it asks for this cluster's token: "
                   f"`ray get-auth-token` prints it)", file=sys.stderr)
     return True
+
+
+def remove_turn_files_of(pg: PlacementGroup) -> None:
+    """The colocated group's turn files (a few bytes per bundle in each node's temp folder), once its pools are
+    shut down; a node that does not answer keeps its files, said in one line."""
+    from actors.turns import remove_turn_files
+
+    for node in set(placement_group_table(pg)["bundles_to_node_id"].values()):
+        try:
+            on_node(node, remove_turn_files, pg.id.hex())
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            print(f"odpo: the colocated pools' turn files stay on node {node[:8]} ({type(e).__name__})",
+                  file=sys.stderr)
 
 
 def resolve_backend(backend: str) -> str:
@@ -170,6 +184,7 @@ class Cluster:
         """The shared group goes once no colocated pool is left in it (`odpo train-rm` drops its sampling pool
         before the reward model trains)."""
         if self.shared is not None and not any(p.shared is not None for p in self.pools):
+            remove_turn_files_of(self.shared)
             remove_placement_group(self.shared)
             self.shared = None
 

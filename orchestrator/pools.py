@@ -71,6 +71,16 @@ def turn_key(slot: Slot) -> str:
     return f"{slot.pg.id.hex()}-{slot.bundle_index}"
 
 
+def on_node(node_id: str, fn: Any, *args: Any, timeout_s: float = 30.0) -> Any:
+    """`fn(*args)` in a 0-CPU task placed on node `node_id` (the turns' lock files are node-local, and the driver
+    need not be on a cluster node). Raises Ray's errors, or TimeoutError when the node does not answer."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fn).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return ray.get(task.remote(*args), timeout=timeout_s)
+
+
 class ActorPool:
     """Actors of one class, each named `<pool>-<id>`, on their own placement bundles.
 
@@ -264,17 +274,13 @@ class ActorPool:
         node; "" when no one does, the pool is not colocated or the node does not answer."""
         if self.shared is None:
             return ""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         from actors.turns import holder_of
 
         node = ray.util.placement_group_table(slot.pg)["bundles_to_node_id"].get(slot.bundle_index)
         if not node:
             return ""
-        read = ray.remote(num_cpus=0, max_retries=0)(holder_of).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
         try:
-            return ray.get(read.remote(turn_key(slot)), timeout=timeout_s)
+            return on_node(node, holder_of, turn_key(slot), timeout_s=timeout_s)
         except (ray.exceptions.RayError, TimeoutError):
             return ""
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import REPO, wait_for
 
-from actors.turns import TakesTurns, Turns, holder_of, in_turn
+from actors.turns import TakesTurns, Turns, holder_of, in_turn, remove_turn_files
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
 from orchestrator.plots import PLOT_FILE, plot_rounds
@@ -375,6 +375,7 @@ def test_turns_are_exclusive_across_processes_reentrant_and_freed_when_the_holde
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after it
     os.close(fd)
+    assert remove_turn_files(key.rsplit("-", 1)[0]) == 1 and not os.path.exists(turns.path)  # what a run leaves
 
 
 def test_colocated_pools_share_bundles_take_turns_and_replace_in_place(ray_cluster):
@@ -413,6 +414,7 @@ def test_colocated_pools_share_bundles_take_turns_and_replace_in_place(ray_clust
         for pool in pools:
             pool.shutdown()
         remove_placement_group(shared)
+        remove_turn_files(shared.id.hex())
 
 
 def test_an_evaluation_call_waiting_for_a_learners_turn_waits_on_and_replaces_no_one(ray_cluster, capsys):
@@ -447,6 +449,7 @@ def test_an_evaluation_call_waiting_for_a_learners_turn_waits_on_and_replaces_no
         for pool in pools:
             pool.shutdown()
         remove_placement_group(shared)
+        remove_turn_files(shared.id.hex())
 
 
 def test_colocation_config_is_validated(monkeypatch):

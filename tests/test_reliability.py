@@ -5,6 +5,7 @@ of the run left alive."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import time
 import pytest
 from conftest import REPO, RULE_LOOP, wait_for
 
-from actors.turns import HOLDER_BYTES
+from actors.turns import HOLDER_BYTES, lock_path
 from actors.user_code import UserFunctionError
 from orchestrator import chaos
 from orchestrator.config import load_config
@@ -169,6 +170,7 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
     cfg = config(tmp_path, "colocated", "run.rounds=3", "ray.colocate=[generator,learner]", "learner.cpus_per_rank=0.5")
     run_dir = str(tmp_path / "colocated")
     before = set(placement_group_table())
+    turn_files = set(glob.glob(lock_path("*")))
     saboteur = Saboteur(ray_cluster, run_dir, [(1, "generator-0", signal.SIGKILL), (2, "learner-0", signal.SIGKILL)])
     saboteur.start()
     run(cfg)
@@ -181,6 +183,7 @@ def test_colocated_pools_survive_faults_and_end_like_pools_apart(ray_cluster, st
     wait_for(lambda: not [pg for pg in placement_group_table().values()
                           if pg["name"] == "odpo-colocated" and pg["state"] != "REMOVED"], 20,
              "the colocated placement group removed")
+    assert set(glob.glob(lock_path("*"))) == turn_files  # its turns' lock files went with the group
 
 
 def a_neighbour_waits_for(path: str) -> bool:
@@ -195,9 +198,6 @@ def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int,
     once `after_rounds` rounds are committed: its name in a turn's lock file (written once it has the lock,
     blanked before it lets go) read before and after the signal; when it let go in between, SIGCONT and try
     again. (A learner stopped while no neighbour needs the cores is found by its own step timeout.)"""
-    import glob
-    import tempfile
-
     deadline = time.time() + 240
     pid = None
     while pid is None and time.time() < deadline:
@@ -216,8 +216,12 @@ def stop_while_holding_its_turn(ray, name: str, run_dir: str, after_rounds: int,
         if not os.path.exists(metrics) or len(open(metrics).readlines()) < after_rounds:
             time.sleep(0.02)
             continue
-        for path in glob.glob(os.path.join(tempfile.gettempdir(), "odpo-turns-*.lock")):
-            if holder(path) == mine and a_neighbour_waits_for(path):
+        for path in glob.glob(lock_path("*")):
+            try:
+                caught = holder(path) == mine and a_neighbour_waits_for(path)
+            except FileNotFoundError:  # an earlier run's, removed with its placement group meanwhile
+                continue
+            if caught:
                 os.kill(pid, signal.SIGSTOP)
                 if holder(path) == mine:
                     stopped.append(path)
