@@ -104,14 +104,15 @@ def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, vers
 
     # a generator that dies or hangs is replaced and its chunks are redone (same seeds: the same samples)
     return map_calls(generators, lambda a, c: a.generate.remote(c), chunks, "generating the evaluation set",
-                     on_sent=all_sent, on_result=check)
+                     on_sent=all_sent, on_result=check, turn_timeout_s=cfg.learner.step_timeout_s)
 
 
 def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Samples:
     rewards: list[float] = []
     busy = {"generate": sum(c.seconds for c in out), "score": 0.0}
     if cfg.scorer.type != "pairwise":
-        scored = map_calls(scorers, lambda a, c: a.score.remote(c), out, "scoring the evaluation set")
+        scored = map_calls(scorers, lambda a, c: a.score.remote(c), out, "scoring the evaluation set",
+                           turn_timeout_s=cfg.learner.step_timeout_s)
         rewards = [x for sc in scored for row in sc.scores for x in row]
         busy["score"] = sum(sc.seconds for sc in scored)
     return Samples(out, rewards, busy)
@@ -129,7 +130,8 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
     shares = [(triples[k * per: (k + 1) * per], columns[k * per: (k + 1) * per]) for k in range(size)]
     start = time.perf_counter()
     probs = [p for part in map_calls(scorers, lambda a, share: a.compare.remote(*share), shares,
-                                     "judging the evaluation set") for p in part]
+                                     "judging the evaluation set", turn_timeout_s=cfg.learner.step_timeout_s)
+             for p in part]
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
     kl, kl_s, ratios = float("nan"), 0.0, []
     if learners is not None:

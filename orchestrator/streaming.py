@@ -95,8 +95,10 @@ class Dispatcher:
         """ref -> (slot position, tag, the call's other refs, the actor handle it went to: another thread may
         replace a slot's actor meanwhile)."""
         self.last_progress = [time.perf_counter()] * len(self.slots)
-        self.waited: set[int] = set()
-        """Slot positions whose wait for a learner's turn was reported."""
+        self.waiting_since: dict[int, float] = {}
+        """Slot position -> since when its actor has waited for a learner's turn (until it finishes a call)."""
+        self.turn_timeout_s = float("inf")
+        """How long an actor may wait for a learner's turn before the learner is called hung."""
 
     def has_room(self) -> bool:
         return min(self.load) < self.limit
@@ -121,6 +123,7 @@ class Dispatcher:
         i, tag, rest, _ = self.inflight.pop(ref)
         self.load[i] -= 1
         self.last_progress[i] = time.perf_counter()
+        self.waiting_since.pop(i, None)
         return tag, rest
 
     def fail(self, ref: ray.ObjectRef, reason: str) -> list:
@@ -165,15 +168,20 @@ class Dispatcher:
         return holder if holder.startswith("learner-") else ""
 
     def waits_for_a_learner(self, ref: ray.ObjectRef, what: str) -> bool:
-        """`ref`'s actor only waits for a learner rank's turn: its deadline starts again (said once per actor)."""
+        """`ref`'s actor only waits for a learner rank's turn: its deadline starts again (said once per wait),
+        up to `turn_timeout_s` in all, after which the learner is hung (LearnerFailure)."""
         holder = self.learner_holding_the_turn(ref)
         if holder:
-            i = self.inflight[ref][0]
-            self.last_progress[i] = time.perf_counter()
-            if i not in self.waited:
-                self.waited.add(i)
-                print(f"odpo: {self.slots[i].name(self.pool.name)} has waited {self.timeout_s:.0f}s for the cores "
-                      f"{holder} holds while {what} (ray.colocate); waiting on", file=sys.stderr)
+            i, now = self.inflight[ref][0], time.perf_counter()
+            name = self.slots[i].name(self.pool.name)
+            if i not in self.waiting_since:
+                self.waiting_since[i] = now - self.timeout_s
+                print(f"odpo: {name} has waited {self.timeout_s:.0f}s for the cores {holder} holds while {what} "
+                      "(ray.colocate); waiting on", file=sys.stderr)
+            elif now - self.waiting_since[i] > self.turn_timeout_s:
+                raise LearnerFailure(f"{holder} has held the cores {name} waits for while {what} longer than "
+                                     f"learner.step_timeout_s={self.turn_timeout_s:.0f}s (ray.colocate) (hung)")
+            self.last_progress[i] = now
         return bool(holder)
 
     def seconds_to_deadline(self) -> float:
@@ -182,15 +190,18 @@ class Dispatcher:
 
 
 def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], items: list, what: str,
-              on_sent: Callable[[], None] | None = None, on_result: Callable[[int, object], None] | None = None) -> list:
+              on_sent: Callable[[], None] | None = None, on_result: Callable[[int, object], None] | None = None,
+              turn_timeout_s: float = float("inf")) -> list:
     """`call(actor, item)` for every item, spread over the pool by a Dispatcher (no per-actor bound), results
     in item order: the held-out evaluation's calls, outside a round's stream. An actor that dies, or holds
     work past the pool's call timeout (after the last look), is replaced as in a round (the restart budget
     applies) and its items are sent again. `on_sent`: called once the first calls are all sent; `on_result(i,
     result)`: as item i's result comes back (once per item). A colocated actor that only waits for the turn a
     learner rank holds is not replaced: it waits on (the round running beside these calls blames the learner
-    when its own calls starve, or the learner's step timeout does)."""
+    when its own calls starve), for `turn_timeout_s` at most (learner.step_timeout_s), after which the learner
+    is hung (LearnerFailure)."""
     d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"))
+    d.turn_timeout_s = turn_timeout_s
     todo, results = deque(range(len(items))), {}
     while todo or d.inflight:
         while todo:

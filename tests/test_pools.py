@@ -18,7 +18,7 @@ from actors.turns import TakesTurns, Turns, holder_of, in_turn, remove_turn_file
 from orchestrator.config import ConfigError, load_config
 from orchestrator.control import SCALE_FILE, read_scale_request, request_scale, take_scale_request
 from orchestrator.plots import PLOT_FILE, plot_rounds
-from orchestrator.pools import ActorPool, Placement, PlacementError, turn_key
+from orchestrator.pools import ActorPool, LearnerFailure, Placement, PlacementError, turn_key
 from orchestrator.progress import RoundProgress, parse_line
 
 
@@ -445,6 +445,15 @@ def test_an_evaluation_call_waiting_for_a_learners_turn_waits_on_and_replaces_no
         assert all(start >= learner_end for start, _, _ in out)  # they ran once the learner let go
         assert "turner-0 has waited 1s for the cores learner-0 holds while judging (ray.colocate)" \
             in capsys.readouterr().err
+        # with nothing else to blame it (a resumed run's initial evaluation), a learner holding the turn past
+        # learner.step_timeout_s is hung: the calls stop, naming it, and still no neighbour is replaced
+        held = learner.actors[0].work.remote(8.0)
+        wait_for(lambda: holder_of(turn_key(learner.slots[0])).startswith("learner-0 "), 30, "learner-0's turn")
+        with pytest.raises(LearnerFailure, match=r"learner-0 has held the cores turner-0 waits for while judging "
+                                                 r"longer than learner.step_timeout_s=3s"):
+            map_calls(neighbour, lambda a, s: a.work.remote(s), [0.1], "judging", turn_timeout_s=3.0)
+        assert neighbour.restarts == 0
+        ray_cluster.get(held)
     finally:
         for pool in pools:
             pool.shutdown()
