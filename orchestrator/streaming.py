@@ -134,6 +134,7 @@ class Dispatcher:
         tags = [self.inflight.pop(r)[1] for r in lost]
         self.load[i] = 0 if self.pool.replace(self.slots[i], reason, failed) else float("inf")
         self.last_progress[i] = time.perf_counter()
+        self.waiting_since.pop(i, None)  # the replacement's waits are its own
         return tags
 
     def requeue(self, ref: ray.ObjectRef, reason: str, queue: deque, faults: dict[str, int]) -> None:
