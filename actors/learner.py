@@ -30,8 +30,9 @@ from actors.losses import (
     cut_to_fit,
     dpo_loss,
     last_token_logits,
-    response_token_counts,
-    sequence_logprobs,
+    pack_responses,
+    packed_token_logprobs,
+    packing_is_exact,
     shared_prompt_logprobs,
     shared_prompt_token_logprobs,
 )
@@ -65,6 +66,9 @@ class Learner(TakesTurns):
         self.total_steps = 1
         self.use_cuda = torch.cuda.is_available() and cfg.gpus_per_rank > 0
         self.attention = cfg.attention if cfg.attention != "auto" else "sdpa" if self.use_cuda else "eager"
+        self.packing = True
+        """Responses packed after their prompt under a 4D mask (`pack_responses`); False where the model's
+        attention does not honour one (`packing_is_exact`, asked of the reference at set-up)."""
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -114,6 +118,11 @@ class Learner(TakesTurns):
         self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code,
                                         self.attention).to(device).eval()
         self.reference.requires_grad_(False)
+        self.packing = packing_is_exact(self.reference)
+        if not self.packing and self.rank == 0:
+            print(f"odpo: {self.reference_path}'s attention ignores a custom 4D attention mask or explicit position "
+                  f"ids (a probe's packed log-probs differ from its full rows); the learner computes each response "
+                  f"in a full row with its own copy of the prompt (slower, the same log-probs)", flush=True)
 
     def _load_trained_model(self):
         return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
@@ -286,22 +295,16 @@ class Learner(TakesTurns):
             if k + 1 == len(groups) or sum(len(g[1]) for g in batch) + len(groups[k + 1][1]) > budget:
                 ps, rs = [g[0] for g in batch], [g[1] for g in batch]
                 args = (ps, rs, self.pad_id, self.cfg.max_length)
-                tokens, mask = shared_prompt_token_logprobs(self.reference, *args)
+                tokens, mask = shared_prompt_token_logprobs(self.reference, *args, packed=self.packing)
                 ref = (tokens * mask).sum(-1)
                 if policy:
-                    out.extend((shared_prompt_logprobs(model, *args) - ref).tolist())
+                    out.extend((shared_prompt_logprobs(model, *args, packed=self.packing) - ref).tolist())
                 counts = mask.sum(-1).clamp(min=1).cpu()
                 nll.extend((-ref.cpu() / counts).tolist())
                 rare.extend((((tokens < RARE_LOGPROB) * mask).sum(-1).cpu() / counts).tolist())
                 batch = []
         self.engine.train()
         return {"ratios": out, "ref_nll": nll, "ref_rare": rare, "seconds": time.perf_counter() - start}
-
-    def _pair_sequences(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen rows then rejected rows, right-padded to the micro-batch's longest."""
-        prompts = [p.prompt_ids for p in pairs] * 2
-        responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-        return tuple(t.to(self.device) for t in build_sequences(prompts, responses, self.pad_id, self.cfg.max_length))
 
     def forward_flops(self, real_tokens: int, predicted_tokens: int) -> float:
         """Useful FLOPs of one forward: the body's linear layers on every real token, the output head only where
@@ -310,23 +313,22 @@ class Learner(TakesTurns):
 
     def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """Summed log-probs of the chosen responses then the rejected ones, their token counts, the token
-        positions computed and real, and the response tokens predicted. The prompt runs once per pair, its KV cache shared by both responses
-        (`shared_prompt_logprobs`), except under gradient checkpointing, which turns the cache off: then
-        each response runs with its own copy of the prompt."""
+        positions computed and real, and the positions the output head runs on. Each pair's prompt runs once,
+        both responses packed after it in the same forward (`pack_responses`); full rows, each response with
+        its own copy of the prompt, where the model's attention does not take the packing's mask
+        (`self.packing`)."""
         cap = self.cfg.max_length
-        cut = [(cut_to_fit(p.prompt_ids, p.chosen_ids, cap), cut_to_fit(p.prompt_ids, p.rejected_ids, cap)) for p in pairs]
-        if self.cfg.gradient_checkpointing:
-            ids, attn, resp = self._pair_sequences(pairs)
-            logps = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
-            counts = response_token_counts(resp)
-            return logps, counts, ids.numel(), int(attn.sum()), int(counts.sum())
-        flat = shared_prompt_logprobs(model, [p.prompt_ids for p in pairs],
-                                      [[p.chosen_ids, p.rejected_ids] for p in pairs], self.pad_id, cap)
-        counts = torch.tensor([len(c[1]) for c, _ in cut] + [len(r[1]) for _, r in cut], device=flat.device)
-        widest = max(1, max(len(x[1]) for pair in cut for x in pair))
-        computed = len(pairs) * max(len(c[0]) for c, _ in cut) + 2 * len(pairs) * widest
-        real = sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in cut)
-        return torch.cat([flat[0::2], flat[1::2]]), counts, computed, real, int(counts.sum())
+        prompts, responses = [p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs]
+        if self.packing:
+            packed = pack_responses(prompts, responses, self.pad_id, cap)
+            tokens, mask = packed_token_logprobs(model, packed)
+            computed, real, head = packed.ids.numel(), packed.real, int(packed.source.unique().numel())
+        else:
+            tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, self.pad_id, cap, packed=False)
+            lengths = [sum(map(len, cut_to_fit(p, r, cap))) for p, rs in zip(prompts, responses) for r in rs]
+            computed, real, head = len(lengths) * max(lengths), sum(lengths), int(mask.sum())
+        flat, counts = (tokens * mask).sum(-1), mask.sum(-1).long()
+        return torch.cat([flat[0::2], flat[1::2]]), torch.cat([counts[0::2], counts[1::2]]), computed, real, head
 
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         logps, tokens, computed, real, predicted = self._pair_logprobs(self.engine, pairs)

@@ -6,7 +6,8 @@ on builtin:smollm2-135m-instruct (or the tiny policy), with pairs shaped like th
 
 A. the learner's settings, one change at a time, from issue 13's (ZeRO-2, micro-batches of 4 pairs, sdpa
    attention, torch's foreach AdamW) to today's configs/smollm2.yaml (ZeRO-0 for its one rank, the batch of 8 in
-   one micro-batch, eager attention, fused AdamW): each step's seconds, useful FLOP/s (linear layers on real
+   one micro-batch, eager attention, fused AdamW, each pair's responses packed after its prompt in one forward
+   instead of the prompt's KV cache repeated into a second): each step's seconds, useful FLOP/s (linear layers on real
    tokens, the output head only where a prediction is read, 3 forwards' worth) and that over a 1024^3 matmul
    at the same threads and dtype, measured beside each variant (`actors.learner.matmul_flops`, what a run
    measures at start-up for `profile/learner_vs_peak`). Then today's settings on a batch of
@@ -14,13 +15,13 @@ A. the learner's settings, one change at a time, from issue 13's (ZeRO-2, micro-
 
 Then, on today's settings:
 0. the full batch as full rows, each response with its own copy of the prompt (the learner before issue 13;
-   today's path under gradient checkpointing);
-1. each prompt computed once, its cache shared by both responses, the reference forward in the step;
+   today's path for a model whose attention takes no 4D mask);
+1. each prompt computed once, both responses packed after it, the reference forward in the step;
 2. the reference log-probs computed ahead (the stream's reference stage): the step skips that forward; the
    reference call's own seconds are printed beside it;
 3. a partial batch of 3 of those pairs: it costs its real pairs, not a full batch's;
 4. the evaluation's KL terms for 16 prompts x 4 samples: full rows against each prompt computed once, its
-   cache shared by its samples (`Learner.log_ratios`);
+   samples packed after it (`Learner.log_ratios`);
 and the padding that length grouping saves on the round's pairs (token positions computed, sorted against
 arrival order).
 
@@ -40,10 +41,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+import actors.learner as learner_module  # noqa: E402
 from actors.learner import Learner, length_grouped, micro_steps  # noqa: E402
 from actors.learner import matmul_flops as learner_matmul_flops  # noqa: E402
-from actors.losses import build_sequences, sequence_logprobs  # noqa: E402
+from actors.losses import (  # noqa: E402
+    build_sequences,
+    cut_to_fit,
+    left_padded,
+    sequence_logprobs,
+    shared_prompt_token_logprobs,
+)
 from actors.models import materialize_builtin  # noqa: E402
 from actors.types import Pair  # noqa: E402
 from orchestrator.config import CPU_BF16_FLAGS, LearnerConfig, cpu_flags  # noqa: E402
@@ -80,13 +89,49 @@ def computed_positions(groups: list[list[Pair]], cap: int) -> int:
     return total
 
 
-VARIANTS = (  # name, settings, torch's AdamW implementation
-    ("issue 13: ZeRO-2, micro 4, sdpa, foreach AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "foreach"),
-    ("  fused AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "fused"),
-    ("  ZeRO-0 (one rank)", dict(zero_stage=0, micro_batch_size=4, attention="sdpa"), "fused"),
-    ("  eager attention", dict(zero_stage=0, micro_batch_size=4, attention="eager"), "fused"),
-    ("  one micro-batch of 8 (today)", dict(zero_stage=0, micro_batch_size=8, attention="eager"), "fused"),
+VARIANTS = (  # name, settings, torch's AdamW implementation, packed (False: the prompt's KV cache, as before)
+    ("issue 13: ZeRO-2, micro 4, sdpa, foreach AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "foreach",
+     False),
+    ("  fused AdamW", dict(zero_stage=2, micro_batch_size=4, attention="sdpa"), "fused", False),
+    ("  ZeRO-0 (one rank)", dict(zero_stage=0, micro_batch_size=4, attention="sdpa"), "fused", False),
+    ("  eager attention", dict(zero_stage=0, micro_batch_size=4, attention="eager"), "fused", False),
+    ("  one micro-batch of 8", dict(zero_stage=0, micro_batch_size=8, attention="eager"), "fused", False),
+    ("  responses packed after their prompt (today)", dict(zero_stage=0, micro_batch_size=8, attention="eager"), "fused",
+     True),
 )
+
+
+def cached_prompt_token_logprobs(model, prompts, responses, pad_id, max_length, packed=False):
+    """The learner's form before packing (issue 24's first pass): the prompts left-padded in one forward, their KV
+    cache repeated for their responses, which run right-padded after it in a second forward."""
+    cut = [[cut_to_fit(p, r, max_length) for r in rs] for p, rs in zip(prompts, responses)]
+    kept = [c[0][0] if c else p for c, p in zip(cut, prompts)]
+    ids, mask, positions = left_padded(kept, pad_id)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=torch.tensor([ids.shape[1] - 1]))
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    owner = torch.tensor([i for i, c in enumerate(cut) for _ in c], dtype=torch.long)
+    flat = [r for c in cut for _, r in c]
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    rwidth = max(1, max(len(r) for r in flat))
+    rids = torch.full((len(flat), rwidth), pad_id, dtype=torch.long)
+    rmask = torch.zeros((len(flat), rwidth), dtype=torch.long)
+    for j, r in enumerate(flat):
+        rids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        rmask[j, : len(r)] = 1
+    positions = mask.sum(-1)[owner][:, None] + torch.arange(rwidth)[None, :]
+    logits = model(input_ids=rids, attention_mask=torch.cat([mask[owner], rmask], dim=1), position_ids=positions,
+                   past_key_values=cache, use_cache=True).logits[:, :-1].float()
+    rest = torch.gather(F.log_softmax(logits, dim=-1), 2, rids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    head = first[owner].gather(1, rids[:, :1])
+    return torch.cat([head, rest], dim=1), rmask.to(head.dtype)
+
+
+def use_kv_cache(lrn: Learner) -> None:
+    """This learner computes its pairs as before packing: through `cached_prompt_token_logprobs`."""
+    lrn.packing = False
+    learner_module.shared_prompt_token_logprobs = cached_prompt_token_logprobs
 
 
 def build(path: str, dtype: str, threads: int, adam: str, global_batch_size: int = 8, **settings) -> Learner:
@@ -130,8 +175,11 @@ def main() -> None:
           f"ahead; median of {args.repeats} steps each")
     print(f"{'learner settings':<52}{'seconds':>9}{'GFLOP/s':>10}{'matmul':>9}{'vs matmul':>11}{'vs first':>10}")
     first_s, pairs, ahead = None, None, None
-    for name, settings, adam in VARIANTS:
+    for name, settings, adam, packed in VARIANTS:
+        learner_module.shared_prompt_token_logprobs = shared_prompt_token_logprobs
         lrn = build(path, dtype, args.threads, adam, **settings)
+        if not packed:
+            use_kv_cache(lrn)
         if pairs is None:
             vocab_size = lrn.engine.module.config.vocab_size
             pairs = task_pairs(8, vocab_size)
@@ -161,9 +209,10 @@ def main() -> None:
     print()
 
     full_s, full = timed_step(lrn, pairs, 8, args.repeats)
-    lrn.cfg.gradient_checkpointing = True  # selects the full-row path (each response with its own copy of the
-    rows_s, rows = timed_step(lrn, pairs, 8, args.repeats)  # prompt), as before issue 13; checkpointing stays off
-    lrn.cfg.gradient_checkpointing = False
+    learner_module.shared_prompt_token_logprobs = shared_prompt_token_logprobs
+    lrn.packing = False  # full rows, each response with its own copy of the prompt, as before issue 13
+    rows_s, rows = timed_step(lrn, pairs, 8, args.repeats)
+    lrn.packing = True
     start = time.perf_counter()
     ref = lrn.reference_logprobs(pairs)
     ref_s = time.perf_counter() - start

@@ -403,10 +403,12 @@ def test_micro_batches_follow_the_batch_not_the_config():
     assert [([p.uid for p in g], w) for g, w in lone] == [([1], [1.0]), ([0], [0.0])]
 
 
-def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computation(tiny_policy_dir):
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computation(tiny_policy_dir, packing):
     """3 pairs of a batch of 8 (4 micro-batches of 2): two micro-steps of real pairs, grouped by length, each
-    prompt computed once. The loss and the updated weights equal one padded forward of the 6 full rows with
-    the same AdamW step."""
+    prompt computed once with both responses packed after it (or, where the model's attention takes no 4D mask,
+    full rows). The loss and the updated weights equal one padded forward of the 6 full rows with the same
+    AdamW step."""
     from transformers import AutoModelForCausalLM
 
     from actors.losses import build_sequences, dpo_loss, sequence_logprobs
@@ -415,13 +417,18 @@ def test_a_partial_batch_computes_only_its_pairs_and_steps_as_the_padded_computa
                         gradient_clipping=1e9)
     lrn = Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
     lrn.setup(*lrn.rendezvous_address())
+    assert lrn.packing  # the probe passed
+    lrn.packing = packing
     lrn.start_round(0, total_steps=1)
     pairs = fixed_pairs(3)
     stats = lrn.train_step(pairs, pairs[0], 3)
-    # each pair's prompt ran once (its cache shared by both responses): fewer positions than the two full rows
-    assert stats["computed_tokens"] - stats["padded_tokens"] == sum(
-        len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    assert stats["computed_tokens"] < sum(len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+    rows = sum(len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+    if packing:  # each pair's prompt ran once, a response's last token only as a target: fewer than full rows
+        assert stats["computed_tokens"] - stats["padded_tokens"] == sum(
+            len(p.prompt_ids) + len(p.chosen_ids) - 1 + len(p.rejected_ids) - 1 for p in pairs)
+        assert stats["computed_tokens"] < rows
+    else:
+        assert stats["computed_tokens"] - stats["padded_tokens"] == rows
     trained = lrn.export_weights(version=1).tensors()
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)

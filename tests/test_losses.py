@@ -15,6 +15,7 @@ from actors.losses import (
     bradley_terry_loss,
     build_sequences,
     cosine_lr,
+    cut_to_fit,
     dpo_loss,
     response_token_counts,
     sequence_logprobs,
@@ -335,26 +336,80 @@ def test_cosine_lr_without_warmup_starts_at_peak():
     assert cosine_lr(0, 10, 0, 3e-4, 0.5) == pytest.approx(3e-4)
 
 
-def test_shared_prompt_logprobs_equal_the_full_rows(tiny_policy_dir):
-    """Each prompt computed once, its cache repeated for its responses (prompts of unequal length, 1-3
-    responses each, a one-token response, and rows cut to max_length): the same log-probs as full rows."""
-    from actors.losses import shared_prompt_logprobs
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_logprobs_equal_the_full_rows(tiny_policy_dir, attention):
+    """Each prompt computed once with its responses packed after it under a 4D mask (prompts of unequal length,
+    1-3 responses each, a one-token and an empty response, rows cut to max_length, one row or several): the
+    same log-probs, token by token, as full rows; and the full-row form (`packed=False`) the same again."""
+    from actors.losses import (
+        pack_responses,
+        packed_token_logprobs,
+        shared_prompt_logprobs,
+        shared_prompt_token_logprobs,
+    )
     from actors.models import load_causal_lm
 
-    model = load_causal_lm(tiny_policy_dir, "float32").eval()
+    model = load_causal_lm(tiny_policy_dir, "float32", attention=attention).eval()
     g = torch.Generator().manual_seed(0)
 
     def ids(k):
         return torch.randint(3, 250, (k,), generator=g).tolist()
 
-    prompts = [ids(5), ids(9), ids(3)]
-    responses = [[ids(4), ids(7), ids(1)], [ids(6)], [ids(2), ids(5)]]
+    prompts = [ids(5), ids(9), ids(3), ids(4)]
+    responses = [[ids(4), ids(7), ids(1)], [ids(6)], [ids(2), ids(5)], [[]]]
     rows_p = [p for p, rs in zip(prompts, responses) for _ in rs]
     rows_r = [r for rs in responses for r in rs]
     for max_length in (128, 8):
         with torch.no_grad():
-            got = shared_prompt_logprobs(model, prompts, responses, 0, max_length)
             ids_, attn, resp = build_sequences(rows_p, rows_r, 0, max_length)
             want = sequence_logprobs(model(input_ids=ids_, attention_mask=attn).logits, ids_, resp)
-        assert got.shape == want.shape == (6,)
+            got = shared_prompt_logprobs(model, prompts, responses, 0, max_length)
+            tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, 0, max_length)
+            rows, row_mask = shared_prompt_token_logprobs(model, prompts, responses, 0, max_length, packed=False)
+            packed = pack_responses(prompts, responses, 0, max_length, row_tokens=8)  # a row per prompt
+            several, _ = packed_token_logprobs(model, packed)
+        assert got.shape == want.shape == (7,)
         assert torch.allclose(got, want, atol=1e-4), (got, want)
+        assert packed.ids.shape[0] == 4 and packed.real == sum(
+            len(p) + sum(max(0, len(r) - 1) for r in rs) for p, rs in zip(
+                [cut_to_fit(p, rs[0], max_length)[0] for p, rs in zip(prompts, responses)],
+                [[cut_to_fit(p, r, max_length)[1] for r in rs] for p, rs in zip(prompts, responses)]))
+        assert torch.equal(mask, row_mask) and mask.sum(-1).tolist() == [
+            len(cut_to_fit(p, r, max_length)[1]) for p, r in zip(rows_p, rows_r)]
+        assert torch.allclose(tokens, rows, atol=1e-4) and torch.allclose(tokens, several, atol=1e-4)
+        assert (tokens * mask).abs().min() == 0 and (tokens[mask.bool()] < 0).all()  # real tokens carry a log-prob
+
+
+def test_packing_is_checked_against_full_rows(tiny_policy_dir):
+    """The learner's set-up probe: a model that honours the 4D mask and positions passes; a model that drops them
+    (a fault injected by a wrapper) fails, and the learner then computes full rows."""
+    from actors.losses import packing_is_exact
+    from actors.models import load_causal_lm
+
+    model = load_causal_lm(tiny_policy_dir, "float32").eval()
+
+    class DropsTheMask(torch.nn.Module):  # stands in for a model whose attention ignores custom masks
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            return self.inner(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+    assert packing_is_exact(model)
+    assert not packing_is_exact(DropsTheMask(model))
+
+    class SeesTheOtherResponse(torch.nn.Module):  # a subtler fault: the mask keeps causality, not the branches
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+            if attention_mask.dim() == 2:  # full rows: nothing to see
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            order = position_ids[:, None, :] <= position_ids[:, :, None]
+            mask = torch.zeros(order.shape, dtype=attention_mask.dtype).masked_fill_(~order, attention_mask.min())
+            return self.inner(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, **kwargs)
+
+    assert not packing_is_exact(SeesTheOtherResponse(model))
