@@ -50,6 +50,7 @@ from actors.losses import (  # noqa: E402
     build_sequences,
     cut_to_fit,
     left_padded,
+    pack_responses,
     sequence_logprobs,
     shared_prompt_token_logprobs,
 )
@@ -128,6 +129,15 @@ def cached_prompt_token_logprobs(model, prompts, responses, pad_id, max_length, 
     return torch.cat([head, rest], dim=1), rmask.to(head.dtype)
 
 
+def useful_flops(lrn: Learner, pairs: list[Pair], forwards: int) -> float:
+    """The work a step over `pairs` needs, whichever form computes it (the same figure for every row, so the rows
+    compare seconds): the linear layers on each prompt once and each response but its last token, the output head
+    where a prediction is read, `forwards` forwards' worth (3: forward and backward; 4 with the reference's)."""
+    packed = pack_responses([p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs], 0,
+                            lrn.cfg.max_length)
+    return forwards * lrn.forward_flops(packed.real, int(packed.source.unique().numel()))
+
+
 def use_kv_cache(lrn: Learner) -> None:
     """This learner computes its pairs as before packing: through `cached_prompt_token_logprobs`."""
     lrn.packing = False
@@ -189,11 +199,12 @@ def main() -> None:
         s, stats = timed_step(lrn, ahead, 8, args.repeats)
         peak = matmul_flops(args.threads, peak_of)
         first_s = first_s or s
-        rate = stats["flops"] / s
+        rate = useful_flops(lrn, ahead, 3) / s
         print(f"{name:<52}{s:>9.2f}{rate / 1e9:>10.1f}{peak / 1e9:>9.1f}{rate / peak:>11.2f}{s / first_s:>10.2f}")
         if name != VARIANTS[-1][0]:
             del lrn
-    print(f"({stats['tokens']} real tokens in the batch, {stats['flops'] / 1e9:.0f} GFLOP of useful work a step)")
+    print(f"({stats['tokens']} tokens in the batch's full rows, {useful_flops(lrn, ahead, 3) / 1e9:.0f} GFLOP of useful "
+          f"work a step)")
     # what a step costs whatever its size (the optimizer and DeepSpeed's bf16 bookkeeping) weighs less per pair
     # in a larger batch: the same settings, 16 pairs in one micro-batch
     big = build(path, dtype, args.threads, "fused", **VARIANTS[-1][1] | dict(micro_batch_size=16), global_batch_size=16)
@@ -203,8 +214,9 @@ def main() -> None:
     big.train_step(more[:2], more[0], 16)
     s16, stats16 = timed_step(big, more, 16, args.repeats)
     peak = matmul_flops(args.threads, peak_of)
-    print(f"{'  today, a batch of 16 pairs (one micro-batch)':<52}{s16:>9.2f}{stats16['flops'] / s16 / 1e9:>10.1f}"
-          f"{peak / 1e9:>9.1f}{stats16['flops'] / s16 / peak:>11.2f}{'':>10}")
+    work16 = useful_flops(big, more, 3)
+    print(f"{'  today, a batch of 16 pairs (one micro-batch)':<52}{s16:>9.2f}{work16 / s16 / 1e9:>10.1f}"
+          f"{peak / 1e9:>9.1f}{work16 / s16 / peak:>11.2f}{'':>10}")
     del big
     print()
 
@@ -221,15 +233,14 @@ def main() -> None:
     peak = matmul_flops(args.threads, peak_of)
     print(f"today's settings; matmul at {args.threads} thread(s), {dtype}: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'step':<44}{'seconds':>9}{'GFLOP/s':>10}{'vs matmul':>11}{'vs full':>9}")
-    rows = [("full batch, prompt twice (full rows, before)", rows_s, rows),
-            ("full batch, reference in the step", full_s, full),
-            ("full batch, reference computed ahead", ahead_s, ahead_stats),
-            ("partial batch: 3 of 8 pairs (reference ahead)", partial_s, partial)]
-    for name, s, stats in rows:
-        rate = stats["flops"] / s
+    rows = [("full batch, prompt twice (full rows, before)", rows_s, useful_flops(lrn, pairs, 4)),
+            ("full batch, reference in the step", full_s, useful_flops(lrn, pairs, 4)),
+            ("full batch, reference computed ahead", ahead_s, useful_flops(lrn, pairs, 3)),
+            ("partial batch: 3 of 8 pairs (reference ahead)", partial_s, useful_flops(lrn, pairs[:3], 3)),
+            ("  the reference call for those 8 pairs", ref_s, useful_flops(lrn, pairs, 1))]
+    for name, s, work in rows:
+        rate = work / s
         print(f"{name:<44}{s:>9.2f}{rate / 1e9:>10.1f}{rate / peak:>11.2f}{s / full_s:>9.2f}")
-    print(f"{'  the reference call for those 8 pairs':<44}{ref_s:>9.2f}{ref['flops'] / ref_s / 1e9:>10.1f}"
-          f"{ref['flops'] / ref_s / peak:>11.2f}{ref_s / full_s:>9.2f}")
     print()
     print(f"partial batch: {partial_s / ahead_s:.2f} of a full batch's time for {3 / 8:.2f} of its pairs "
           f"(padded to the full batch, as before issue 13, it was 1.00)")

@@ -391,19 +391,21 @@ def test_packing_is_checked_against_full_rows(tiny_policy_dir):
     class DropsTheMask(torch.nn.Module):  # stands in for a model whose attention ignores custom masks
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self.inner, self.config = inner, inner.config
 
         def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             return self.inner(input_ids=input_ids, attention_mask=mask, **kwargs)
 
-    assert packing_is_exact(model)
+    for attention in ("eager", "sdpa"):
+        for dtype in ("float32", "bfloat16"):
+            assert packing_is_exact(load_causal_lm(tiny_policy_dir, dtype, attention=attention).eval())
     assert not packing_is_exact(DropsTheMask(model))
 
     class SeesTheOtherResponse(torch.nn.Module):  # a subtler fault: the mask keeps causality, not the branches
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self.inner, self.config = inner, inner.config
 
         def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
             if attention_mask.dim() == 2:  # full rows: nothing to see
