@@ -30,11 +30,13 @@ from actors.losses import (
     cut_to_fit,
     dpo_loss,
     last_token_logits,
+    needed_positions,
     pack_responses,
     packed_token_logprobs,
     packing_is_exact,
     shared_prompt_logprobs,
     shared_prompt_token_logprobs,
+    sliding_window_binds,
 )
 from actors.models import DTYPES, load_causal_lm, tied_copies
 from actors.settings import LearnerConfig
@@ -118,11 +120,14 @@ class Learner(TakesTurns):
         self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code,
                                         self.attention).to(device).eval()
         self.reference.requires_grad_(False)
-        self.packing = packing_is_exact(self.reference)
+        windowed = sliding_window_binds(self.reference.config, self.cfg.max_length)
+        self.packing = not windowed and packing_is_exact(self.reference)
         if not self.packing and self.rank == 0:
-            print(f"odpo: {self.reference_path}'s attention ignores a custom 4D attention mask or explicit position "
-                  f"ids (a probe's packed log-probs differ from its full rows); the learner computes each response "
-                  f"in a full row with its own copy of the prompt (slower, the same log-probs)", flush=True)
+            why = (f"its attention window is shorter than learner.max_length={self.cfg.max_length}" if windowed else
+                   "its attention does not compute packed rows as meant (a probe's packed log-probs differ from full "
+                   "rows, or one response's depend on the other's)")
+            print(f"odpo: {self.reference_path}: {why}; the learner computes each response in a full row with its own "
+                  f"copy of the prompt (slower, the same log-probs)", flush=True)
 
     def _load_trained_model(self):
         return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
@@ -313,7 +318,8 @@ class Learner(TakesTurns):
 
     def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """Summed log-probs of the chosen responses then the rejected ones, their token counts, the token
-        positions computed and real, and the positions the output head runs on. Each pair's prompt runs once,
+        positions computed and needed, and the positions whose logits are read (`needed_positions`: the same
+        for both forms, so the useful FLOPs are). Each pair's prompt runs once,
         both responses packed after it in the same forward (`pack_responses`); full rows, each response with
         its own copy of the prompt, where the model's attention does not take the packing's mask
         (`self.packing`)."""
@@ -322,11 +328,12 @@ class Learner(TakesTurns):
         if self.packing:
             packed = pack_responses(prompts, responses, self.pad_id, cap)
             tokens, mask = packed_token_logprobs(model, packed)
-            computed, real, head = packed.ids.numel(), packed.real, int(packed.source.unique().numel())
+            computed = packed.ids.numel()
         else:
             tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, self.pad_id, cap, packed=False)
-            lengths = [sum(map(len, cut_to_fit(p, r, cap))) for p, rs in zip(prompts, responses) for r in rs]
-            computed, real, head = len(lengths) * max(lengths), sum(lengths), int(mask.sum())
+            computed = 2 * len(pairs) * max(sum(map(len, cut_to_fit(p, r, cap))) for p, rs in zip(prompts, responses)
+                                            for r in rs)
+        real, head = needed_positions(prompts, responses, cap)
         flat, counts = (tokens * mask).sum(-1), mask.sum(-1).long()
         return torch.cat([flat[0::2], flat[1::2]]), torch.cat([counts[0::2], counts[1::2]]), computed, real, head
 

@@ -109,25 +109,29 @@ class Packed:
     width: int               # columns of the result: the longest response
     real: int                # token positions that carry a real token (the rest is padding)
 
-    def allowed(self) -> torch.Tensor:
-        """(rows, 1, width, width): True where a query position may attend a key position (same prompt, not
-        later, and the prompt's own tokens or the same response)."""
-        g, b, q = self.group, self.branch, self.positions
-        same = (g[:, :, None] == g[:, None, :]) & (q[:, None, :] <= q[:, :, None])
-        return (same & ((b[:, None, :] == -1) | (b[:, None, :] == b[:, :, None])))[:, None]
+    def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(rows, 1, width, width) on `device`: True where a query position may attend a key position (same
+        prompt, not later, and the prompt's own tokens or the same response)."""
+        g, b, q = (t.to(device) for t in (self.group, self.branch, self.positions))
+        ok = g[:, :, None] == g[:, None, :]
+        ok &= q[:, None, :] <= q[:, :, None]
+        ok &= (b[:, None, :] == -1) | (b[:, None, :] == b[:, :, None])
+        return ok[:, None]
 
 
 def pack_responses(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int, max_length: int,
                    row_tokens: int = PACKED_ROW_TOKENS) -> Packed:
     """Each prompt once, followed by its responses, each response attending to the prompt and to itself only
     (the prompt's KV shared without a cache to copy); a response's last token is only a target, never an input.
-    Prompts with their responses are spread over ceil(tokens / `row_tokens`) rows, longest first onto the
-    shortest row, so rows end near-equal and padding is small; a prompt is never split."""
+    Prompts with their responses are spread over ceil(tokens / max(`row_tokens`, the largest prompt with its
+    responses)) rows, longest first onto the shortest row, so rows end near-equal and padding is small; a
+    prompt is never split (so one long prompt does not widen many rows of short ones)."""
     units, flat = [], []  # units: (predicting tokens, other tokens) as (id, position, branch)
     for p, rs in zip(prompts, responses):
-        if not rs:
-            continue
         cut = [cut_to_fit(p, r, max_length) for r in rs]
+        if not any(r for _, r in cut):  # no response token to predict: the prompt is not computed
+            flat.extend((None, [], []) for _ in cut)
+            continue
         kept = cut[0][0]
         if not kept:
             raise ValueError("a prompt with no tokens: nothing predicts its responses' first tokens")
@@ -138,7 +142,7 @@ def pack_responses(prompts: list[list[int]], responses: list[list[list[int]]], p
             reading.extend((t, n + k, j) for k, t in enumerate(r[:-1]))
         units.append((reading, [(t, i, -1) for i, t in enumerate(kept[:-1])]))
     sizes = [len(a) + len(b) for a, b in units]
-    count = max(1, min(len(units), math.ceil(sum(sizes) / row_tokens)))
+    count = max(1, min(len(units), math.ceil(sum(sizes) / max([row_tokens, *sizes]))))
     rows: list[list[int]] = [[] for _ in range(count)]
     load = [0] * count
     for u in sorted(range(len(units)), key=lambda u: -sizes[u]):
@@ -164,7 +168,7 @@ def pack_responses(prompts: list[list[int]], responses: list[list[list[int]]], p
     source, target, dest = [], [], []
     out_width = max(1, max((len(r) for _, _, r in flat), default=1))
     for j, (u, reads, r) in enumerate(flat):
-        row, a = start[u]
+        row, a = start.get(u, (0, 0))  # an empty response has no token to place
         for k, t in enumerate(r):
             source.append(row * keep + a + reads[k])
             target.append(t)
@@ -181,13 +185,17 @@ def packed_token_logprobs(model, packed: Packed) -> tuple[torch.Tensor, torch.Te
     columns (an index tensor, not an int: `last_token_logits`), the log-softmax only on the positions read."""
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    if packed.responses == 0:
-        return torch.zeros((0, 1), device=device), torch.zeros((0, 1), device=device)
-    # additive: 0 where attended, the dtype's lowest elsewhere (eager adds it, sdpa takes a float mask as such)
-    mask = torch.zeros(packed.allowed().shape, dtype=dtype).masked_fill_(~packed.allowed(), torch.finfo(dtype).min)
-    logits = model(input_ids=packed.ids.to(device), attention_mask=mask.to(device),
-                   position_ids=packed.positions.to(device), use_cache=False,
-                   logits_to_keep=torch.arange(packed.keep, device=device)).logits
+    if packed.source.numel() == 0:  # no response, or only empty ones
+        return (torch.zeros((packed.responses, packed.width), device=device),
+                torch.zeros((packed.responses, packed.width), device=device))
+    # additive: 0 where attended, the dtype's lowest elsewhere (eager adds it, sdpa takes a float mask as such);
+    # built on the model's device
+    allowed = packed.allowed(device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    del allowed
+    logits = model(input_ids=packed.ids.to(device), attention_mask=mask, position_ids=packed.positions.to(device),
+                   use_cache=False, logits_to_keep=torch.arange(packed.keep, device=device)).logits
+    logits = logits[:, : packed.keep]  # a model that ignores logits_to_keep returns every column
     read, which = torch.unique(packed.source.to(device), return_inverse=True)
     logps = F.log_softmax(logits.reshape(-1, logits.shape[-1])[read].float(), dim=-1)
     values = logps[which, packed.target.to(device)]
@@ -198,21 +206,57 @@ def packed_token_logprobs(model, packed: Packed) -> tuple[torch.Tensor, torch.Te
     return tokens.view(packed.responses, packed.width), real.view(packed.responses, packed.width)
 
 
+def needed_positions(prompts: list[list[int]], responses: list[list[list[int]]], max_length: int) -> tuple[int, int]:
+    """What computing these responses' log-probs needs, in whatever form: token positions (each prompt once, each
+    response but its last token) and positions whose logits are read (a prompt's last token, each response
+    token but the last); `pack_responses` computes exactly these plus padding."""
+    real = head = 0
+    for p, rs in zip(prompts, responses):
+        cut = [cut_to_fit(p, r, max_length) for r in rs]
+        if any(r for _, r in cut):
+            inputs = sum(max(0, len(r) - 1) for _, r in cut)
+            real += len(cut[0][0]) + inputs
+            head += 1 + inputs
+    return real, head
+
+
 def packing_is_exact(model) -> bool:
-    """Whether `model` honours a custom 4D attention mask and explicit positions, as packing needs: a probe
-    prompt of 8 ordinary tokens with two responses of 6, packed against full rows, every token's log-prob within
-    1e-3 in float32, 0.5 in a 16-bit dtype. Measured on SmolLM2-135M over 3 probes (eager and sdpa): packing's
-    own error at most 1e-4 in float32 and 0.2 in bfloat16 (sdpa's CPU kernel rounds differently with the row's
-    length); a mask that let one response see the other, 1.7-3.6."""
-    vocab = model.config.vocab_size
+    """Whether `model` computes packed rows as `pack_responses` means them: two probe prompts of 8 ordinary
+    tokens with two responses of 6 each, packed one prompt a row.
+    - Nothing crosses between responses: each response's log-probs stay the same (within 1e-4) when the other
+      response's tokens change, in any dtype (a masked key adds exactly nothing; a response that saw the other
+      moves by 0.04 on odpo's tiny random policy in bfloat16, 1.7-3.6 on SmolLM2-135M).
+    - Positions and the mask as meant: every token's log-prob equal to full rows' within 1e-3 in float32, 0.5
+      in a 16-bit dtype (packing's own rounding: at most 1e-4 and 0.2 on SmolLM2, eager and sdpa).
+    A model that rejects the packing's arguments fails the probe instead of stopping the run."""
+    vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(min(1000, vocab // 4), min(20000, vocab), (k,), generator=g).tolist() for k in (8, 6, 6)]
-    prompts, responses = [ids[0]], [ids[1:]]
+
+    def ids(k: int) -> list[int]:
+        return torch.randint(min(1000, vocab // 4), min(20000, vocab), (k,), generator=g).tolist()
+
+    prompts = [ids(8), ids(8)]
+    responses = [[ids(6), ids(6)], [ids(6), ids(6)]]
+    other = [[rs[0], ids(6)] for rs in responses]  # the second responses changed
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.5
-    with torch.no_grad():
-        packed, pm = shared_prompt_token_logprobs(model, prompts, responses, 0, 64, packed=True)
-        rows, rm = shared_prompt_token_logprobs(model, prompts, responses, 0, 64, packed=False)
-    return bool(torch.equal(pm, rm) and ((packed - rows).abs() * pm).max() <= tolerance)
+    try:
+        with torch.no_grad():
+            packed, pm = packed_token_logprobs(model, pack_responses(prompts, responses, 0, 64, row_tokens=1))
+            changed, _ = packed_token_logprobs(model, pack_responses(prompts, other, 0, 64, row_tokens=1))
+            rows, rm = shared_prompt_token_logprobs(model, prompts, responses, 0, 64, packed=False)
+    except (TypeError, ValueError, RuntimeError):  # the model takes no 4D mask, position ids or logits_to_keep
+        return False
+    apart = float((packed[0::2] - changed[0::2]).abs().max()) <= 1e-4
+    return bool(apart and torch.equal(pm, rm) and ((packed - rows).abs() * pm).max() <= tolerance)
+
+
+def sliding_window_binds(config, max_length: int) -> bool:
+    """Whether a layer of this model attends only to a window shorter than `max_length` (Mistral's, Gemma's
+    local layers): the packing's 4D mask would replace that window, so such a model gets full rows."""
+    configs = [config, getattr(config, "text_config", None)]
+    windows = [getattr(c, "sliding_window", None) for c in configs if c is not None]
+    used = [getattr(c, "use_sliding_window", True) for c in configs if c is not None]
+    return any(w is not None and w < max_length for w in windows) and all(used)
 
 
 def response_token_counts(response_mask: torch.Tensor) -> torch.Tensor:
