@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 
 from actors.losses import (
+    Packed,
     bradley_terry_loss,
     build_sequences,
     cosine_lr,
@@ -32,7 +33,6 @@ from actors.losses import (
     last_token_logits,
     needed_positions,
     pack_responses,
-    packed_token_logprobs,
     packing_is_exact,
     shared_prompt_logprobs,
     shared_prompt_token_logprobs,
@@ -261,7 +261,7 @@ class Learner(TakesTurns):
         m = self.cfg.micro_batch_size
         flops = 0.0
         for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
-            logps, _, _, group_real, predicted = self._pair_logprobs(self.reference, group)
+            logps, _, _, group_real, predicted = self._pair_logprobs(self.reference, group, self._pair_layout(group))
             ref = logps.tolist()
             found.update((id(p), (c, r)) for p, c, r in zip(group, ref[: len(group)], ref[len(group):]))
             flops += self.forward_flops(group_real, predicted)
@@ -300,10 +300,11 @@ class Learner(TakesTurns):
             if k + 1 == len(groups) or sum(len(g[1]) for g in batch) + len(groups[k + 1][1]) > budget:
                 ps, rs = [g[0] for g in batch], [g[1] for g in batch]
                 args = (ps, rs, self.pad_id, self.cfg.max_length)
-                tokens, mask = shared_prompt_token_logprobs(self.reference, *args, packed=self.packing)
+                layout = pack_responses(*args) if self.packing else False  # one packing for both models
+                tokens, mask = shared_prompt_token_logprobs(self.reference, *args, packed=layout)
                 ref = (tokens * mask).sum(-1)
                 if policy:
-                    out.extend((shared_prompt_logprobs(model, *args, packed=self.packing) - ref).tolist())
+                    out.extend((shared_prompt_logprobs(model, *args, packed=layout) - ref).tolist())
                 counts = mask.sum(-1).clamp(min=1).cpu()
                 nll.extend((-ref.cpu() / counts).tolist())
                 rare.extend((((tokens < RARE_LOGPROB) * mask).sum(-1).cpu() / counts).tolist())
@@ -312,25 +313,31 @@ class Learner(TakesTurns):
         return {"ratios": out, "ref_nll": nll, "ref_rare": rare, "seconds": time.perf_counter() - start}
 
     def forward_flops(self, real_tokens: int, predicted_tokens: int) -> float:
-        """Useful FLOPs of one forward: the body's linear layers on every real token, the output head only where
-        a prediction is read (a response token's; the prompt's other positions need no logits)."""
+        """Useful FLOPs of one forward: the body's linear layers on every needed position, the output head only
+        where a prediction is read (`needed_positions`)."""
         return float(self.body_flops * real_tokens + self.head_flops * predicted_tokens)
 
-    def _pair_logprobs(self, model, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        """Summed log-probs of the chosen responses then the rejected ones, their token counts, the token
-        positions computed and needed, and the positions whose logits are read (`needed_positions`: the same
-        for both forms, so the useful FLOPs are). Each pair's prompt runs once,
-        both responses packed after it in the same forward (`pack_responses`); full rows, each response with
-        its own copy of the prompt, where the model's attention does not take the packing's mask
-        (`self.packing`)."""
+    def _pair_layout(self, pairs: list[Pair]) -> Packed | bool:
+        """How `_pair_logprobs` computes these pairs, one layout for every model that reads them: each pair's
+        prompt once, both responses packed after it in the same forward (`pack_responses`); or full rows, each
+        response with its own copy of the prompt (False), where the model's attention does not take the
+        packing's mask (`self.packing`)."""
+        if not self.packing:
+            return False
+        return pack_responses([p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs],
+                              self.pad_id, self.cfg.max_length)
+
+    def _pair_logprobs(self, model, pairs: list[Pair], layout: Packed | bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """Summed log-probs of the chosen responses then the rejected ones, computed as `layout`
+        (`_pair_layout`); their token counts; the token positions computed and needed, and the positions whose
+        logits are read (`needed_positions`: the same for both layouts, so the useful FLOPs are)."""
         cap = self.cfg.max_length
         prompts, responses = [p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs]
-        if self.packing:
-            packed = pack_responses(prompts, responses, self.pad_id, cap)
-            tokens, mask = packed_token_logprobs(model, packed)
-            computed = packed.ids.numel()
+        tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, self.pad_id, cap, packed=layout)
+        if isinstance(layout, Packed):
+            computed = layout.ids.numel()
         else:
-            tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, self.pad_id, cap, packed=False)
             computed = 2 * len(pairs) * max(sum(map(len, cut_to_fit(p, r, cap))) for p, rs in zip(prompts, responses)
                                             for r in rs)
         real, head = needed_positions(prompts, responses, cap)
@@ -338,14 +345,15 @@ class Learner(TakesTurns):
         return torch.cat([flat[0::2], flat[1::2]]), torch.cat([counts[0::2], counts[1::2]]), computed, real, head
 
     def _pair_losses(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        logps, tokens, computed, real, predicted = self._pair_logprobs(self.engine, pairs)
+        layout = self._pair_layout(pairs)
+        logps, tokens, computed, real, predicted = self._pair_logprobs(self.engine, pairs, layout)
         have_reference = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
         if have_reference:  # computed once, as the pairs formed
             ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
                                dtype=logps.dtype, device=logps.device)
         else:
             with torch.no_grad():
-                ref = self._pair_logprobs(self.reference, pairs)[0]
+                ref = self._pair_logprobs(self.reference, pairs, layout)[0]
         n = len(pairs)
         # forward + backward of the policy (3 forwards' worth) and, unless given, one reference forward
         work = dict(computed_tokens=computed, padded_tokens=computed - real,
@@ -482,7 +490,8 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.3
     """FLOP/s of an n^3 matrix product (n = 1024 on CPUs, 4096 on GPUs) at the calling thread count: the
     fastest of the products timed one by one over about `budget_s` seconds after one warm-up product. The
     fastest, not the mean: another process's burst on the same cores only slows some products (a mean over
-    0.15 s read 174 GFLOP/s at one run's start-up where the machine does 205-211)."""
+    0.15 s read 174 GFLOP/s at one run's start-up where the machine, a 2-core AMD EPYC with avx512_bf16, does
+    205-211 in bf16)."""
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

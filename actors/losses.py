@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,19 +60,21 @@ PACKED_ROW_TOKENS = 256
 
 
 def shared_prompt_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
-                           max_length: int, packed: bool = True) -> torch.Tensor:
+                           max_length: int, packed: bool | Packed = True) -> torch.Tensor:
     """Summed log-probs of every response of every prompt (`shared_prompt_token_logprobs`, summed)."""
     tokens, mask = shared_prompt_token_logprobs(model, prompts, responses, pad_id, max_length, packed)
     return (tokens * mask).sum(-1)
 
 
 def shared_prompt_token_logprobs(model, prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int,
-                                 max_length: int, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                 max_length: int, packed: bool | Packed = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each response token's log-prob (rows flat over the prompts' responses, in order; padding masked by the
     returned mask), equal to `sequence_logprobs` over the full rows (to float precision). Packed (the default,
-    `pack_responses`), each prompt is computed once for all its responses; `packed=False` runs each response
-    in its own full row with its prompt (for a model whose attention does not take a 4D mask:
-    `packing_is_exact`)."""
+    `pack_responses`), each prompt is computed once for all its responses; a `Packed` given is that packing
+    of these prompts and responses, made once for several models; `packed=False` runs each response in its
+    own full row with its prompt (for a model whose attention does not take a 4D mask: `packing_is_exact`)."""
+    if isinstance(packed, Packed):
+        return packed_token_logprobs(model, packed)
     if packed:
         return packed_token_logprobs(model, pack_responses(prompts, responses, pad_id, max_length))
     rows = [(p, r) for p, rs in zip(prompts, responses) for r in rs]
@@ -107,7 +109,7 @@ class Packed:
     dest: torch.Tensor       # per response token: its flat index in the (responses, width) result
     responses: int           # rows of the result: every response, in order
     width: int               # columns of the result: the longest response
-    real: int                # token positions that carry a real token (the rest is padding)
+    masks: dict = field(default_factory=dict, repr=False)  # (device, dtype) -> `attention_mask`, built once
 
     def allowed(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(rows, 1, width, width) on `device`: True where a query position may attend a key position (same
@@ -117,6 +119,17 @@ class Packed:
         ok &= q[:, None, :] <= q[:, :, None]
         ok &= (b[:, None, :] == -1) | (b[:, None, :] == b[:, :, None])
         return ok[:, None]
+
+    def attention_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as an additive mask: 0 where attended, the dtype's lowest elsewhere (eager adds it, sdpa
+        takes a float mask as such); built on the model's device once per device and dtype (a policy and its
+        reference share it)."""
+        key = (str(device), dtype)
+        if key not in self.masks:
+            allowed = self.allowed(device)
+            self.masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)
+        return self.masks[key]
 
 
 def pack_responses(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int, max_length: int,
@@ -176,7 +189,7 @@ def pack_responses(prompts: list[list[int]], responses: list[list[list[int]]], p
     as_long = functools.partial(torch.tensor, dtype=torch.long)
     return Packed(ids=table[..., 0], positions=table[..., 1], group=table[..., 2], branch=table[..., 3], keep=keep,
                   source=as_long(source), target=as_long(target), dest=as_long(dest), responses=len(flat),
-                  width=out_width, real=sum(sizes))
+                  width=out_width)
 
 
 def packed_token_logprobs(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +201,8 @@ def packed_token_logprobs(model, packed: Packed) -> tuple[torch.Tensor, torch.Te
     if packed.source.numel() == 0:  # no response, or only empty ones
         return (torch.zeros((packed.responses, packed.width), device=device),
                 torch.zeros((packed.responses, packed.width), device=device))
-    # additive: 0 where attended, the dtype's lowest elsewhere (eager adds it, sdpa takes a float mask as such);
-    # built on the model's device
-    allowed = packed.allowed(device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    del allowed
-    logits = model(input_ids=packed.ids.to(device), attention_mask=mask, position_ids=packed.positions.to(device),
+    logits = model(input_ids=packed.ids.to(device), attention_mask=packed.attention_mask(device, dtype),
+                   position_ids=packed.positions.to(device),
                    use_cache=False, logits_to_keep=torch.arange(packed.keep, device=device)).logits
     logits = logits[:, : packed.keep]  # a model that ignores logits_to_keep returns every column
     read, which = torch.unique(packed.source.to(device), return_inverse=True)
@@ -257,11 +266,6 @@ def sliding_window_binds(config, max_length: int) -> bool:
     windows = [getattr(c, "sliding_window", None) for c in configs if c is not None]
     used = [getattr(c, "use_sliding_window", True) for c in configs if c is not None]
     return any(w is not None and w < max_length for w in windows) and all(used)
-
-
-def response_token_counts(response_mask: torch.Tensor) -> torch.Tensor:
-    """Tokens each row's `sequence_logprobs` sums over (the response's, the first position never predicted)."""
-    return response_mask[:, 1:].sum(-1)
 
 
 def dpo_loss(

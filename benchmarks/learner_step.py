@@ -50,7 +50,7 @@ from actors.losses import (  # noqa: E402
     build_sequences,
     cut_to_fit,
     left_padded,
-    pack_responses,
+    needed_positions,
     sequence_logprobs,
     shared_prompt_token_logprobs,
 )
@@ -133,9 +133,9 @@ def useful_flops(lrn: Learner, pairs: list[Pair], forwards: int) -> float:
     """The work a step over `pairs` needs, whichever form computes it (the same figure for every row, so the rows
     compare seconds): the linear layers on each prompt once and each response but its last token, the output head
     where a prediction is read, `forwards` forwards' worth (3: forward and backward; 4 with the reference's)."""
-    packed = pack_responses([p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs], 0,
-                            lrn.cfg.max_length)
-    return forwards * lrn.forward_flops(packed.real, int(packed.source.unique().numel()))
+    needed = needed_positions([p.prompt_ids for p in pairs], [[p.chosen_ids, p.rejected_ids] for p in pairs],
+                              lrn.cfg.max_length)
+    return forwards * lrn.forward_flops(*needed)
 
 
 def use_kv_cache(lrn: Learner) -> None:

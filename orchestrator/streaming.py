@@ -85,7 +85,8 @@ class Dispatcher:
     and the work it held comes back to be dispatched again.
     """
 
-    def __init__(self, pool: ActorPool, limit: int, timeout_s: float = float("inf")):
+    def __init__(self, pool: ActorPool, limit: int, timeout_s: float = float("inf"),
+                 turn_timeout_s: float = float("inf")):
         self.pool = pool
         self.limit = limit
         self.timeout_s = timeout_s
@@ -97,7 +98,7 @@ class Dispatcher:
         self.last_progress = [time.perf_counter()] * len(self.slots)
         self.waiting_since: dict[int, float] = {}
         """Slot position -> since when its actor has waited for a learner's turn (until it finishes a call)."""
-        self.turn_timeout_s = float("inf")
+        self.turn_timeout_s = turn_timeout_s
         """How long an actor may wait for a learner's turn before the learner is called hung."""
 
     def has_room(self) -> bool:
@@ -201,8 +202,7 @@ def map_calls(pool: ActorPool, call: Callable[[object, object], ray.ObjectRef], 
     learner rank holds is not replaced: it waits on (the round running beside these calls blames the learner
     when its own calls starve), for `turn_timeout_s` at most (learner.step_timeout_s), after which the learner
     is hung (LearnerFailure)."""
-    d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"))
-    d.turn_timeout_s = turn_timeout_s
+    d = Dispatcher(pool, float("inf"), pool.call_timeout_s or float("inf"), turn_timeout_s)
     todo, results = deque(range(len(items))), {}
     while todo or d.inflight:
         while todo:
