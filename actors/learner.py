@@ -42,7 +42,7 @@ from actors.models import DTYPES, load_causal_lm, tied_copies
 from actors.settings import LearnerConfig
 from actors.turns import TakesTurns, in_turn
 from actors.types import Pair, WeightBundle
-from actors.worker import own_process_ids, prepare_worker
+from actors.worker import keep_freed_memory, own_process_ids, prepare_worker
 
 RARE_LOGPROB = math.log(1e-4)
 """A response token the reference gives less probability than this is "rare" (made-up words, odd symbols)."""
@@ -52,6 +52,8 @@ class Learner(TakesTurns):
     def __init__(self, cfg: LearnerConfig, policy_path: str, dtype: str, rank: int, world_size: int,
                  pad_id: int, trust_remote_code: bool = False, reference_path: str | None = None):
         prepare_worker(cfg.cpus_per_rank)
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         self.cfg = cfg
         self.policy_path = policy_path
         self.reference_path = reference_path or policy_path

@@ -513,6 +513,41 @@ def test_workers_build_torch_extensions_with_this_environments_ninja(monkeypatch
     assert os.environ["PATH"].split(os.pathsep).count(os.path.dirname(sys.executable)) == 1
 
 
+REFAULTS = """
+import resource, sys
+import torch
+from actors.learner import Learner
+from orchestrator.config import LearnerConfig
+Learner(LearnerConfig(keep_freed_memory=sys.argv[2] == "on"), sys.argv[1], "float32", rank=0, world_size=1, pad_id=0)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20, dtype=torch.uint8).sum()  # a 64 MB tensor, every page written, then freed
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.parametrize("keep", ["on", "off"])
+def test_a_learner_rank_keeps_freed_memory_for_its_next_tensors(tiny_policy_dir, keep):
+    """learner.keep_freed_memory (the default): a rank's process reuses the memory a freed tensor held, rather
+    than getting fresh pages from the kernel for the next one (glibc's malloc unmaps blocks over 32 MB when
+    freed: a step's large tensors were page-faulted in again every step). Off: each new 64 MB tensor faults in
+    its 16384 pages again. A fresh interpreter per side: the setting holds for the whole process."""
+    import subprocess
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", REFAULTS, tiny_policy_dir, keep], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refaulted_pages = int(done.stdout.strip().splitlines()[-1])  # over the 4 tensors after the first
+    if keep == "on":
+        assert refaulted_pages < 256
+    else:
+        assert refaulted_pages > 4 * 15_000
+
+
 LOADS = """
 import json, sys
 from actors.scorer import Scorer
