@@ -186,8 +186,8 @@ class EvalConfig:
     comes, on a frozen copy of round t's weights that learner rank 0 keeps (one more model in the policy's
     dtype), so round t+1's steps never wait for it. Under ZeRO-3 (no full copy) round t+1's first step waits
     until the KL's forwards are sent. The last round, and runs with learner.reference=previous (whose
-    reference changes at the next round), evaluate before going on. false: every round waits for its
-    evaluation."""
+    reference changes at the next round), evaluate before going on, each chunk's KL computed as the chunk comes
+    while the generators go on. false: every round waits for its evaluation."""
 
 
 @dataclass

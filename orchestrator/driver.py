@@ -189,8 +189,9 @@ def finish_deferred_evaluation(s: Session) -> None:
 def evaluate(s: Session, r: int) -> dict:
     """The held-out metrics of the weights just synced, against the initial policy's answers."""
     start = time.perf_counter()
-    now = evaluation.sample(s.source.eval, s.cfg, s.generators, s.scorers, s.version)
-    metrics = evaluation.metrics(now, s.initial.result(), s.cfg, s.scorers, s.learners)
+    kl = evaluation.KL(s.learners)  # each chunk's KL computed while the generators go on to the next
+    now = evaluation.sample(s.source.eval, s.cfg, s.generators, s.scorers, s.version, kl)
+    metrics = evaluation.metrics(now, s.initial.result(), s.cfg, s.scorers, s.learners, kl)
     metrics["timing/eval"] = time.perf_counter() - start
     evaluation.report(metrics, f"round {r + 1}/{s.cfg.run.rounds}")
     return metrics

@@ -78,9 +78,10 @@ class Samples:
 
 
 def sample(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
-           version: int) -> Samples:
-    """Generate the eval set with the generators' current weights (checked to be `version`) and score it."""
-    return score(generate(prompts, cfg, generators, version), cfg, scorers)
+           version: int, kl: KL | None = None) -> Samples:
+    """Generate the eval set with the generators' current weights (checked to be `version`) and score it; with
+    `kl`, each chunk's KL is asked of the learner as the chunk comes back."""
+    return score(generate(prompts, cfg, generators, version, on_chunk=kl and kl.on_chunk), cfg, scorers)
 
 
 def generate(prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, version: int,
@@ -119,9 +120,8 @@ def score(out: list[RolloutChunk], cfg: OdpoConfig, scorers: ActorPool) -> Sampl
 
 
 def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
-            learners: LearnerGroup | None, kl_refs: list[ray.ObjectRef] | None = None, by_chunk: bool = False) -> dict:
-    """`kl_refs`: the learner ranks' log-ratios of `now`, already asked for (else asked here): one per rank, or
-    with `by_chunk` one per chunk of `now`, in order, from rank 0."""
+            learners: LearnerGroup | None, kl: KL | None = None) -> dict:
+    """`kl`: the learner's log-ratios of `now`, already asked for (else asked here, of the whole set at once)."""
     items, base = now.items(), initial.items()
     size = len(scorers)
     per = math.ceil(len(items) / size)
@@ -133,18 +133,21 @@ def metrics(now: Samples, initial: Samples, cfg: OdpoConfig, scorers: ActorPool,
                                      "judging the evaluation set", turn_timeout_s=cfg.learner.step_timeout_s)
              for p in part]
     judge_s = time.perf_counter() - start  # every scorer judges its share at once
-    kl, kl_s, ratios = float("nan"), 0.0, []
+    kl_value, kl_s, ratios, kl_parts = float("nan"), 0.0, [], 0
     if learners is not None:
-        got = learners.get(kl_refs or kl_requests(now.chunks, learners), "the KL estimate")
-        ratios, now.ref_nll, now.ref_rare, kl_s = joined_kl(got, by_chunk)
-        kl = float(np.mean(ratios))
+        if kl is None:
+            kl = KL(learners)
+            kl.ask(now.chunks)
+        ratios, now.ref_nll, now.ref_rare, kl_s = kl.join("the KL estimate")
+        kl_value, kl_parts = float(np.mean(ratios)), len(kl.parts)
     groups = now.prompt_ids()
     out = {
         "eval/prompts": len(set(groups)), "eval/samples": len(items),
         "eval/win_rate": float(np.mean([1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs])),
         "eval/response_chars": float(np.mean([len(t) for _, t in items])),
         "eval/response_chars_initial": float(np.mean([len(t) for _, t in base])),
-        "eval/kl": kl, "eval/kl_ci95": stats.clustered(ratios, groups)[1] if ratios else float("nan"),
+        "eval/kl": kl_value, "eval/kl_ci95": stats.clustered(ratios, groups)[1] if ratios else float("nan"),
+        "profile/eval_kl_parts": kl_parts,  # the calls it was asked in: one per chunk when asked as the chunks came
         # what the evaluation cost each pool, summed over its actors (the round's profile adds them up)
         "timing/eval_generate": now.busy.get("generate", float("nan")), "timing/eval_score": now.busy.get("score", float("nan")),
         "timing/eval_judge": judge_s * size, "timing/eval_kl": kl_s,  # the KL: the learner ranks' compute
@@ -179,19 +182,41 @@ def figure(name: str, now: list[float], initial: list[float], groups: list[int])
             f"eval/{name}_change_ci95": change_half}
 
 
-def joined_kl(got: list[dict], by_chunk: bool) -> tuple[list[float], list[float], list[float], float]:
-    """Log-ratios, reference NLL and rare-token shares of every sample, and the learner's seconds, from the
-    answers of `log_ratios`: one per rank (the same lists; ranks compute together) or one per chunk, in order."""
-    if not by_chunk:
-        return got[0]["ratios"], got[0]["ref_nll"], got[0]["ref_rare"], max(g["seconds"] for g in got)
-    return ([x for g in got for x in g["ratios"]], [x for g in got for x in g["ref_nll"]],
-            [x for g in got for x in g["ref_rare"]], sum(g["seconds"] for g in got))
+class KL:
+    """log pi - log pi_ref of an evaluation set's samples (with the reference's NLL and rare-token shares), asked
+    of the learner in parts: chunk by chunk as the generators return them (`on_chunk`: the learner computes
+    while the generators go on to the next chunks), or the whole set at once (`ask`). Of every rank (ZeRO-3's
+    forwards are collective), or of rank 0 alone with `frozen` (on the copy of the policy it froze at the last
+    export) or without the `policy` (the reference's NLL only)."""
+
+    def __init__(self, learners: LearnerGroup, policy: bool = True, frozen: bool = False):
+        self.learners, self.policy, self.frozen = learners, policy, frozen
+        self.parts: dict[int, list[ray.ObjectRef]] = {}
+        """Part index -> one answer per rank asked, in the set's order."""
+
+    def on_chunk(self, i: int, chunk: RolloutChunk) -> None:
+        self.parts[i] = kl_requests([chunk], self.learners, self.policy, self.frozen)
+
+    def ask(self, chunks: list[RolloutChunk]) -> None:
+        self.parts = {0: kl_requests(chunks, self.learners, self.policy, self.frozen)}
+
+    def join(self, what: str) -> tuple[list[float], list[float], list[float], float]:
+        """Every sample's log-ratio, reference NLL and rare-token share in the set's order, and the learner's
+        seconds (each part's slowest rank's, summed: the parts ran one after another)."""
+        order = sorted(self.parts)
+        width = len(self.parts[order[0]])
+        got = self.learners.get([ref for i in order for ref in self.parts[i]], what)
+        answers = [got[k * width] for k in range(len(order))]  # the ranks' lists are the same
+        seconds = sum(max(g["seconds"] for g in got[k * width:(k + 1) * width]) for k in range(len(order)))
+        return ([x for a in answers for x in a["ratios"]], [x for a in answers for x in a["ref_nll"]],
+                [x for a in answers for x in a["ref_rare"]], seconds)
 
 
 def reference_nll(samples: Samples, learners: LearnerGroup) -> None:
     """The reference's per-token NLL of `samples` (the initial policy's answers, once at start-up)."""
-    ranks = learners.get(kl_requests(samples.chunks, learners, policy=False), "the initial samples' fluency")
-    samples.ref_nll, samples.ref_rare = ranks[0]["ref_nll"], ranks[0]["ref_rare"]
+    kl = KL(learners, policy=False)
+    kl.ask(samples.chunks)
+    _, samples.ref_nll, samples.ref_rare, _ = kl.join("the initial samples' fluency")
 
 
 def kl_requests(chunks: list[RolloutChunk], learners: LearnerGroup, policy: bool = True,
@@ -230,12 +255,10 @@ class Initial:
     def _run(self, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool, scorers: ActorPool,
              learners: LearnerGroup, sent: threading.Event) -> None:
         try:
-            parts: dict[int, ray.ObjectRef] = {}
-            chunks = generate(prompts, cfg, generators, 0, sent=sent, on_chunk=lambda i, c: parts.__setitem__(
-                i, kl_requests([c], learners, policy=False)[0]))
-            self.samples = score(chunks, cfg, scorers)
-            got = learners.get([parts[i] for i in range(len(chunks))], "the initial samples' fluency")
-            _, self.samples.ref_nll, self.samples.ref_rare, self.samples.busy["nll"] = joined_kl(got, by_chunk=True)
+            kl = KL(learners, policy=False)
+            self.samples = score(generate(prompts, cfg, generators, 0, sent=sent, on_chunk=kl.on_chunk), cfg, scorers)
+            _, self.samples.ref_nll, self.samples.ref_rare, self.samples.busy["nll"] = kl.join(
+                "the initial samples' fluency")
             self.outcome = self.samples
         except BaseException as e:  # handed to the driver by result()
             self.outcome = e
@@ -266,12 +289,12 @@ class Deferred:
     """Round r's held-out evaluation, run by a driver thread while round r+1 goes on (`eval.overlap`).
 
     The generators hold round r's weights until round r+1 ends; the evaluation set is generated first on them
-    (its chunks queued ahead of round r+1's: `chunks_sent`). With a frozen copy of those weights on learner
-    rank 0 (`frozen`, taken at round r's export), each chunk's KL goes to it as soon as the chunk is generated,
-    so the learner computes it while the generators go on to round r+1's chunks, and round r+1's steps never
-    wait for it. Without one (ZeRO-3, whose ranks hold no full copy), the KL's forwards are sent once the set
-    is generated (`kl_sent`), and round r+1's first training step waits for that, so they run on round r's
-    weights. Scoring and judging go on beside the round. `result()` joins.
+    (its chunks queued ahead of round r+1's: `chunks_sent`). Each chunk's KL goes to the learner as soon as the
+    chunk is generated, so the learner computes it while the generators go on to round r+1's chunks. With a
+    frozen copy of those weights on learner rank 0 (`frozen`, taken at round r's export) round r+1's steps never
+    wait for it. Without one (ZeRO-3, whose ranks hold no full copy), round r+1's first training step waits until
+    every chunk's KL is queued at the ranks (`kl_sent`), so they run on round r's weights. Scoring and judging go
+    on beside the round. `result()` joins.
     """
 
     def __init__(self, round_index: int, prompts: list[Prompt], cfg: OdpoConfig, generators: ActorPool,
@@ -288,18 +311,13 @@ class Deferred:
 
     def _run(self, prompts: list[Prompt], generators: ActorPool, learners: LearnerGroup, version: int) -> None:
         try:
-            if self.frozen:  # chunk by chunk, on rank 0's frozen copy, as the chunks come
-                parts: dict[int, ray.ObjectRef] = {}
-                chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent,
-                                  on_chunk=lambda i, c: parts.__setitem__(i, kl_requests([c], learners, frozen=True)[0]))
-                kl_refs = [parts[i] for i in range(len(chunks))]
-            else:
-                chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent)
-                kl_refs = kl_requests(chunks, learners)
+            # chunk by chunk as the chunks come: on rank 0's frozen copy, or on every rank's weights, which are
+            # round r's until round r+1's first step, queued behind these (it waits for `kl_sent`)
+            kl = KL(learners, frozen=self.frozen)
+            chunks = generate(prompts, self.cfg, generators, version, sent=self.chunks_sent, on_chunk=kl.on_chunk)
             self.kl_sent.set()
             self.samples = score(chunks, self.cfg, self.scorers)
-            self.outcome = metrics(self.samples, self.initial.result(), self.cfg, self.scorers, learners, kl_refs,
-                                   self.frozen)
+            self.outcome = metrics(self.samples, self.initial.result(), self.cfg, self.scorers, learners, kl)
         except BaseException as e:  # handed to the driver by result()
             self.outcome = e
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,17 +104,18 @@ def test_two_round_tiny_run_writes_everything(ray_cluster, tmp_path, monkeypatch
 
 def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkeypatch):
     """Other paths of the same loop: parquet chat prompts, a Bradley-Terry scorer, max_min_p, IPO,
-    `previous` reference, two ZeRO-3 learner ranks, the transformers generator backend."""
+    `previous` reference, two ZeRO-3 learner ranks, the transformers generator backend; an evaluation after
+    every round (not overlapped under the `previous` reference) whose KL both ranks compute chunk by chunk."""
     import datasets
 
     monkeypatch.chdir(REPO)
     data = str(tmp_path / "prompts.parquet")
     datasets.Dataset.from_dict({"context_messages": [chat_messages(i) for i in range(40)]}).to_parquet(data)
     cfg = load_config("configs/tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.name=rm", "run.rounds=2", f"data.path={data}", "eval.prompts=0",
+        f"run.output_dir={tmp_path}", "run.name=rm", "run.rounds=2", f"data.path={data}", "eval.prompts=4",
         "data.prompt_field=context_messages", "data.prompts_per_round=16", "generator.n=4",
         "generator.temperatures=[1.0]", "generator.max_new_tokens=8", "generator.cpus_per_actor=0.5",
-        "scorer.type=reward_model", "scorer.model_path=builtin:tiny-llama-rm", "scorer.max_length=256",
+        "generator.chunk_size=2", "scorer.type=reward_model", "scorer.model_path=builtin:tiny-llama-rm", "scorer.max_length=256",
         "scorer.cpus_per_actor=0.5", "pairs.strategy=max_min_p", "pairs.length_penalty=0.001",
         "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=4", "learner.global_batch_size=8",
         "learner.loss=ipo", "learner.reference=previous", "learner.epochs=1", "learner.cpus_per_rank=0.5",
@@ -129,6 +131,9 @@ def test_chat_prompts_reward_model_zero3_two_ranks(ray_cluster, tmp_path, monkey
         assert all(p["prompt"].startswith("<system>Be kind.\n<user>Tell me about item") for p in pairs)
         assert all(p["weight_version"] == r for p in pairs)
         assert m["timing/reference"] == 0  # learner.reference_ahead=false: every step computes its own
+        # 4 prompts x 4 samples in chunks of 2 prompts: each chunk's KL asked of both ranks as it came
+        assert m["eval/samples"] == 16 and m["profile/eval_kl_parts"] == 2 and math.isfinite(m["eval/kl"]), m
+        assert "profile/eval_overlapped" not in m  # `previous`: evaluated before the next round
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "round_1", "model.safetensors"))
     assert_no_run_actors_left(ray_cluster)
 
