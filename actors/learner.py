@@ -13,6 +13,7 @@ Reference log-probs come with the pairs when the driver had them computed as the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -38,8 +39,8 @@ from actors.losses import (
     shared_prompt_token_logprobs,
     sliding_window_binds,
 )
-from actors.models import DTYPES, load_causal_lm, tied_copies
-from actors.settings import LearnerConfig
+from actors.models import DTYPES, add_lora_adapters, load_causal_lm, merged_state_dict, tied_copies
+from actors.settings import ADAPTER_DIR, LearnerConfig
 from actors.turns import TakesTurns, in_turn
 from actors.types import Pair, WeightBundle
 from actors.worker import keep_freed_memory, own_process_ids, prepare_worker
@@ -70,6 +71,12 @@ class Learner(TakesTurns):
         self.total_steps = 1
         self.use_cuda = torch.cuda.is_available() and cfg.gpus_per_rank > 0
         self.attention = cfg.attention if cfg.attention != "auto" else "sdpa" if self.use_cuda else "eager"
+        self.lora = cfg.lora.rank > 0
+        if self.lora and cfg.reference == "previous":
+            raise ValueError("learner.lora: the reference is the policy with its adapters off, which a `previous` "
+                             "reference cannot be; use learner.reference=fixed")
+        if self.lora and cfg.zero_stage == 3:
+            raise ValueError("learner.lora: ZeRO-3 is not supported with adapters yet; use learner.zero_stage 0-2")
         self.packing = True
         """Responses packed after their prompt under a 4D mask (`pack_responses`); False where the model's
         attention does not honour one (`packing_is_exact`, asked of the reference at set-up)."""
@@ -108,22 +115,47 @@ class Learner(TakesTurns):
         model.config.use_cache = False
         # fused: one pass over each parameter's state instead of one per operation (2x faster steps on CPU);
         # DeepSpeed's own Adam would need a compiled extension
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
                                       weight_decay=self.cfg.weight_decay, fused=True)
         import_muon_without_compiling()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
+        if self.lora:  # the reference is this model with its adapters off: probed now that it exists
+            with self._reference() as reference:
+                self._decide_packing(reference)
         e = self.engine  # plain fp32 without ZeRO: DeepSpeed's clip does not record the gradient norm
         self._norm_untracked = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
         self.body_flops, self.head_flops = forward_flops_per_token(self.engine.module)
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
 
     def _build_reference(self, device: torch.device) -> None:
+        if self.lora:  # the policy with its adapters off (`_reference`)
+            self.reference = None
+            return
         self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code,
                                         self.attention).to(device).eval()
         self.reference.requires_grad_(False)
-        windowed = sliding_window_binds(self.reference.config, self.cfg.max_length)
-        self.packing = not windowed and packing_is_exact(self.reference)
+        self._decide_packing(self.reference)
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference model: its own frozen copy, or with LoRA the policy itself with its adapters switched off
+        (in eval mode) for as long as the context lasts."""
+        if not self.lora:
+            yield self.reference
+            return
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            with module.disable_adapter():
+                yield module
+        finally:
+            module.train(was_training)
+
+    def _decide_packing(self, reference) -> None:
+        windowed = sliding_window_binds(reference.config, self.cfg.max_length)
+        self.packing = not windowed and packing_is_exact(reference)
         if not self.packing and self.rank == 0:
             why = (f"its attention window is shorter than learner.max_length={self.cfg.max_length}" if windowed else
                    "its attention does not compute packed rows as meant (a probe's packed log-probs differ from full "
@@ -132,7 +164,20 @@ class Learner(TakesTurns):
                   f"copy of the prompt (slower, the same log-probs)", flush=True)
 
     def _load_trained_model(self):
-        return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
+        if not self.lora:
+            return load_causal_lm(self.policy_path, "float32", self.trust_remote_code, self.attention)
+        # the base is the reference (the initial policy); a checkpoint of a LoRA run holds its adapters beside
+        # the merged weights, and those train on
+        base = load_causal_lm(self.reference_path, "float32", self.trust_remote_code, self.attention)
+        if self.policy_path == self.reference_path:
+            return add_lora_adapters(base, self.cfg.lora)
+        adapter = os.path.join(self.policy_path, ADAPTER_DIR)
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise ValueError(f"learner.lora: {self.policy_path} holds no adapters ({ADAPTER_DIR}/): it was not saved "
+                             f"by a run with learner.lora; resume it without adapters, or start a new run")
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
 
     def deepspeed_config(self) -> dict:
         c = self.cfg
@@ -263,7 +308,8 @@ class Learner(TakesTurns):
         m = self.cfg.micro_batch_size
         flops = 0.0
         for group, _ in length_grouped(pairs, None, math.ceil(len(pairs) / m)):
-            logps, _, _, group_real, predicted = self._pair_logprobs(self.reference, group, self._pair_layout(group))
+            with self._reference() as reference:
+                logps, _, _, group_real, predicted = self._pair_logprobs(reference, group, self._pair_layout(group))
             ref = logps.tolist()
             found.update((id(p), (c, r)) for p, c, r in zip(group, ref[: len(group)], ref[len(group):]))
             flops += self.forward_flops(group_real, predicted)
@@ -303,7 +349,8 @@ class Learner(TakesTurns):
                 ps, rs = [g[0] for g in batch], [g[1] for g in batch]
                 args = (ps, rs, self.pad_id, self.cfg.max_length)
                 layout = pack_responses(*args) if self.packing else False  # one packing for both models
-                tokens, mask = shared_prompt_token_logprobs(self.reference, *args, packed=layout)
+                with self._reference() as reference:
+                    tokens, mask = shared_prompt_token_logprobs(reference, *args, packed=layout)
                 ref = (tokens * mask).sum(-1)
                 if policy:
                     out.extend((shared_prompt_logprobs(model, *args, packed=layout) - ref).tolist())
@@ -354,8 +401,8 @@ class Learner(TakesTurns):
             ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
                                dtype=logps.dtype, device=logps.device)
         else:
-            with torch.no_grad():
-                ref = self._pair_logprobs(self.reference, pairs, layout)[0]
+            with torch.no_grad(), self._reference() as reference:
+                ref = self._pair_logprobs(reference, pairs, layout)[0]
         n = len(pairs)
         # forward + backward of the policy (3 forwards' worth) and, unless given, one reference forward
         work = dict(computed_tokens=computed, padded_tokens=computed - real,
@@ -378,8 +425,8 @@ class Learner(TakesTurns):
         params = list(module.parameters())
         enabled = self.cfg.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
-            state = module.state_dict() if keep else {}
-            skip = set() if tied else set(tied_copies(module))
+            state = (merged_state_dict(module) if self.lora else module.state_dict()) if keep else {}
+            skip = set() if tied else set(tied_copies(module.get_base_model() if self.lora else module))
             out = {}
             for k, v in state.items():
                 if k in skip:
@@ -387,6 +434,21 @@ class Learner(TakesTurns):
                 t = v.detach().to(DTYPES[self.dtype])
                 out[k] = t.to("cpu", copy=copied) if to_cpu else t.clone()
         return out
+
+    @in_turn
+    def adapter_files(self) -> dict[str, bytes]:
+        """The adapters in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), by file name:
+        `PeftModel.from_pretrained(base, folder)` loads them onto the initial policy. Rank 0's (ZeRO 0-2: every
+        rank holds the same)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="odpo-adapter-") as folder:
+            self.engine.module.save_pretrained(folder)
+            files = {}
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    files[name] = f.read()
+        return files
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
         """Join the NCCL group with the vLLM engines (generator.weight_sync=nccl); every rank calls it."""
@@ -409,7 +471,9 @@ class Learner(TakesTurns):
         tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copied=self.cfg.zero_stage == 3)
         if self.rank != 0:
             return None
-        if freeze:
+        if freeze and self.lora:  # the policy as it computes, adapters and all: the KL then equals the live one's
+            self.frozen = copy.deepcopy(self.engine.module).eval().requires_grad_(False)
+        elif freeze:
             if self.frozen is None:  # the reference's architecture and dtype, the policy's weights
                 self.frozen = copy.deepcopy(self.reference)
             missing, unexpected = self.frozen.load_state_dict(tensors, strict=False)

@@ -307,3 +307,48 @@ def build_deepspeed_cpu_ops() -> list[str]:
 
     put_this_environment_first_on_path()
     return ["deepspeed_shm_comm"] if build_shm_op() is not None else []
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct last name components of the model's linear layers, its output head aside: the names LoRA's
+    `target_modules` may take."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
+def add_lora_adapters(model, lora):
+    """`model` (a transformers causal LM) with fresh LoRA adapters (`lora`: actors.settings.LoraSettings) on its
+    target linear layers, every other weight frozen: a peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora.target_modules)
+    if targets != ["all-linear"]:
+        linear = linear_layer_names(model)
+        missing = [t for t in targets if t not in linear]
+        if missing:
+            raise ValueError(f"learner.lora.target_modules: {missing} name no linear layer of this model; its linear "
+                             f"layers: {linear} (or [all-linear])")
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    with torch.random.fork_rng():  # the same adapters every run (and on every rank), the global stream untouched
+        torch.manual_seed(lora.init_seed)
+        return get_peft_model(model, config)
+
+
+def merged_state_dict(peft_model) -> dict:
+    """The base model's state dict, under its own names, with each adapter's update merged into the weight it
+    adapts (W + alpha/r * B A), the peft model left as it is: what a generator or a plain checkpoint loads."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    deltas = {f"{name}.base_layer.weight": m.get_delta_weight(m.active_adapters[0])
+              for name, m in base.named_modules() if isinstance(m, LoraLayer) and not m.disable_adapters}
+    out = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value
+    return out

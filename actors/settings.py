@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_DIR = "adapter"
+"""A LoRA run's checkpoint keeps its adapters in PEFT's format in this folder, beside the merged weights."""
 
 
 def vllm_available() -> bool:
@@ -131,6 +133,25 @@ class ScorerConfig(RolloutPoolConfig):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (peft) in place of training the whole policy (TRL's `peft_config`, OpenRLHF's `--lora_rank`)."""
+
+    rank: int = 0
+    """The adapters' rank r; 0: no adapters, every weight of the policy trains."""
+    alpha: float = 16.0
+    """LoRA's alpha: each adapter's update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    init_seed: int = 0
+    """Seed of the adapters' random initialisation (their A matrices; B starts at zero, so the first step's
+    policy is the reference whatever the seed)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names of the linear layers that get adapters (the last part of each module's name, e.g. [q_proj, v_proj]);
+    [all-linear]: every linear layer but the output head. A name the model lacks stops the run, its linear layers
+    listed."""
+
+
+@dataclass
 class LearnerConfig:
     num_ranks: int = 1
     """DeepSpeed data-parallel ranks, each a Ray actor; together one torch.distributed group."""
@@ -190,6 +211,10 @@ class LearnerConfig:
     fused scaled-dot-product attention) or `auto`: eager on CPUs, where odpo's short sequences (a few hundred
     tokens) train ~7% faster with it, sdpa on GPUs. Eager keeps each layer's attention matrix for the backward
     pass: for sequences of thousands of tokens on a CPU, choose sdpa."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Train LoRA adapters on the frozen policy instead of all its weights (`lora.rank` > 0). The reference is
+    then the same model with its adapters switched off: no second copy in memory. The weights synced to the
+    generators and saved each round are the policy with its adapters merged in."""
     keep_freed_memory: bool = True
     """Each rank's process keeps the memory torch frees for its next tensors (glibc's malloc otherwise unmaps
     every large block it frees, and the next step faults it in afresh: 1.1 GB a step on the real model, whose

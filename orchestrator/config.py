@@ -562,6 +562,17 @@ def check_learner(lr: LearnerConfig) -> None:
     _require(lr.gradient_clipping >= 0, "learner.gradient_clipping", "must be >= 0")
     _require(lr.max_round_retries >= 0, "learner.max_round_retries", f"must be >= 0, got {lr.max_round_retries}")
     _require(lr.step_timeout_s > 0, "learner.step_timeout_s", f"must be > 0, got {lr.step_timeout_s}")
+    lo = lr.lora
+    _require(lo.rank >= 0, "learner.lora.rank", f"must be >= 0 (0: no adapters), got {lo.rank}")
+    if lo.rank > 0:
+        _require(lo.alpha > 0, "learner.lora.alpha", f"must be > 0, got {lo.alpha}")
+        _require(0 <= lo.dropout < 1, "learner.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+        _require(bool(lo.target_modules) and all(isinstance(t, str) and t for t in lo.target_modules),
+                 "learner.lora.target_modules", "a list of linear layers' names, or [all-linear]")
+        _require(lr.reference == "fixed", "learner.lora.rank",
+                 "adapters take the policy with its adapters off as the reference: learner.reference must be fixed")
+        _require(lr.zero_stage < 3, "learner.lora.rank", "adapters are not supported under ZeRO-3 yet: "
+                 "learner.zero_stage 0-2 (the adapters' optimizer state is small; ZeRO-2 partitions it)")
 
 
 def check_metrics(m: MetricsConfig) -> None:

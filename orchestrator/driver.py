@@ -208,7 +208,8 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
         s.out.write_placement(s.cluster.nodes())
         start = time.perf_counter()
         optimizer = [] if s.cfg.learner.reset_optimizer_each_round else s.learners.optimizer_states()
-        s.out.write_checkpoint(r, ray.get(trained.export_refs[0]), optimizer)  # AdamW's moments for the next round
+        adapter = s.learners.adapter_files() if s.cfg.learner.lora.rank > 0 else None
+        s.out.write_checkpoint(r, ray.get(trained.export_refs[0]), optimizer, adapter)  # AdamW's moments for the next round
         chaos.point("checkpoint", r)
         s.out.write_pairs(r, trained.stream.pairs)
         if r + 1 in s.pending:  # drawn during this round (run.staleness=1)

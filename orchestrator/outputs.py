@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from actors.settings import ADAPTER_DIR
 from actors.types import Pair, WeightBundle
 from orchestrator import integrity
 from orchestrator.config import (
@@ -338,10 +339,12 @@ class RunDir:
         AutoConfig.from_pretrained(policy_path).save_pretrained(self.sub(BASE_FILES_DIR))
         tokenizer.save_pretrained(self.sub(BASE_FILES_DIR))
 
-    def write_checkpoint(self, round_index: int, bundle: WeightBundle, optimizer_states: list[bytes] = ()) -> str:
+    def write_checkpoint(self, round_index: int, bundle: WeightBundle, optimizer_states: list[bytes] = (),
+                         adapter: dict[str, bytes] | None = None) -> str:
         """The round's checkpoint: the policy's config and tokenizer, the synced weights as they are, each
-        learner rank's AdamW state (`optimizer/rank_<r>.safetensors`, learner.reset_optimizer_each_round=false)
-        and, last, checksums.json; written in `round_<k>.tmp` and renamed whole. A failed write leaves nothing."""
+        learner rank's AdamW state (`optimizer/rank_<r>.safetensors`, learner.reset_optimizer_each_round=false),
+        a LoRA run's adapters in PEFT's format (`adapter/`) and, last, checksums.json; written in
+        `round_<k>.tmp` and renamed whole. A failed write leaves nothing."""
         final = self.checkpoint_dir(round_index)
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -352,6 +355,7 @@ class RunDir:
                     files[os.path.relpath(os.path.join(root, name), self.sub(BASE_FILES_DIR))] = f.read()
         files["model.safetensors"] = bundle.payload  # the synced bytes, written as they are
         files |= {f"optimizer/rank_{rank}.safetensors": payload for rank, payload in enumerate(optimizer_states)}
+        files |= {f"{ADAPTER_DIR}/{name}": data for name, data in (adapter or {}).items()}
         try:
             for rel, data in files.items():
                 os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)

@@ -346,6 +346,10 @@ class LearnerGroup:
     def optimizer_states(self) -> list[bytes]:
         return self.get([r.optimizer_state.remote() for r in self.ranks], "optimizer-state export")
 
+    def adapter_files(self) -> dict[str, bytes]:
+        """Rank 0's LoRA adapters in PEFT's format, by file name (learner.lora)."""
+        return self.get([self.ranks[0].adapter_files.remote()], "adapter export")[0]
+
     def load_optimizer_states(self, payloads: list[bytes]) -> None:
         self.get([r.load_optimizer_state.remote(p) for r, p in zip(self.ranks, payloads)], "optimizer-state load")
 

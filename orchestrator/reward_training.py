@@ -36,6 +36,7 @@ from actors.learner import PairwiseLearner, RewardLearner
 from actors.models import first_layers, is_builtin, load_tokenizer, materialize_builtin
 from actors.preference import PreferenceFormat
 from actors.rewards import lowercase_ratio
+from actors.settings import LoraSettings
 from actors.types import Messages, Pair
 from actors.user_code import RewardFn
 from actors.worker import quiet_libraries
@@ -271,7 +272,9 @@ def fit_reward_model(cfg: OdpoConfig, dest: str, metrics_path: str, base_dir: st
         name = "pairwise model" if pairwise else "reward model"
         print(f"odpo: {name} from {rt.base_model}{' (RLHFlow A/B format)' if pairwise else ''}: {len(train)} training pairs, {len(held_items)} held out",
               file=sys.stderr)
-        rm_learner = cluster.threads_of("learner", dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr))
+        # the reward model trains whole: learner.lora's adapters are the policy's
+        rm_learner = cluster.threads_of("learner", dataclasses.replace(lc, lr=rt.lr if rt.lr is not None else lc.lr,
+                                                                       lora=LoraSettings()))
         group = cluster.learner_group("rm-learner", PairwiseLearner if pairwise else RewardLearner,
                                       lambda r: (rm_learner, base, rt.dtype, r, lc.num_ranks, tokenizer.pad_token_id))
         stack.callback(cluster.remove, group.pool)  # its cores go to the run's pools once it is saved

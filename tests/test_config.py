@@ -386,3 +386,22 @@ def test_cli_prints_input_errors_in_one_line_and_keeps_the_traceback_of_anything
     with pytest.raises(ValueError) as raised:
         cli.main(["run", TINY, f"run.output_dir={tmp_path}"])
     assert raised.value is from_actor
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["learner.lora.rank=-1"], "learner.lora.rank", "must be >= 0"),
+    (["learner.lora.rank=4", "learner.lora.alpha=0"], "learner.lora.alpha", "must be > 0"),
+    (["learner.lora.rank=4", "learner.lora.dropout=1.0"], "learner.lora.dropout", "[0, 1)"),
+    (["learner.lora.rank=4", "learner.lora.target_modules=[]"], "learner.lora.target_modules", "[all-linear]"),
+    (["learner.lora.rank=4", "learner.reference=previous"], "learner.lora.rank", "learner.reference must be fixed"),
+    (["learner.lora.rank=4", "learner.zero_stage=3"], "learner.lora.rank", "ZeRO-3"),
+])
+def test_bad_lora_settings_stop_at_validation(overrides, key, words):
+    e = config_error(TINY, overrides)
+    assert e.key == key and words in str(e)
+
+
+def test_lora_settings_load():
+    cfg = load_config(TINY, ["learner.lora.rank=8", "learner.lora.target_modules=[q_proj,v_proj]"])
+    assert (cfg.learner.lora.rank, cfg.learner.lora.alpha, cfg.learner.lora.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
+    assert load_config(TINY).learner.lora.rank == 0  # no adapters unless asked

@@ -1,0 +1,170 @@
+"""LoRA adapters on the learner (learner.lora, peft): the reference is the policy with its adapters off, the weights
+it exports are merged, and only the adapters train. Real DeepSpeed engines on the tiny policy, built locally."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_actors import fixed_pairs, response_logprob
+
+from actors.learner import Learner
+from actors.models import add_lora_adapters, linear_layer_names, load_causal_lm, merged_state_dict
+from actors.settings import LoraSettings
+from orchestrator.config import LearnerConfig
+
+LORA = LoraSettings(rank=4, alpha=8.0)
+
+
+def lora_learner(path: str, dtype: str = "float32", zero_stage: int = 0, lora: LoraSettings = LORA) -> Learner:
+    cfg = LearnerConfig(global_batch_size=4, micro_batch_size=4, lr=5e-2, beta=0.1, warmup_ratio=0.0,
+                        zero_stage=zero_stage, lora=lora)
+    lrn = Learner(cfg, path, dtype, rank=0, world_size=1, pad_id=0)
+    lrn.setup(*lrn.rendezvous_address())
+    lrn.start_round(0, total_steps=100)
+    return lrn
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_lora_trains_only_the_adapters_against_the_base_with_adapters_off(tiny_policy_dir, zero_stage):
+    """Steps move the adapters and nothing else; the reference (the policy with its adapters off) stays the
+    initial policy, so each step's loss equals DPO's written out against a separate frozen copy of it."""
+    lrn = lora_learner(tiny_policy_dir, zero_stage=zero_stage)
+    assert lrn.reference is None  # no second model
+    trainable = [n for n, p in lrn.engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    base = {n: p.detach().clone() for n, p in lrn.engine.module.named_parameters() if not p.requires_grad}
+    pairs = fixed_pairs()
+    first = lrn.train_step(pairs, pairs[0], 4)
+    assert first["loss"] / 4 == pytest.approx(math.log(2), abs=1e-6)  # fresh adapters: B = 0, policy = reference
+    for _ in range(3):
+        lrn.train_step(pairs, pairs[0], 4)
+    assert all(torch.equal(p, base[n]) for n, p in lrn.engine.module.named_parameters() if not p.requires_grad)
+    moved = lrn.export_weights(version=1).tensors()
+    step = lrn.train_step(pairs, pairs[0], 4)
+
+    policy = load_causal_lm(tiny_policy_dir, "float32").eval()
+    policy.load_state_dict(moved, strict=False)  # merged: the base model's own names
+    reference = load_causal_lm(tiny_policy_dir, "float32").eval()  # the separate frozen copy
+    losses = []
+    for p in pairs:
+        h = ((response_logprob(policy, p.prompt_ids, p.chosen_ids) - response_logprob(reference, p.prompt_ids, p.chosen_ids))
+             - (response_logprob(policy, p.prompt_ids, p.rejected_ids) - response_logprob(reference, p.prompt_ids, p.rejected_ids)))
+        losses.append(-math.log(1 / (1 + math.exp(-0.1 * h))))
+    assert step["loss"] / 4 == pytest.approx(sum(losses) / 4, abs=1e-5)
+    assert step["loss"] / 4 < math.log(2) - 0.01  # the adapters learned the pairs
+
+    # the reference stage's log-probs: the initial policy's, however far the adapters moved
+    ref = [x for logps in lrn.reference_logprobs(pairs)["logps"] for x in logps]
+    expected = [response_logprob(reference, p.prompt_ids, r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    assert ref == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_merged_export_is_peft_merge_and_unload(tiny_policy_dir):
+    lrn = lora_learner(tiny_policy_dir)
+    pairs = fixed_pairs()
+    for _ in range(3):
+        lrn.train_step(pairs, pairs[0], 4)
+    exported = lrn.export_weights(version=1).tensors()
+    merged = copy.deepcopy(lrn.engine.module).merge_and_unload().state_dict()
+    tied = {"lm_head.weight"} if "lm_head.weight" not in exported else set()
+    assert set(exported) == set(merged) - tied
+    assert all(torch.allclose(exported[k], merged[k], atol=1e-6) for k in exported)
+    base = load_causal_lm(tiny_policy_dir, "float32").state_dict()
+    changed = [k for k in exported if not torch.equal(exported[k], base[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # the adapted linear layers only
+
+
+def test_the_frozen_copy_and_the_kl_with_adapters(tiny_policy_dir):
+    """The deferred evaluation's frozen copy is the merged policy as exported; its KL against the reference
+    (adapters off) is the policy's at that export, whatever steps came since."""
+    lrn = lora_learner(tiny_policy_dir)
+    pairs = fixed_pairs(3)
+    prompts = [p.prompt_ids for p in pairs for _ in range(2)]
+    responses = [r for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    assert lrn.log_ratios(prompts, responses)["ratios"] == pytest.approx([0.0] * 6, abs=1e-6)  # B = 0
+    lrn.train_step(pairs, pairs[0], 4)
+    lrn.export_weights(version=1, freeze=True)
+    evaluated = lrn.log_ratios(prompts, responses)["ratios"]
+    assert any(abs(x) > 1e-3 for x in evaluated)
+    lrn.train_step(pairs, pairs[0], 4)
+    assert lrn.log_ratios(prompts, responses, frozen=True)["ratios"] == pytest.approx(evaluated, abs=1e-5)
+
+
+def test_a_target_module_the_model_lacks_stops_naming_its_linear_layers(tiny_policy_dir):
+    model = load_causal_lm(tiny_policy_dir, "float32")
+    linear = linear_layer_names(model)
+    assert {"q_proj", "v_proj", "down_proj"} <= set(linear) and "lm_head" not in linear
+    with pytest.raises(ValueError, match=r"\['query'\] name no linear layer.*'q_proj'"):
+        add_lora_adapters(model, LoraSettings(rank=2, target_modules=["q_proj", "query"]))
+    peft_model = add_lora_adapters(load_causal_lm(tiny_policy_dir, "float32"), LoraSettings(rank=2, target_modules=["q_proj"]))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_" in n}
+    assert adapted == {"q_proj"}
+    assert set(merged_state_dict(peft_model)) == set(model.state_dict())
+
+
+def test_lora_refuses_a_previous_reference_and_zero3(tiny_policy_dir):
+    for settings, message in ((dict(reference="previous"), "reference=fixed"), (dict(zero_stage=3), "ZeRO-3")):
+        cfg = LearnerConfig(global_batch_size=4, micro_batch_size=4, lora=LORA, **settings)
+        with pytest.raises(ValueError, match=message):
+            Learner(cfg, tiny_policy_dir, "float32", rank=0, world_size=1, pad_id=0)
+
+
+def test_in_bfloat16_the_adapters_off_reference_equals_a_separate_copy(tiny_policy_dir):
+    """DeepSpeed's bf16 engine holds the base weights in bf16, as the separate reference of a full fine-tuning
+    learner does: the two references give the same log-probs after the adapters moved."""
+    lrn = lora_learner(tiny_policy_dir, dtype="bfloat16")
+    full = Learner(LearnerConfig(global_batch_size=4, micro_batch_size=4), tiny_policy_dir, "bfloat16", rank=0,
+                   world_size=1, pad_id=0)
+    full.setup(*full.rendezvous_address())
+    pairs = fixed_pairs()
+    for _ in range(3):
+        lrn.train_step(pairs, pairs[0], 4)
+    assert lrn.reference_logprobs(pairs)["logps"] == full.reference_logprobs(pairs)["logps"]
+    assert lrn.packing == full.packing
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_its_adapters_and_resumes_on_them(ray_cluster, tmp_path, monkeypatch):
+    """The whole loop with adapters (merged weights synced to the generators, the held-out evaluation and its KL
+    on the frozen merged copy): a run stopped after round 1 and resumed ends exactly as the run that went
+    straight through; each checkpoint's adapter/ loads with peft onto the initial policy and merges into the
+    checkpoint's own weights."""
+    import json
+    import os
+
+    from conftest import REPO, RULE_LOOP
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator import chaos
+    from orchestrator.config import load_config
+    from orchestrator.driver import run
+
+    monkeypatch.chdir(REPO)
+
+    def config(name: str, rounds: int):
+        return load_config("configs/tiny.yaml", [
+            *RULE_LOOP, f"run.output_dir={tmp_path}", f"run.name={name}", f"run.rounds={rounds}", "run.overwrite=false",
+            "data.prompts_per_round=16", "generator.backend=hf", "generator.max_new_tokens=12", "eval.prompts=8",
+            "learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3", "metrics.wandb=false"])
+
+    straight = run(config("straight", 3))
+    run(config("resumed", 2))
+    resumed = run(config("resumed", 3))
+    assert chaos.outcome(resumed) == chaos.outcome(straight)
+    metrics = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert all(math.isfinite(m["eval/kl"]) and m["eval/kl"] != 0 for m in metrics)  # the adapters moved the policy
+
+    checkpoint = os.path.join(resumed, "checkpoints", "round_2")
+    adapter = os.path.join(checkpoint, "adapter")
+    base_path = json.load(open(os.path.join(adapter, "adapter_config.json")))["base_model_name_or_path"]
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).merge_and_unload()
+    saved = load_file(os.path.join(checkpoint, "model.safetensors"))
+    state = merged.state_dict()
+    assert all(torch.allclose(saved[k].float(), state[k], atol=1e-6) for k in saved)
+    initial = AutoModelForCausalLM.from_pretrained(base_path).state_dict()
+    assert any(not torch.equal(saved[k].float(), initial[k]) for k in saved)
