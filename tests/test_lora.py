@@ -141,40 +141,36 @@ def lora_config(tmp_path, name: str, rounds: int, *overrides: str):
                                              f"run.rounds={rounds}", *LORA_RUN, *overrides])
 
 
-@pytest.fixture(scope="module")
-def lora_straight(ray_cluster, tmp_path_factory) -> str:
-    """The fault-free LoRA run, 3 rounds, that the resumed and the faulted runs must end like."""
-    from conftest import REPO
-
-    from orchestrator.driver import run
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(REPO)
-        return run(lora_config(tmp_path_factory.mktemp("lora-straight"), "straight", 3))
-
-
 @pytest.mark.slow
-def test_a_lora_run_checkpoints_its_adapters_and_resumes_on_them(ray_cluster, lora_straight, tmp_path, monkeypatch):
+def test_a_lora_run_killed_and_resumed_trains_on_its_adapters(ray_cluster, tmp_path, monkeypatch):
     """The whole loop with adapters (merged weights synced to the generators, the held-out evaluation and its KL
-    on the frozen copy): a run stopped after round 1 and resumed ends exactly as the run that went straight
-    through; each checkpoint's adapter/ loads with peft onto the initial policy and merges into the
-    checkpoint's own weights."""
+    on the frozen copy). A run whose learner rank is SIGKILLed in round 1 (the round runs again on a group
+    rebuilt from round 0's checkpoint: the initial policy with round 0's adapters), stopped after round 1 and
+    resumed, ends exactly as the run that went straight through; the checkpoint's adapter/ loads with peft onto
+    the initial policy and merges into the checkpoint's own weights."""
     import json
     import os
+    import signal
 
     from conftest import REPO
     from peft import PeftModel
     from safetensors.torch import load_file
+    from test_reliability import Saboteur, metrics_of
     from transformers import AutoModelForCausalLM
 
     from orchestrator import chaos
     from orchestrator.driver import run
 
     monkeypatch.chdir(REPO)
+    straight = run(lora_config(tmp_path, "straight", 3))
+    resumed = str(tmp_path / "resumed")
+    saboteur = Saboteur(ray_cluster, resumed, [(1, "learner-0", signal.SIGKILL)])
+    saboteur.start()
     run(lora_config(tmp_path, "resumed", 2))
-    resumed = run(lora_config(tmp_path, "resumed", 3))
-    assert chaos.outcome(resumed) == chaos.outcome(lora_straight)
-    metrics = [json.loads(line) for line in open(os.path.join(lora_straight, "metrics.jsonl"))]
+    run(lora_config(tmp_path, "resumed", 3))
+    assert [m["faults/learner_retries"] for m in metrics_of(resumed)] == [0, 1, 0]
+    assert chaos.outcome(resumed) == chaos.outcome(straight)
+    metrics = metrics_of(straight)
     assert all(math.isfinite(m["eval/kl"]) and m["eval/kl"] != 0 for m in metrics)  # the adapters moved the policy
 
     checkpoint = os.path.join(resumed, "checkpoints", "round_2")
@@ -189,27 +185,6 @@ def test_a_lora_run_checkpoints_its_adapters_and_resumes_on_them(ray_cluster, lo
 
 
 @pytest.mark.slow
-def test_a_lora_learner_killed_mid_run_is_rebuilt_on_its_adapters(ray_cluster, lora_straight, tmp_path, monkeypatch):
-    """The learner rank SIGKILLed in round 1: the round runs again on a group rebuilt from round 0's checkpoint
-    (the initial policy with round 0's adapters), and the run ends exactly as the fault-free one."""
-    import signal
-
-    from conftest import REPO
-    from test_reliability import Saboteur, metrics_of
-
-    from orchestrator import chaos
-    from orchestrator.driver import run
-
-    monkeypatch.chdir(REPO)
-    run_dir = str(tmp_path / "killed")
-    saboteur = Saboteur(ray_cluster, run_dir, [(1, "learner-0", signal.SIGKILL)])
-    saboteur.start()
-    run(lora_config(tmp_path, "killed", 3))
-    assert [m["faults/learner_retries"] for m in metrics_of(run_dir)] == [0, 1, 0]
-    assert chaos.outcome(run_dir) == chaos.outcome(lora_straight)
-
-
-@pytest.mark.slow
 def test_the_offline_baseline_trains_adapters_too(ray_cluster, tmp_path, monkeypatch):
     """run.mode=offline with adapters: the same learner on the initial policy's pairs; its checkpoints hold the
     adapters and the merged weights, and the held-out evaluation reads a moved policy."""
@@ -221,7 +196,7 @@ def test_the_offline_baseline_trains_adapters_too(ray_cluster, tmp_path, monkeyp
     from orchestrator.driver import run
 
     monkeypatch.chdir(REPO)
-    run_dir = run(lora_config(tmp_path, "offline", 2, "run.mode=offline"))
+    run_dir = run(lora_config(tmp_path, "offline", 2, "run.mode=offline", "eval.prompts=4"))
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["round"] for m in metrics] == [0, 1] and all(m["train/steps"] > 0 for m in metrics)
     assert all(math.isfinite(m["eval/kl"]) and m["eval/kl"] != 0 for m in metrics)
