@@ -44,7 +44,8 @@ def keep_freed_memory() -> bool:
     it when freed, and returns a free heap top over 128 kB to the kernel: a training step's large tensors (the
     output head's logits, the flattened gradients, the optimizer's bf16 copies) then arrive as fresh pages that
     the kernel faults in and zeroes, every step again. On the real model (SmolLM2-135M, bf16) that was 1.1 GB of
-    page faults a step and the step 0.85 of the time without them (benchmarks/freed_memory.py). Both are turned
+    page faults a step, and the step took 0.91 of the time without them (0.85 with the reference in the step;
+    benchmarks/freed_memory.py, 2-core AMD EPYC with avx512_bf16). Both are turned
     off here, for the allocations after this call; the process's resident memory stays near its peak instead of
     falling between steps. Returns False, changing nothing, where the C library is not glibc."""
     try:
