@@ -87,7 +87,10 @@ class GeneratorBase(TakesTurns):
 
 class HFGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
-                 max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
+                 max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator",
+                 max_lora_rank: int = 0):
+        if max_lora_rank:
+            raise ValueError("the transformers generator takes merged weights, not adapters (learner.lora.sync=merged)")
         super().__init__(cfg, tokenizer_path, max_prompt_length, trust_remote_code, name, padding_side="left")
         self.model = load_causal_lm(model_path, dtype, trust_remote_code).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
@@ -99,6 +102,9 @@ class HFGenerator(GeneratorBase):
     def load_weights(self, bundle: WeightBundle) -> int:
         """Copy the learner's full state dict into this engine in place; returns the new version."""
         self._check_newer(bundle.version)
+        if bundle.holds_adapter:
+            raise ValueError(f"{self.name}: weight version {bundle.version} holds LoRA adapters; the transformers "
+                             "generator takes merged weights (learner.lora.sync=merged)")
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(bundle.tensors(), strict=False)
         if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq") and k not in self.tied_keys]:

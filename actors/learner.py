@@ -75,8 +75,10 @@ class Learner(TakesTurns):
         if self.lora and cfg.reference == "previous":
             raise ValueError("learner.lora: the reference is the policy with its adapters off, which a `previous` "
                              "reference cannot be; use learner.reference=fixed")
-        if self.lora and cfg.zero_stage == 3:
-            raise ValueError("learner.lora: ZeRO-3 is not supported with adapters yet; use learner.zero_stage 0-2")
+        self.reference_off_adapters = self.lora and cfg.zero_stage < 3
+        """The reference is the policy with its adapters off (no second model). Under ZeRO-3 the policy's forwards
+        are collective, and the reference stage asks one rank alone: there it stays a separate copy on every
+        rank, as without adapters."""
         self.packing = True
         """Responses packed after their prompt under a 4D mask (`pack_responses`); False where the model's
         attention does not honour one (`packing_is_exact`, asked of the reference at set-up)."""
@@ -120,7 +122,7 @@ class Learner(TakesTurns):
         import_muon_without_compiling()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
-        if self.lora:  # the reference is this model with its adapters off: probed now that it exists
+        if self.reference_off_adapters:  # the reference is this model with its adapters off: probed now it exists
             with self._reference() as reference:
                 self._decide_packing(reference)
         e = self.engine  # plain fp32 without ZeRO: DeepSpeed's clip does not record the gradient norm
@@ -129,7 +131,7 @@ class Learner(TakesTurns):
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
 
     def _build_reference(self, device: torch.device) -> None:
-        if self.lora:  # the policy with its adapters off (`_reference`)
+        if self.reference_off_adapters:  # the policy with its adapters off (`_reference`)
             self.reference = None
             return
         self.reference = load_causal_lm(self.reference_path, self.dtype, self.trust_remote_code,
@@ -141,7 +143,7 @@ class Learner(TakesTurns):
     def _reference(self):
         """The reference model: its own frozen copy, or with LoRA the policy itself with its adapters switched off
         (in eval mode) for as long as the context lasts."""
-        if not self.lora:
+        if not self.reference_off_adapters:
             yield self.reference
             return
         module = self.engine.module
@@ -437,17 +439,27 @@ class Learner(TakesTurns):
 
     @in_turn
     def adapter_files(self) -> dict[str, bytes]:
+        return self._adapter_files()
+
+    def _adapter_files(self) -> dict[str, bytes]:
         """The adapters in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), by file name:
         `PeftModel.from_pretrained(base, folder)` loads them onto the initial policy. Rank 0's (ZeRO 0-2: every
-        rank holds the same)."""
+        rank holds the same); under ZeRO-3 every rank must call (the adapters are gathered), the others get {}."""
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="odpo-adapter-") as folder:
-            self.engine.module.save_pretrained(folder)
-            files = {}
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    files[name] = f.read()
+        import deepspeed
+
+        module = self.engine.module
+        adapters = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(adapters, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return {}
+            with tempfile.TemporaryDirectory(prefix="odpo-adapter-") as folder:
+                module.save_pretrained(folder)
+                files = {}
+                for name in (WeightBundle.ADAPTER_CONFIG, WeightBundle.ADAPTER_WEIGHTS):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        files[name] = f.read()
         return files
 
     def init_nccl_sync(self, generators: list, tensor_parallel_size: int) -> None:
@@ -462,18 +474,27 @@ class Learner(TakesTurns):
         self.nccl_sync.send()
 
     @in_turn
-    def export_weights(self, version: int, freeze: bool = False) -> WeightBundle | None:
-        """Rank 0 returns the full weights as version `version`; other ranks help gather and return None. With
-        `freeze`, rank 0 also keeps them as a frozen copy of the policy (`log_ratios(frozen=True)`): a deferred
-        evaluation's KL then runs on the weights it evaluates while the next round trains."""
+    def export_weights(self, version: int, freeze: bool = False, adapters: bool = False) -> WeightBundle | None:
+        """Rank 0 returns the full weights as version `version` (or with `adapters` only the LoRA adapters, in
+        PEFT's format); other ranks help gather and return None. With `freeze`, rank 0 also keeps them as a
+        frozen copy of the policy (`log_ratios(frozen=True)`): a deferred evaluation's KL then runs on the weights
+        it evaluates while the next round trains."""
+        if adapters and not self.lora:
+            raise ValueError("export_weights(adapters=True) needs learner.lora")
         # serialised before this call returns, so no copy of the live weights first (ZeRO-3's gathered ones are
         # released as the gather ends: those are copied)
-        tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copied=self.cfg.zero_stage == 3)
+        if adapters:
+            files = self._adapter_files()  # gathered by every rank under ZeRO-3
+            tensors = {}
+        else:
+            tensors = self._full_state_dict(keep=self.rank == 0, tied=False, copied=self.cfg.zero_stage == 3)
         if self.rank != 0:
             return None
         if freeze and self.lora:  # the policy as it computes, adapters and all: the KL then equals the live one's
             self.frozen = copy.deepcopy(self.engine.module).eval().requires_grad_(False)
-        elif freeze:
+        if adapters:
+            return WeightBundle.of_adapter(version, files)
+        if freeze and not self.lora:
             if self.frozen is None:  # the reference's architecture and dtype, the policy's weights
                 self.frozen = copy.deepcopy(self.reference)
             missing, unexpected = self.frozen.load_state_dict(tensors, strict=False)

@@ -12,6 +12,9 @@ BUILTIN_PREFIX = "builtin:"
 DTYPES = ("float32", "bfloat16", "float16")
 ADAPTER_DIR = "adapter"
 """A LoRA run's checkpoint keeps its adapters in PEFT's format in this folder, beside the merged weights."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The adapter ranks a vLLM engine can be built for (its `max_lora_rank`); an adapter of a rank between two is
+applied by an engine built for the larger."""
 
 
 def vllm_available() -> bool:
@@ -149,6 +152,15 @@ class LoraSettings:
     """Names of the linear layers that get adapters (the last part of each module's name, e.g. [q_proj, v_proj]);
     [all-linear]: every linear layer but the output head. A name the model lacks stops the run, its linear layers
     listed."""
+    sync: str = "auto"
+    """How each round's policy reaches the generators. `adapter`: only the adapters (megabytes, against the whole
+    model's weights), applied by vLLM's LoRA support under a new adapter id each version (generator.backend=vllm);
+    `merged`: the whole policy with the adapters merged into its weights (any backend, NCCL included); `auto`:
+    adapter on GPU generators, merged on CPU ones (vLLM's CPU LoRA kernels generate several times slower than
+    merged weights: docs/benchmarks.md)."""
+    save_merged: bool = False
+    """With adapters synced (sync: adapter), also write each checkpoint's merged model (model.safetensors, the
+    whole policy: loads in transformers and vLLM without peft). Merged syncs always write it (the synced bytes)."""
 
 
 @dataclass

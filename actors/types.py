@@ -147,10 +147,32 @@ class WeightBundle:
 
     `payload` is bytes-like: a uint8 numpy array when the learner made it (Ray's object store hands numpy
     arrays to every reader without copying them: the driver that writes the checkpoint and each generator
-    read the one stored copy), bytes when read from a checkpoint file."""
+    read the one stored copy), bytes when read from a checkpoint file.
+
+    With LoRA adapters synced alone (learner.lora.sync=adapter) the payload is PEFT's `adapter_model.safetensors`
+    and `adapter_config` its `adapter_config.json`: the two files a vLLM engine loads as an adapter."""
 
     version: int
     payload: Any = field(repr=False)
+    adapter_config: bytes | None = field(default=None, repr=False)
+
+    ADAPTER_WEIGHTS = "adapter_model.safetensors"
+    ADAPTER_CONFIG = "adapter_config.json"
+
+    @classmethod
+    def of_adapter(cls, version: int, files: dict[str, bytes]) -> WeightBundle:
+        """The adapters in PEFT's two files (by name) as a bundle."""
+        return cls(version=version, payload=files[cls.ADAPTER_WEIGHTS], adapter_config=files[cls.ADAPTER_CONFIG])
+
+    @property
+    def holds_adapter(self) -> bool:
+        return self.adapter_config is not None
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """PEFT's two files, by name (an adapter bundle only)."""
+        if self.adapter_config is None:
+            raise ValueError(f"weight version {self.version} holds the whole model, not adapters")
+        return {self.ADAPTER_WEIGHTS: bytes(memoryview(self.payload)), self.ADAPTER_CONFIG: self.adapter_config}
 
     @classmethod
     def from_tensors(cls, version: int, tensors: dict[str, torch.Tensor]) -> WeightBundle:
@@ -162,7 +184,7 @@ class WeightBundle:
         return safetensors_views(self.payload)
 
     def num_bytes(self) -> int:
-        return memoryview(self.payload).nbytes
+        return memoryview(self.payload).nbytes + len(self.adapter_config or b"")
 
 
 SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",

@@ -9,6 +9,10 @@
   `reload_weights(weights_iterator=..., is_checkpoint_format=True)` via `LLM.collective_rpc`, then the
   prefix cache is reset. (`model.load_weights` fails on the CPU build, whose weights are repacked; raw
   tensors do not survive the RPC when the engine runs in another process: bytes do.)
+- LoRA runs that sync only their adapters (learner.lora.sync=adapter): the engine is built with vLLM's LoRA support
+  on the base policy, whose weights then never change; each version's adapters are written as PEFT's two files
+  into a folder of the actor's and added under a new adapter id (the version), the previous one removed, and
+  every request names them.
 - Sampling is seeded per chunk with `torch.manual_seed` before `generate`: per-request seeds crash the
   CPU build when a prompt is split across steps.
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -46,8 +52,12 @@ def _drop_template_warmup(record: logging.LogRecord) -> bool:
 
 class VLLMGenerator(GeneratorBase):
     def __init__(self, cfg: GeneratorConfig, model_path: str, tokenizer_path: str, dtype: str,
-                 max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator"):
+                 max_prompt_length: int, trust_remote_code: bool = False, name: str = "generator",
+                 max_lora_rank: int = 0):
         super().__init__(cfg, tokenizer_path, max_prompt_length, trust_remote_code, name)
+        self.lora_request = None
+        """The adapters every request is generated with (max_lora_rank > 0, once a version has been loaded)."""
+        self.adapter_root = tempfile.mkdtemp(prefix=f"odpo-{name}-adapters-") if max_lora_rank else None
         on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -77,6 +87,9 @@ class VLLMGenerator(GeneratorBase):
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             seed=0,
             **({"weight_transfer_config": {"backend": "nccl"}} if cfg.weight_sync == "nccl" else {}),
+            # one adapter serves at a time; room for a second while a new version replaces it
+            **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1, "max_cpu_loras": 2}
+               if max_lora_rank else {}),
         )
         self.tied = checkpoint_tied_copies(model_path, trust_remote_code)
         """The checkpoint's tied copies (copy -> source): a weight payload carries each tensor once."""
@@ -86,12 +99,41 @@ class VLLMGenerator(GeneratorBase):
 
     @in_turn
     def load_weights(self, bundle: WeightBundle) -> int:
-        """Reload the engine's weights in place from the learner's payload; returns the new version."""
+        """Reload the engine's weights in place from the learner's payload, or take its adapters; returns the
+        new version."""
         self._check_newer(bundle.version)
-        self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload, self.tied))
+        if (self.adapter_root is not None) != bundle.holds_adapter:
+            raise ValueError(f"{self.name}: weight version {bundle.version} holds "
+                             f"{'LoRA adapters' if bundle.holds_adapter else 'the whole model'}, and this engine "
+                             f"{'applies adapters' if self.adapter_root else 'was built without LoRA support'}")
+        if bundle.holds_adapter:
+            self._add_adapter(bundle)
+        else:
+            self.llm.collective_rpc(_reload_from_safetensors, args=(bundle.payload, self.tied))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.version = bundle.version
         return self.version
+
+    def _add_adapter(self, bundle: WeightBundle) -> None:
+        """The bundle's adapters under adapter id `version` (the engine loads them from PEFT's files); the
+        previous version's removed, from the engine and from disk."""
+        from vllm.lora.request import LoRARequest
+
+        folder = os.path.join(self.adapter_root, f"v{bundle.version}")
+        os.makedirs(folder, exist_ok=True)
+        for file_name, data in ((bundle.ADAPTER_WEIGHTS, bundle.payload), (bundle.ADAPTER_CONFIG, bundle.adapter_config)):
+            with open(os.path.join(folder, file_name), "wb") as f:
+                f.write(memoryview(data))
+        old, engine = self.lora_request, self.llm.llm_engine
+        if old is not None and old.lora_int_id == bundle.version:  # the same version again (a retried sync)
+            engine.remove_lora(old.lora_int_id)
+            old = None
+        request = LoRARequest(f"odpo-v{bundle.version}", bundle.version, folder)
+        engine.add_lora(request)
+        self.lora_request = request
+        if old is not None:
+            engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     # -- NCCL weight sync (generator.weight_sync=nccl, GPUs): vLLM's client calls these on our handle --------
 
@@ -133,7 +175,7 @@ class VLLMGenerator(GeneratorBase):
                     params.append(sp)
                     owners.append((i, temperature))
         torch.manual_seed(chunk.seed)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         responses: list[list[Response]] = [[] for _ in chunk.prompts]
         for (i, temperature), out in zip(owners, outputs):
             responses[i].extend(self.renderer.response(list(c.token_ids), temperature) for c in out.outputs)

@@ -31,6 +31,8 @@ import signal
 import sys
 import threading
 
+from actors.settings import ADAPTER_DIR
+
 POINTS = ("generate", "score", "train", "sync", "checkpoint", "commit", "eval")
 ENV = "ODPO_CHAOS"
 
@@ -230,7 +232,10 @@ def outcome(run_dir: str) -> tuple[list[dict], list[str], dict]:
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     metrics = [{k: v for k, v in m.items() if k.startswith(OUTCOME_KEYS) and not k.endswith("_per_s")} for m in lines]
     pairs = [open(os.path.join(run_dir, "pairs", f"round_{m['round']}.jsonl")).read() for m in lines]
-    path = os.path.join(run_dir, "checkpoints", f"round_{len(lines) - 1}", "model.safetensors")
+    last = os.path.join(run_dir, "checkpoints", f"round_{len(lines) - 1}")
+    path = os.path.join(last, "model.safetensors")
+    if not os.path.exists(path):  # a LoRA run that keeps only its adapters
+        path = os.path.join(last, ADAPTER_DIR, "adapter_model.safetensors")
     with safe_open(path, "pt") as f:
         weights = {"__metadata__": f.metadata()}
         for name in f.keys():

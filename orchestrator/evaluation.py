@@ -38,14 +38,14 @@ import numpy as np
 import ray
 
 from actors.models import load_tokenizer
-from actors.types import Prompt, RolloutChunk, WeightBundle
+from actors.types import Prompt, RolloutChunk
 from actors.user_code import RewardFn, UserFunctionError
 from actors.worker import quiet_libraries
 from orchestrator import chaos, stats
 from orchestrator.cluster import Cluster
-from orchestrator.config import InputError, InputNotFound, OdpoConfig
+from orchestrator.config import InputError, OdpoConfig, syncs_adapters
 from orchestrator.data import PromptSource
-from orchestrator.outputs import resolve_models
+from orchestrator.outputs import read_checkpoint_weights, resolve_models
 from orchestrator.pools import ActorPool, LearnerGroup
 from orchestrator.streaming import make_chunks, map_calls
 
@@ -401,9 +401,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
     policy (the reference), as the run reports them after the round that saved it. Also written to
     CHECKPOINT/eval.json."""
     quiet_libraries()
-    weights = os.path.join(checkpoint, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise InputNotFound(f"{checkpoint} is not a checkpoint (no model.safetensors)")
+    bundle = read_checkpoint_weights(checkpoint, 1, syncs_adapters(cfg))  # what the config's generators load
     if cfg.eval.prompts < 1:
         raise InputError("eval.prompts must be >= 1 for odpo eval (the held-out prompts to answer)")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
@@ -416,8 +414,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: OdpoConfig) -> dict:
         learners = cluster.learners(checkpoint, policy, tokenizer.pad_token_id)  # the KL's reference: the initial policy
         initial = sample(source.eval, cfg, generators, scorers, 0)
         reference_nll(initial, learners)
-        with open(weights, "rb") as f:
-            generators.weights_ref = ray.put(WeightBundle(version=1, payload=f.read()))
+        generators.weights_ref = ray.put(bundle)
         generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "loading the checkpoint")
         result = metrics(sample(source.eval, cfg, generators, scorers, 1), initial, cfg, scorers, learners)
     result = {k: v for k, v in result.items() if k.startswith("eval/")}  # the figures; timings are a round's

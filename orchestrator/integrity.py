@@ -16,6 +16,8 @@ import json
 import os
 import struct
 
+from actors.settings import ADAPTER_DIR
+
 CHECKSUMS_FILE = "checksums.json"
 
 
@@ -39,10 +41,14 @@ def checkpoint_problem(folder: str) -> str | None:
     file's header parses and its data ends where the file does)."""
     if not os.path.isdir(folder):
         return f"{folder} is missing"
-    needed = ["config.json", "model.safetensors"]
-    for rel in needed:
-        if not os.path.isfile(os.path.join(folder, rel)):
-            return f"{os.path.join(folder, rel)} is missing"
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return f"{os.path.join(folder, 'config.json')} is missing"
+    # the whole policy, or a LoRA run's adapters alone (learner.lora.sync=adapter without save_merged)
+    weights = [rel for rel in ("model.safetensors", f"{ADAPTER_DIR}/adapter_model.safetensors")
+               if os.path.isfile(os.path.join(folder, rel))]
+    if not weights:
+        return f"{os.path.join(folder, 'model.safetensors')} is missing"
+    needed = ["config.json", *weights]
     listed_path = os.path.join(folder, CHECKSUMS_FILE)
     if os.path.exists(listed_path):
         try:

@@ -315,10 +315,10 @@ class RunDir:
     def checkpoint_dir(self, round_index: int) -> str:
         return self.sub("checkpoints", f"round_{round_index}")
 
-    def read_checkpoint(self, round_index: int, version: int) -> WeightBundle:
-        """A committed checkpoint's weights as the bundle the generators load (the file's bytes as they are)."""
-        with open(os.path.join(self.checkpoint_dir(round_index), "model.safetensors"), "rb") as f:
-            return WeightBundle(version=version, payload=f.read())
+    def read_checkpoint(self, round_index: int, version: int, adapters: bool = False) -> WeightBundle:
+        """A committed checkpoint's weights as the bundle the generators load (the file's bytes as they are):
+        the whole policy, or with `adapters` its LoRA adapters (learner.lora.sync=adapter)."""
+        return read_checkpoint_weights(self.checkpoint_dir(round_index), version, adapters)
 
     def load_optimizer_states(self, round_index: int, ranks: int) -> list[bytes]:
         paths = [os.path.join(self.checkpoint_dir(round_index), "optimizer", f"rank_{r}.safetensors")
@@ -339,12 +339,15 @@ class RunDir:
         AutoConfig.from_pretrained(policy_path).save_pretrained(self.sub(BASE_FILES_DIR))
         tokenizer.save_pretrained(self.sub(BASE_FILES_DIR))
 
-    def write_checkpoint(self, round_index: int, bundle: WeightBundle, optimizer_states: list[bytes] = (),
+    def write_checkpoint(self, round_index: int, bundle: WeightBundle | None, optimizer_states: list[bytes] = (),
                          adapter: dict[str, bytes] | None = None) -> str:
-        """The round's checkpoint: the policy's config and tokenizer, the synced weights as they are, each
+        """The round's checkpoint: the policy's config and tokenizer, the whole policy's weights (`bundle`, the
+        synced bytes as they are; None: a LoRA run that syncs only its adapters and keeps no merged copy), each
         learner rank's AdamW state (`optimizer/rank_<r>.safetensors`, learner.reset_optimizer_each_round=false),
         a LoRA run's adapters in PEFT's format (`adapter/`) and, last, checksums.json; written in
         `round_<k>.tmp` and renamed whole. A failed write leaves nothing."""
+        if bundle is None and not adapter:
+            raise ValueError("a checkpoint needs the policy's weights or its adapters")
         final = self.checkpoint_dir(round_index)
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -353,7 +356,8 @@ class RunDir:
             for name in names:
                 with open(os.path.join(root, name), "rb") as f:
                     files[os.path.relpath(os.path.join(root, name), self.sub(BASE_FILES_DIR))] = f.read()
-        files["model.safetensors"] = bundle.payload  # the synced bytes, written as they are
+        if bundle is not None:
+            files["model.safetensors"] = bundle.payload  # the synced bytes, written as they are
         files |= {f"optimizer/rank_{rank}.safetensors": payload for rank, payload in enumerate(optimizer_states)}
         files |= {f"{ADAPTER_DIR}/{name}": data for name, data in (adapter or {}).items()}
         try:
@@ -408,6 +412,26 @@ class RunDir:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def read_checkpoint_weights(folder: str, version: int, adapters: bool = False) -> WeightBundle:
+    """The checkpoint in `folder` as a weight bundle of version `version`: its model.safetensors, or with
+    `adapters` its adapter/ (PEFT's two files). A checkpoint without what is asked says what it holds."""
+    if adapters:
+        paths = {name: os.path.join(folder, ADAPTER_DIR, name)
+                 for name in (WeightBundle.ADAPTER_WEIGHTS, WeightBundle.ADAPTER_CONFIG)}
+        if not all(os.path.isfile(p) for p in paths.values()):
+            raise InputNotFound(f"{folder} holds no LoRA adapters ({ADAPTER_DIR}/{WeightBundle.ADAPTER_WEIGHTS}): "
+                                f"it was saved by a run without learner.lora; load it with learner.lora.sync=merged")
+        return WeightBundle.of_adapter(version, {name: open(p, "rb").read() for name, p in paths.items()})
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        if os.path.isdir(os.path.join(folder, ADAPTER_DIR)):
+            raise InputNotFound(f"{folder} holds only LoRA adapters ({ADAPTER_DIR}/, no model.safetensors): load them "
+                                f"with learner.lora.sync=adapter (vLLM generators)")
+        raise InputNotFound(f"{folder} is not a checkpoint (no model.safetensors)")
+    with open(path, "rb") as f:
+        return WeightBundle(version=version, payload=f.read())
 
 
 def _finite(x: float) -> float | None:

@@ -347,8 +347,9 @@ class LearnerGroup:
         return self.get([r.optimizer_state.remote() for r in self.ranks], "optimizer-state export")
 
     def adapter_files(self) -> dict[str, bytes]:
-        """Rank 0's LoRA adapters in PEFT's format, by file name (learner.lora)."""
-        return self.get([self.ranks[0].adapter_files.remote()], "adapter export")[0]
+        """Rank 0's LoRA adapters in PEFT's format, by file name (learner.lora); every rank takes part (ZeRO-3
+        gathers them)."""
+        return self.get([r.adapter_files.remote() for r in self.ranks], "adapter export")[0]
 
     def load_optimizer_states(self, payloads: list[bytes]) -> None:
         self.get([r.load_optimizer_state.remote(p) for r, p in zip(self.ranks, payloads)], "optimizer-state load")
@@ -382,10 +383,11 @@ class LearnerGroup:
     def async_send_nccl_refs(self) -> list[ray.ObjectRef]:
         return [r.send_weights_nccl.remote() for r in self.ranks]
 
-    def async_export_refs(self, version: int, freeze: bool = False) -> list[ray.ObjectRef]:
+    def async_export_refs(self, version: int, freeze: bool = False, adapters: bool = False) -> list[ray.ObjectRef]:
         """All ranks take part in the gather; refs[0] (rank 0) holds the bundle, in the object store once. `freeze`:
-        rank 0 keeps a frozen copy of these weights for a deferred evaluation's KL."""
-        return [r.export_weights.remote(version, freeze) for r in self.ranks]
+        rank 0 keeps a frozen copy of these weights for a deferred evaluation's KL. `adapters`: only the LoRA
+        adapters (learner.lora.sync=adapter)."""
+        return [r.export_weights.remote(version, freeze, adapters) for r in self.ranks]
 
 
 def attach_reference(pairs: list[Pair], result: dict) -> list[Pair]:

@@ -30,7 +30,7 @@ from actors.models import load_tokenizer
 from actors.worker import quiet_libraries
 from orchestrator import ahead, evaluation, offline
 from orchestrator.cluster import Cluster, in_ray_job, resolve_backend
-from orchestrator.config import OdpoConfig
+from orchestrator.config import OdpoConfig, syncs_adapters
 from orchestrator.control import take_scale_request
 from orchestrator.data import PromptSource
 from orchestrator.outputs import RunDir, resolve_models
@@ -148,7 +148,8 @@ def open_session(cfg: OdpoConfig) -> Iterator[Session]:
             fixed = offline.complete(fixed_set, cfg, source, generators, scorers) if fixed_set else None
             if out.completed:
                 print(f"odpo: resuming {out.path} after round {out.completed - 1}", file=sys.stderr)
-                generators.weights_ref = ray.put(out.read_checkpoint(out.completed - 1, out.completed))
+                generators.weights_ref = ray.put(out.read_checkpoint(out.completed - 1, out.completed,
+                                                                     syncs_adapters(cfg)))
                 generators.get([a.load_weights.remote(generators.weights_ref) for a in generators.actors], "resuming")
             generators.wait_ready()  # round 0 starts with every engine built, so its timings are the round's own
             scorers.wait_ready()

@@ -26,9 +26,9 @@ def at_repo_root(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def config_error(path, overrides=()) -> ConfigError:
+def config_error(path, overrides=(), check_machine: bool = True) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides))
+        load_config(path, list(overrides), check_machine=check_machine)
     return info.value
 
 
@@ -394,7 +394,10 @@ def test_cli_prints_input_errors_in_one_line_and_keeps_the_traceback_of_anything
     (["learner.lora.rank=4", "learner.lora.dropout=1.0"], "learner.lora.dropout", "[0, 1)"),
     (["learner.lora.rank=4", "learner.lora.target_modules=[]"], "learner.lora.target_modules", "[all-linear]"),
     (["learner.lora.rank=4", "learner.reference=previous"], "learner.lora.rank", "learner.reference must be fixed"),
-    (["learner.lora.rank=4", "learner.zero_stage=3"], "learner.lora.rank", "ZeRO-3"),
+    (["learner.lora.rank=4", "learner.lora.sync=adapters"], "learner.lora.sync", "auto, adapter or merged"),
+    (["learner.lora.rank=4", "learner.lora.sync=adapter", "generator.backend=hf"], "learner.lora.sync",
+     "learner.lora.sync=merged"),
+    (["learner.lora.rank=600", "learner.lora.sync=adapter"], "learner.lora.rank", "rank up to 512"),
 ])
 def test_bad_lora_settings_stop_at_validation(overrides, key, words):
     e = config_error(TINY, overrides)
@@ -405,3 +408,24 @@ def test_lora_settings_load():
     cfg = load_config(TINY, ["learner.lora.rank=8", "learner.lora.target_modules=[q_proj,v_proj]"])
     assert (cfg.learner.lora.rank, cfg.learner.lora.alpha, cfg.learner.lora.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
     assert load_config(TINY).learner.lora.rank == 0  # no adapters unless asked
+
+
+@pytest.mark.parametrize("overrides,adapters", [
+    ([], False),  # no adapters
+    (["learner.lora.rank=8"], False),  # auto: CPU generators take merged weights (vLLM's CPU LoRA is slow)
+    (["learner.lora.rank=8", "generator.gpus_per_actor=1", "generator.backend=vllm"], True),  # auto on GPUs
+    (["learner.lora.rank=8", "generator.gpus_per_actor=1", "generator.backend=hf"], False),
+    (["learner.lora.rank=8", "generator.gpus_per_actor=1", "generator.backend=vllm", "learner.lora.sync=merged"], False),
+    (["learner.lora.rank=8", "learner.lora.sync=adapter"], True),
+])
+def test_which_runs_sync_only_their_adapters(overrides, adapters):
+    from orchestrator.config import syncs_adapters
+
+    assert syncs_adapters(load_config(TINY, overrides, check_machine=False)) is adapters
+
+
+def test_adapters_and_nccl_do_not_mix():
+    e = config_error(TINY, ["learner.lora.rank=4", "learner.lora.sync=adapter", "generator.backend=vllm",
+                            "generator.gpus_per_actor=1", "learner.gpus_per_rank=1", "generator.weight_sync=nccl"],
+                     check_machine=False)
+    assert e.key == "learner.lora.sync" and "object store" in str(e)

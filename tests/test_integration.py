@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 METRIC_KEYS = ("round", "reward/mean", "reward/max", "pairs/count", "drop/tie", "drop/identical", "train/loss",
                "train/accuracy", "timing/generate", "timing/score", "timing/train", "timing/sync",
-               "gen/tokens_per_s", "sync/seconds", "weight_version")
+               "gen/tokens_per_s", "sync/seconds", "sync/bytes", "weight_version")
 PAIR_KEYS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "round", "weight_version")
 
 
