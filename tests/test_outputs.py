@@ -315,3 +315,35 @@ def test_errors_that_are_not_failed_writes_pass_through_as_they_are(tmp_path, mo
     with pytest.raises(OSError, match="is not a local folder"), out.writing("the policy's files"):
         raise OSError("model is not a local folder")  # as transformers raises for a path it cannot load
     assert os.listdir(out.sub("checkpoints")) == ["round_0"]  # and nothing was removed on the way
+
+
+def test_a_checkpoint_with_adapters_alone_is_intact_and_read_as_what_the_generators_take(tmp_path, monkeypatch):
+    """learner.lora.sync=adapter without save_merged: a checkpoint holds adapter/ and no model.safetensors. It
+    counts as intact (its adapter files checksummed like any), reads back as the same adapter bundle, and asked
+    for the whole model it says what it holds; a damaged adapter file is caught like damaged weights."""
+    from orchestrator import integrity
+    from orchestrator.config import InputNotFound
+
+    monkeypatch.chdir(REPO)
+    cfg = config(tmp_path)
+    out = RunDir(cfg)
+    with open(out.sub("base", "config.json"), "w") as f:
+        json.dump({"model_type": "llama"}, f)
+    files = {"adapter_model.safetensors": save({"a.lora_A.weight": torch.ones(2, 4)}),
+             "adapter_config.json": b'{"r": 2}'}
+    with pytest.raises(ValueError, match="weights or its adapters"):
+        out.write_checkpoint(0, None, [], None)
+    folder = out.write_checkpoint(0, None, [], files)
+    assert not os.path.exists(os.path.join(folder, "model.safetensors"))
+    assert integrity.checkpoint_problem(folder) is None
+    bundle = out.read_checkpoint(0, 1, adapters=True)
+    assert bundle.holds_adapter and bundle.version == 1 and bundle.adapter_files() == files
+    with pytest.raises(InputNotFound, match="only LoRA adapters"):
+        out.read_checkpoint(0, 1)
+    with open(os.path.join(folder, "adapter", "adapter_model.safetensors"), "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff")
+    assert "does not match its SHA-256" in integrity.checkpoint_problem(folder)
+    full = out.write_checkpoint(1, WeightBundle(version=2, payload=save({"w": torch.zeros(4)})))
+    with pytest.raises(InputNotFound, match="no LoRA adapters"):
+        outputs.read_checkpoint_weights(full, 2, adapters=True)
