@@ -1,5 +1,5 @@
-"""`odpo` command line: run, validate, the configuration reference, and jobs on a Ray cluster
-(submit, status, logs, stop, scale)."""
+"""`odpo` command line: run, validate, the configuration reference, a LoRA checkpoint merged, and jobs on a Ray
+cluster (submit, status, logs, stop, scale)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     address = dict(metavar="URL", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_DASHBOARD_ADDRESS, "
                    "else $RAY_ADDRESS if it is an http URL, else http://127.0.0.1:8265); token auth: RAY_AUTH_MODE=token and the cluster's token")
+    p_merge = sub.add_parser("merge", help="a LoRA run's checkpoint as a plain model: its adapters merged into the "
+                             "initial policy, written where asked (loads in transformers and vLLM without peft)")
+    p_merge.add_argument("checkpoint", help="runs/<name>/checkpoints/round_<k> of a run with learner.lora")
+    p_merge.add_argument("dest", help="a new folder for the merged model")
     p_sub = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job")
     p_sub.add_argument("config")
     p_sub.add_argument("overrides", nargs="*")
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("submit", "status", "logs", "stop", "scale"):
             return jobs_command(args)
+        if args.command == "merge":
+            from orchestrator.outputs import merge_checkpoint
+
+            print(merge_checkpoint(args.checkpoint, args.dest))
+            return 0
         overrides = list(args.overrides)
         if getattr(args, "resume", None):
             run_dir = os.path.abspath(args.resume)

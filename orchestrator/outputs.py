@@ -434,6 +434,44 @@ def read_checkpoint_weights(folder: str, version: int, adapters: bool = False) -
         return WeightBundle(version=version, payload=f.read())
 
 
+def merge_checkpoint(checkpoint: str, dest: str) -> str:
+    """`odpo merge`: a LoRA run's checkpoint as a plain model at `dest` (a new folder): the initial policy the
+    adapters were trained on (their `base_model_name_or_path`) with `adapter/` merged in by peft (in float32,
+    saved in the dtype the checkpoint's config.json names), beside its config and tokenizer files. Loads in transformers and vLLM
+    without peft; what learner.lora.save_merged writes each round, for a checkpoint saved without it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = os.path.join(checkpoint, ADAPTER_DIR)
+    config_path = os.path.join(adapter, WeightBundle.ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise InputNotFound(f"{checkpoint} holds no LoRA adapters ({ADAPTER_DIR}/{WeightBundle.ADAPTER_CONFIG}): "
+                            f"odpo merge takes a checkpoint of a run with learner.lora")
+    if os.path.exists(dest) and os.listdir(dest):
+        raise OutputExists(f"{dest} exists and is not empty: give odpo merge a new folder")
+    with open(config_path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        raise InputNotFound(f"the adapters' initial policy {base!r} (adapter_config.json's base_model_name_or_path) "
+                            f"is not a model folder here: odpo merge runs where the run's policy is")
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        dtype = getattr(torch, json.load(f).get("dtype") or "float32")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    merged = merged.merge_and_unload().to(dtype)  # merged in float32, saved as the checkpoint's weights are
+    tmp = dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    skip = {"model.safetensors", "config.json", integrity.CHECKSUMS_FILE, "eval.json"}
+    for name in os.listdir(checkpoint):  # the tokenizer and chat template files
+        if name not in skip and os.path.isfile(os.path.join(checkpoint, name)):
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
+    if os.path.isdir(dest):
+        os.rmdir(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
 def _finite(x: float) -> float | None:
     """JSON has no NaN: a pair without scores (an offline.dataset row) writes null."""
     return x if math.isfinite(x) else None

@@ -221,6 +221,7 @@ def test_the_offline_baseline_trains_adapters_that_vllm_engines_apply(ray_cluste
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from orchestrator import cli
     from orchestrator.driver import run
 
     monkeypatch.chdir(REPO)
@@ -235,6 +236,18 @@ def test_the_offline_baseline_trains_adapters_that_vllm_engines_apply(ray_cluste
         adapter = os.path.join(checkpoint, "adapter")
         assert m["sync/bytes"] == sum(os.path.getsize(os.path.join(adapter, f)) for f in os.listdir(adapter))
     assert not os.path.exists(os.path.join(checkpoints[0], "model.safetensors"))
+    # `odpo merge`: round 0's adapters as a plain model, for a checkpoint saved without one
+    dest = str(tmp_path / "round_0_merged")
+    assert cli.main(["merge", checkpoints[0], dest]) == 0
+    assert cli.main(["merge", checkpoints[0], dest]) == 2  # an existing folder is never written over
+    assert cli.main(["merge", str(tmp_path), str(tmp_path / "x")]) == 2  # no adapters there
+    plain = AutoModelForCausalLM.from_pretrained(dest).state_dict()
+    adapter = os.path.join(checkpoints[0], "adapter")
+    base_path = json.load(open(os.path.join(adapter, "adapter_config.json")))["base_model_name_or_path"]
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter).merge_and_unload()
+    assert all(torch.allclose(plain[k], v, atol=1e-6) for k, v in expected.state_dict().items())
+    assert any(not torch.equal(plain[k], v) for k, v in AutoModelForCausalLM.from_pretrained(base_path).state_dict().items())
+    assert os.path.isfile(os.path.join(dest, "tokenizer_config.json"))
     saved = load_file(os.path.join(checkpoints[1], "model.safetensors"))  # the merged model, asked for
     assert metrics[1]["sync/bytes"] < os.path.getsize(os.path.join(checkpoints[1], "model.safetensors")) / 4
     adapter = os.path.join(checkpoints[1], "adapter")
