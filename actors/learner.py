@@ -491,7 +491,12 @@ class Learner(TakesTurns):
         if self.rank != 0:
             return None
         if freeze and self.lora:  # the policy as it computes, adapters and all: the KL then equals the live one's
-            self.frozen = copy.deepcopy(self.engine.module).eval().requires_grad_(False)
+            if self.frozen is None:
+                self.frozen = copy.deepcopy(self.engine.module).eval().requires_grad_(False)
+            else:  # the base never moves: only the adapters are copied in
+                from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.frozen, get_peft_model_state_dict(self.engine.module))
         if adapters:
             return WeightBundle.of_adapter(version, files)
         if freeze and not self.lora:

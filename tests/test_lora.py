@@ -115,6 +115,13 @@ def test_the_frozen_copy_and_the_kl_with_adapters(tiny_policy_dir):
     assert any(abs(x) > 1e-3 for x in evaluated)
     lrn.train_step(pairs, pairs[0], 4)
     assert lrn.log_ratios(prompts, responses, frozen=True)["ratios"] == pytest.approx(evaluated, abs=1e-5)
+    frozen = lrn.frozen
+    lrn.export_weights(version=2, freeze=True)  # the next round's: its adapters copied into the same copy
+    assert lrn.frozen is frozen
+    now = lrn.log_ratios(prompts, responses)["ratios"]
+    assert now != pytest.approx(evaluated, abs=1e-4)
+    lrn.train_step(pairs, pairs[0], 4)
+    assert lrn.log_ratios(prompts, responses, frozen=True)["ratios"] == pytest.approx(now, abs=1e-5)
 
 
 def test_a_target_module_the_model_lacks_stops_naming_its_linear_layers(tiny_policy_dir):
