@@ -17,6 +17,12 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 applied by an engine built for the larger."""
 
 
+def vllm_lora_rank(rank: int) -> int | None:
+    """The `max_lora_rank` of a vLLM engine that applies adapters of rank `rank`: the smallest it offers at or
+    above it; None above the largest."""
+    return min((k for k in VLLM_LORA_RANKS if k >= rank), default=None)
+
+
 def vllm_available() -> bool:
     """Without importing it (seconds, and it can fail for reasons the generator reports itself)."""
     import importlib.util

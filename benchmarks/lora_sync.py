@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from learner_step import build  # noqa: E402
 
 from actors.models import materialize_builtin, render_prompt  # noqa: E402
-from actors.settings import VLLM_LORA_RANKS, GeneratorConfig, LoraSettings  # noqa: E402
+from actors.settings import GeneratorConfig, LoraSettings, vllm_lora_rank  # noqa: E402
 from orchestrator.config import CPU_BF16_FLAGS, cpu_flags  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     from actors.vllm_generator import VLLMGenerator
 
     cfg = GeneratorConfig(backend="vllm", cpus_per_actor=args.threads)
-    max_rank = min(k for k in VLLM_LORA_RANKS if k >= args.rank)
+    max_rank = vllm_lora_rank(args.rank)
     engines = {"adapter": VLLMGenerator(cfg, path, path, dtype, 64, max_lora_rank=max_rank, name="adapter"),
                "merged": VLLMGenerator(cfg, path, path, dtype, 64, name="merged")}
     tok = engines["merged"].tokenizer

@@ -30,7 +30,7 @@ from ray.util.placement_group import (
 from actors.generator import HFGenerator
 from actors.learner import Learner
 from actors.scorer import Scorer
-from actors.settings import VLLM_LORA_RANKS, LearnerConfig, RolloutPoolConfig, vllm_available
+from actors.settings import LearnerConfig, RolloutPoolConfig, vllm_available, vllm_lora_rank
 from actors.user_code import CODE_PATH_ENV
 from orchestrator.config import OdpoConfig, colocated_sections, pool_cpus, pool_size, syncs_adapters
 from orchestrator.pools import ActorPool, LearnerGroup, Placement, PlacementError, on_node
@@ -207,7 +207,7 @@ class Cluster:
         actor_g = self.threads_of("generator", g)
         # LoRA runs that sync only their adapters: engines with vLLM's LoRA support on the base (`policy_path`)
         rank = self.cfg.learner.lora.rank
-        max_lora_rank = min(k for k in VLLM_LORA_RANKS if k >= rank) if syncs_adapters(self.cfg) else 0
+        max_lora_rank = vllm_lora_rank(rank) if syncs_adapters(self.cfg) else 0
         return self._add(ActorPool(
             "generator", generator_class(g.backend), g.num_actors, self.placement(g),
             lambda r: (actor_g, policy_path, tokenizer_path, p.dtype, max_prompt_length, p.trust_remote_code,

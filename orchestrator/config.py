@@ -25,6 +25,7 @@ from actors.settings import (
     RolloutPoolConfig,
     ScorerConfig,
     vllm_available,
+    vllm_lora_rank,
 )
 from actors.user_code import (
     CODE_PATH_ENV,
@@ -625,7 +626,7 @@ def check_across(cfg: OdpoConfig) -> None:
         _require(g.weight_sync != "nccl", "learner.lora.sync", "adapters travel through Ray's object store "
                  "(megabytes); NCCL broadcasts whole models: set generator.weight_sync=object_store, or "
                  "learner.lora.sync=merged")
-        _require(max(VLLM_LORA_RANKS) >= cfg.learner.lora.rank, "learner.lora.rank",
+        _require(vllm_lora_rank(cfg.learner.lora.rank) is not None, "learner.lora.rank",
                  f"vLLM applies adapters of rank up to {max(VLLM_LORA_RANKS)}: use learner.lora.sync=merged")
     _require(g.max_model_len is None or g.max_model_len >= d.max_prompt_length + g.max_new_tokens,
              "generator.max_model_len", f"must hold data.max_prompt_length + max_new_tokens = "
@@ -722,7 +723,7 @@ def syncs_adapters(cfg: OdpoConfig) -> bool:
         return False
     if lo.sync == "adapter":
         return True
-    return (g.gpus_per_actor > 0 and g.weight_sync != "nccl" and lo.rank <= max(VLLM_LORA_RANKS)
+    return (g.gpus_per_actor > 0 and g.weight_sync != "nccl" and vllm_lora_rank(lo.rank) is not None
             and (g.backend == "vllm" or (g.backend == "auto" and vllm_available())))
 
 

@@ -424,6 +424,12 @@ def test_which_runs_sync_only_their_adapters(overrides, adapters):
     assert syncs_adapters(load_config(TINY, overrides, check_machine=False)) is adapters
 
 
+def test_an_adapter_rank_maps_to_the_vllm_engine_rank_that_holds_it():
+    from actors.settings import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 16, 17, 512, 513)] == [1, 8, 16, 32, 512, None]
+
+
 def test_adapters_and_nccl_do_not_mix():
     e = config_error(TINY, ["learner.lora.rank=4", "learner.lora.sync=adapter", "generator.backend=vllm",
                             "generator.gpus_per_actor=1", "learner.gpus_per_rank=1", "generator.weight_sync=nccl"],
