@@ -2,7 +2,7 @@
 
 A plan drawn from a seed (orchestrator/chaos.py) kills (SIGKILL) or hangs (SIGSTOP) generators, scorers and
 the learner rank at every point of a round (generation, scoring, training, the weight sync, the checkpoint,
-the commit, a held-out evaluation), pauses the driver (SIGSTOP, SIGCONT ten seconds later) and kills it,
+the commit, a held-out evaluation), pauses the driver (SIGSTOP, SIGCONT six seconds later) and kills it,
 after which the same command resumes. The run must end exactly as the fault-free run with the same seed
 does: every metric of what it produced, every pairs file and the final weights, to the bit (the
 transformers generator, the rule as reward and DeepSpeed on CPU are deterministic; which actor did what,
@@ -32,7 +32,13 @@ from orchestrator.outputs import WriteFailed
 pytestmark = pytest.mark.slow
 
 ROUNDS = 5
-DRILL = [*chaos.DRILL, f"run.rounds={ROUNDS}"]
+DRILL = [*chaos.DRILL, f"run.rounds={ROUNDS}", "generator.call_timeout_s=4", "scorer.call_timeout_s=4",
+         "learner.step_timeout_s=10"]
+"""chaos.DRILL with shorter timeouts: a stopped actor costs the drill its timeout each time (five of the plan's
+faults are SIGSTOPs), and a tiny step or chunk takes well under a second. A timeout that fires on a slow but
+live actor only replaces it, which the run must survive as it survives the planned faults."""
+PAUSE_S = 6.0
+"""The driver's pause: longer than the call timeouts, so its in-flight calls are past them when it goes on."""
 SIZES = chaos.DRILL_SIZES
 
 
@@ -79,7 +85,7 @@ def test_a_seeded_chaos_run_survives_every_fault_and_ends_like_the_fault_free_ru
     assert [f["signal"] for f in plan if f["target"] == "driver"] == ["SIGKILL", "SIGSTOP", "SIGKILL"]
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", "configs/tiny.yaml", f"run.output_dir={tmp_path}",
            "run.name=chaos", *DRILL, "ray.include_dashboard=false"]
-    result = chaos.drill(cmd, plan, str(tmp_path / "drill"), max_starts=3, cwd=str(REPO))
+    result = chaos.drill(cmd, plan, str(tmp_path / "drill"), max_starts=3, cwd=str(REPO), pause_s=PAUSE_S)
     assert len(result["fired"]) == len(plan), "a planned fault never fired"
     assert result["driver_starts"] == 3  # two killed, the third finished; the paused one went on
     logs = [open(tmp_path / "drill" / f"driver_{k}.log").read() for k in (1, 2, 3)]
