@@ -19,6 +19,8 @@ RAY="${RAY:-$(command -v ray || echo .venv/bin/ray)}"
 # Ray itself runs on first, so `python` there is the one with odpo's dependencies.
 export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export RAY_AUTH_MODE=token
+# a hung actor's cores freed 1 s after it is killed, not Ray's 5 (orchestrator/cluster.py: KILL_WORKER_TIMEOUT_MS)
+export RAY_kill_worker_timeout_milliseconds="${RAY_kill_worker_timeout_milliseconds:-1000}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 RAY_PORT="${RAY_PORT:-6379}"
 role="${1:-}"; shift || true

@@ -44,6 +44,23 @@ functions from the same folders (ODPO_CODE_PATH: the config's folder; relative t
 working_dir inside a Ray job)."""
 
 
+KILL_WORKER_TIMEOUT_MS = 1000
+"""How long a raylet waits for a killed worker to exit before it forces it out (Ray's
+`kill_worker_timeout_milliseconds`, 5000 by default). A hung actor (stopped, or stuck in native code) never exits
+by itself: its replacement waited that long for the cores the hung one still held (5.5 s against 1.5 s here:
+benchmarks/hung_actor_replacement.py). A healthy actor that is killed exits well within the second. Set for the
+local clusters odpo starts; the launch/ scripts export it as RAY_kill_worker_timeout_milliseconds for the
+clusters `ray start` makes (a value already in the environment wins)."""
+
+
+def ray_system_config() -> dict[str, int]:
+    """The `_system_config` of a local cluster odpo starts: KILL_WORKER_TIMEOUT_MS, unless the environment
+    already sets RAY_kill_worker_timeout_milliseconds (Ray reads that itself)."""
+    if "RAY_kill_worker_timeout_milliseconds" in os.environ:
+        return {}
+    return {"kill_worker_timeout_milliseconds": KILL_WORKER_TIMEOUT_MS}
+
+
 def in_ray_job() -> bool:
     """Submitted as a Ray job (`odpo submit`, `ray job submit`): the driver joins the job's cluster."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -74,7 +91,7 @@ def start_ray(cfg: OdpoConfig) -> bool:
         context = ray.init(address="local",  # a new cluster even if RAY_ADDRESS or a running one is around
                            num_cpus=cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
                            include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
-                           runtime_env={"env_vars": env})
+                           runtime_env={"env_vars": env}, _system_config=ray_system_config())
         if cfg.ray.include_dashboard and getattr(context, "dashboard_url", None):
             print(f"odpo: Ray dashboard http://{context.dashboard_url} (it asks for this cluster's token: "
                   f"`ray get-auth-token` prints it)", file=sys.stderr)

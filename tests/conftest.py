@@ -69,7 +69,10 @@ def ray_cluster():
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "WANDB_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
     # fault-injecting reward functions live in the test modules; a PYTHONPATH already set stays behind them
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    from orchestrator.cluster import ray_system_config  # as `odpo run` starts a local cluster
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _system_config=ray_system_config())
     yield ray
     ray.shutdown()
 

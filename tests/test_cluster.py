@@ -42,7 +42,8 @@ def cluster_env(token_path: Path) -> dict[str, str]:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{BIN}:{env.get('PATH', '')}",
                # notice a dead node within seconds, not Ray's default ~30 s
                RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
-               RAY_health_check_timeout_ms="1000", TORCH_EXTENSIONS_DIR=os.environ.get(
+               RAY_health_check_timeout_ms="1000", RAY_kill_worker_timeout_milliseconds="1000",  # as launch/ sets it
+               TORCH_EXTENSIONS_DIR=os.environ.get(
                    "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
     env.pop("RAY_ADDRESS", None)
     return env

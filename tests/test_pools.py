@@ -300,6 +300,28 @@ def test_map_replaces_dead_and_stopped_actors_but_not_late_ones(ray_cluster):
         pool.shutdown()
 
 
+def test_clusters_odpo_starts_force_a_killed_worker_out_after_a_second(ray_cluster, monkeypatch):
+    """A hung actor never exits when killed: the raylet forces it out after kill_worker_timeout_milliseconds,
+    and its replacement waits that long for its cores (benchmarks/hung_actor_replacement.py). The local
+    clusters odpo starts (and this session's, made the same way) set odpo's value; one already in the
+    environment is left to Ray."""
+    from orchestrator.cluster import KILL_WORKER_TIMEOUT_MS, ray_system_config
+
+    monkeypatch.delenv("RAY_kill_worker_timeout_milliseconds", raising=False)
+    assert ray_system_config() == {"kill_worker_timeout_milliseconds": KILL_WORKER_TIMEOUT_MS} != {
+        "kill_worker_timeout_milliseconds": 5000}
+    monkeypatch.setenv("RAY_kill_worker_timeout_milliseconds", "3000")
+    assert ray_system_config() == {}
+
+    @ray_cluster.remote(num_cpus=0)
+    def raylets_value() -> int:
+        import ray
+
+        return ray._raylet.Config.kill_worker_timeout_milliseconds()
+
+    assert ray_cluster.get(raylets_value.remote(), timeout=60) == KILL_WORKER_TIMEOUT_MS
+
+
 class Turner(TakesTurns):
     """A colocated pool's actor: `work` holds the bundle's turn while it runs (as generate or train_step do)."""
 
