@@ -3,7 +3,7 @@
 The drill of tests/test_chaos.py, longer: configs/tiny.yaml as `orchestrator.chaos.DRILL` runs it (two
 transformers generators, two scorers, one DeepSpeed learner rank, the held-out evaluation on), `--rounds`
 rounds, `--faults` actor faults (SIGKILL or SIGSTOP to a generator, scorer or the learner rank, at every
-point of a round in turn), `--driver-pauses` driver SIGSTOPs (continued 10 s later) and `--driver-kills`
+point of a round in turn), `--driver-pauses` driver SIGSTOPs (continued `chaos.DRIVER_PAUSE_S` later) and `--driver-kills`
 SIGKILLs of the driver, each followed by the same command, which resumes. Both runs are real `odpo run` processes, each with its own local Ray cluster.
 
 It prints the plan's faults by point and target, what fired, the driver starts, the recoveries the drivers

@@ -118,12 +118,18 @@ ACTOR_SIGNALS = ("SIGKILL", "SIGSTOP")
 DRILL = ["scorer.type=function", "eval.prompts=8", "data.prompts_per_round=32", "generator.chunk_size=4",
          "generator.max_new_tokens=16", "generator.backend=hf", "generator.num_actors=2", "scorer.num_actors=2",
          "generator.cpus_per_actor=0.5", "scorer.cpus_per_actor=0.5", "metrics.wandb=false",
-         "generator.call_timeout_s=6", "scorer.call_timeout_s=6", "learner.step_timeout_s=20",
+         "generator.call_timeout_s=4", "scorer.call_timeout_s=4", "learner.step_timeout_s=10",
          "generator.max_restarts=1000", "scorer.max_restarts=1000", "learner.max_round_retries=5",
          "run.overwrite=false"]
 """configs/tiny.yaml as a drill runs it: two generators and two scorers (one of each can die while the other
 works), the rule as reward, the held-out evaluation on (deferred into the next round, so faults reach it
-mid-round), timeouts that find a stopped actor in seconds, and restart budgets no drill spends."""
+mid-round), timeouts that find a stopped actor in seconds (a tiny step or chunk takes well under one; a
+timeout that fires on a slow but live actor only replaces it, which the run survives as it survives the
+planned faults), and restart budgets no drill spends. Until 2026-12-07 the timeouts were 6 s for calls and 20 s
+for a step, and a driver's pause 10 s (the soak's figure in docs/reliability.md was measured with those)."""
+DRIVER_PAUSE_S = 6.0
+"""How long `drill` leaves a driver that stopped itself before continuing it: past the drill's call timeouts, so
+the driver wakes with every deadline of its calls gone by."""
 DRILL_SIZES = {"generator": 2, "scorer": 2, "learner": 1}
 
 
@@ -159,7 +165,7 @@ def draw_plan(seed: int, rounds: int, sizes: dict[str, int], faults: int, driver
 
 
 def drill(cmd: list[str], plan: list[dict], folder: str, max_starts: int, timeout_s: float = 1800,
-          cwd: str | None = None, pause_s: float = 10.0) -> dict:
+          cwd: str | None = None, pause_s: float = DRIVER_PAUSE_S) -> dict:
     """Run `cmd` (an `odpo run` that resumes by default) under `plan`, again after every driver kill, until it
     ends well. Each driver is a process-group leader (its local Ray cluster dies with it); a driver that
     stopped itself (SIGSTOP) is continued after `pause_s`. Returns the driver starts, the faults fired (from

@@ -300,26 +300,41 @@ def test_map_replaces_dead_and_stopped_actors_but_not_late_ones(ray_cluster):
         pool.shutdown()
 
 
-def test_clusters_odpo_starts_force_a_killed_worker_out_after_a_second(ray_cluster, monkeypatch):
+KILL_TIMEOUT_SEEN = """
+import ray
+from orchestrator.cluster import start_ray
+from orchestrator.config import load_config
+
+assert start_ray(load_config("configs/tiny.yaml", ["ray.include_dashboard=false"]))
+
+
+@ray.remote(num_cpus=0)
+def seen() -> int:
+    return ray._raylet.Config.kill_worker_timeout_milliseconds()
+
+
+print("seen", ray.get(seen.remote(), timeout=120))
+ray.shutdown()
+"""
+
+
+def test_clusters_odpo_starts_force_a_killed_worker_out_after_a_second(monkeypatch):
     """A hung actor never exits when killed: the raylet forces it out after kill_worker_timeout_milliseconds,
     and its replacement waits that long for its cores (benchmarks/hung_actor_replacement.py). The local
-    clusters odpo starts (and this session's, made the same way) set odpo's value; one already in the
-    environment is left to Ray."""
+    cluster `odpo run` starts (start_ray, in a process of its own) sets odpo's value, which its workers read;
+    a value already in the environment is left to Ray."""
+    import subprocess
+    import sys
+
     from orchestrator.cluster import KILL_WORKER_TIMEOUT_MS, ray_system_config
 
-    monkeypatch.delenv("RAY_kill_worker_timeout_milliseconds", raising=False)
-    assert ray_system_config() == {"kill_worker_timeout_milliseconds": KILL_WORKER_TIMEOUT_MS} != {
-        "kill_worker_timeout_milliseconds": 5000}
     monkeypatch.setenv("RAY_kill_worker_timeout_milliseconds", "3000")
-    assert ray_system_config() == {}
-
-    @ray_cluster.remote(num_cpus=0)
-    def raylets_value() -> int:
-        import ray
-
-        return ray._raylet.Config.kill_worker_timeout_milliseconds()
-
-    assert ray_cluster.get(raylets_value.remote(), timeout=60) == KILL_WORKER_TIMEOUT_MS
+    assert ray_system_config() == {}  # Ray reads the variable itself
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_kill_worker_timeout_milliseconds")}
+    done = subprocess.run([sys.executable, "-c", KILL_TIMEOUT_SEEN], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert KILL_WORKER_TIMEOUT_MS != 5000 and done.stdout.split()[-2:] == ["seen", str(KILL_WORKER_TIMEOUT_MS)]
 
 
 class Turner(TakesTurns):
