@@ -1,14 +1,17 @@
 """Where the test suite's time goes: each test file's wall seconds and how busy the cores were meanwhile.
 
-Runs pytest (`-v`, the arguments given after `--`, `tests` by default) and reads /proc/stat every 2 s beside
-it. A file's `busy` is the share of all cores working while its tests ran (1.0: every core, all the time);
-a low share is waiting (timeouts, sleeps, one process working alone). Linux only.
+Runs pytest as `make test` does (`--workers 2`: two pytest-xdist workers, whole files each, in the order
+tests/conftest.py sets; `--workers 0`: one process) with `-v` and the arguments given after `--` (`tests` by
+default), and reads /proc/stat every 2 s beside it. A test's seconds run from its worker's previous result to
+its own. A file's `busy` is the share of all cores working while its tests ran (1.0: every core, all the
+time; with two workers, the other worker's file counts too); a low share is waiting (timeouts, sleeps, one
+process working alone). Linux only.
 
 Time a suite on a clone with its own `.venv` (`make install` there, as CI does): a clone that links another
 checkout's `.venv` sees DeepSpeed's sources under two paths and rebuilds its CPU op several times a suite.
 
     git clone . /tmp/pc && cd /tmp/pc && make install && .venv/bin/python benchmarks/suite_profile.py
-    .venv/bin/python benchmarks/suite_profile.py --top 20 -- tests/test_chaos.py
+    .venv/bin/python benchmarks/suite_profile.py --workers 0 --top 20 -- tests/test_chaos.py
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from collections import defaultdict
 
 RESULT = re.compile(r"^(tests/\S+?)::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+XDIST_RESULT = re.compile(r"^\[(gw\d+)\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ((tests/\S+?)::\S+)")
+"""pytest -v's result line, alone and under pytest-xdist (`[gw0] [ 12%] PASSED tests/...::test_x`)."""
 
 
 def cpu_counters() -> tuple[int, int]:
@@ -47,21 +52,25 @@ class Sampler(threading.Thread):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top", type=int, default=10, help="the slowest tests to list")
+    ap.add_argument("--workers", type=int, default=2, help="pytest-xdist workers, as `make test` (0: one process)")
     ap.add_argument("pytest_args", nargs="*", default=["tests"])
     args = ap.parse_args()
     sampler = Sampler()
     sampler.start()
-    start = last = time.monotonic()
+    start = time.monotonic()
+    last: dict[str, float] = defaultdict(lambda: start)  # each worker's previous result
     tests: list[tuple[str, str, float, float]] = []  # file, test, from, to
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", *args.pytest_args], stdout=subprocess.PIPE,
+    workers = ["-n", str(args.workers), "--dist", "loadfile", "--no-loadscope-reorder"] if args.workers else []
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", *workers, *args.pytest_args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         sys.stdout.write(line)
-        m = RESULT.match(line)
-        if m:
+        m, x = RESULT.match(line), XDIST_RESULT.match(line)
+        if m or x:
+            worker, file, name = (x.group(1), x.group(4), x.group(3)) if x else ("", m.group(1), line.split(" ")[0])
             now = time.monotonic()
-            tests.append((m.group(1), line.split(" ")[0], last, now))
-            last = now
+            tests.append((file, name, last[worker], now))
+            last[worker] = now
     proc.wait()
     sampler.done.set()
     sampler.join()

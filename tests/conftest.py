@@ -37,6 +37,7 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s
 
 
 def pytest_collection_modifyitems(config, items):
+    longest_files_first(items)
     import torch
 
     if torch.cuda.is_available():
@@ -45,6 +46,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def longest_files_first(items: list) -> None:
+    """Files with more `slow` tests (end-to-end runs) first, each file's tests together and in their order.
+
+    `make test` hands whole files to two workers (pytest-xdist's loadfile, in this order): a long file started
+    last would run alone at the end while the other core idles; unit-test files fill the end instead."""
+    slow: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::")[0]
+        first.setdefault(path, i)
+        slow[path] = slow.get(path, 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: (-slow[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session")
