@@ -360,9 +360,12 @@ def overlaps(a: list[tuple], b: list[tuple]) -> list[tuple]:
     return [(x, y) for x in a for y in b if x[0] < y[1] and y[0] < x[1]]
 
 
-def hold_turn(key: str, seconds: float, out, depth: int = 1) -> None:
-    """In a process of its own: hold the turn `seconds` (re-entered `depth` times), report the interval."""
+def hold_turn(key: str, seconds: float, out, depth: int = 1, barrier=None) -> None:
+    """In a process of its own: hold the turn `seconds` (re-entered `depth` times), report the interval; with a
+    barrier, ask for the turn once every process has started."""
     turns = Turns(key)
+    if barrier is not None:
+        barrier.wait(30)
     with contextlib.ExitStack() as stack:
         for _ in range(depth):
             stack.enter_context(turns)
@@ -381,14 +384,15 @@ def test_turns_are_exclusive_across_processes_reentrant_and_freed_when_the_holde
     ctx = multiprocessing.get_context("fork")
     key = f"test-{os.getpid()}-{time.time_ns()}"
     out = ctx.Queue()
-    procs = [ctx.Process(target=hold_turn, args=(key, 0.3, out, depth)) for depth in (1, 2, 1, 3)]
+    barrier = ctx.Barrier(4)  # all four ask at once, however long each took to start on a busy machine
+    procs = [ctx.Process(target=hold_turn, args=(key, 0.3, out, depth, barrier)) for depth in (1, 2, 1, 3)]
     for p in procs:
         p.start()
     spans = sorted(out.get(timeout=30) for _ in procs)
     for p in procs:
         p.join(10)
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # one at a time
-    assert sum(waited for _, _, waited in spans) > 0.3  # three of them waited for the first
+    assert sum(waited for _, _, waited in spans) > 3 * 0.3  # three waited for the first, two of them longer
     # a holder killed mid-turn (SIGKILL: no clean-up runs) frees the cores at once
     holder = ctx.Process(target=hold_turn_forever, args=(key, out))
     holder.start()
