@@ -39,7 +39,7 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s
 
 
 def pytest_collection_modifyitems(config, items):
-    longest_files_first(items)
+    slow_files_first(items)
     import torch
 
     if torch.cuda.is_available():
@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def longest_files_first(items: list) -> None:
+def slow_files_first(items: list) -> None:
     """Files with more `slow` tests (end-to-end runs) first, each file's tests together and in their order.
 
     `make test` hands whole files to two workers (pytest-xdist's loadfile, in this order): a long file started
@@ -66,7 +66,7 @@ def longest_files_first(items: list) -> None:
 
 @pytest.fixture(autouse=True, scope="module")
 def no_process_group_left_behind():
-    """After each test file: the vLLM engines it left behind shut down, and DeepSpeed's cached process groups
+    """After each test file: what it left unreferenced collected, and DeepSpeed's cached process groups
     forgotten once torch.distributed's default group is gone. A group left behind stays: the next file's learner
     joins it, as a learner rank does.
 
@@ -76,7 +76,7 @@ def no_process_group_left_behind():
     `make test` worker may), test_actors.py's learners met DeepSpeed's stale copy of the old group ("Group ... is
     not registered": 8 failed, 5 errors); with this clean-up, all pass."""
     yield
-    gc.collect()  # vLLM engines this file left unreferenced shut down now, not inside the next file's tests
+    gc.collect()  # now, not in the middle of the next file's tests
     if "deepspeed" not in sys.modules:
         return
     import torch.distributed as dist
