@@ -60,7 +60,7 @@ def slow_files_first(items: list) -> None:
     for i, item in enumerate(items):
         path = item.nodeid.split("::")[0]
         first.setdefault(path, i)
-        slow[path] = slow.get(path, 0) + ("slow" in item.keywords)
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
     items.sort(key=lambda item: (-slow[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
 
 
@@ -82,8 +82,11 @@ def no_process_group_left_behind():
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    if not dist.is_initialized():  # destroyed, or never made: DeepSpeed's own clean-up after a destroyed world
-        groups._release_process_group_references(group=None)  # (deepspeed.comm.destroy_process_group calls it)
+    # DeepSpeed's own clean-up after a destroyed world group (deepspeed.comm.destroy_process_group calls it; a
+    # private function, in DeepSpeed 0.19 but not every release pyproject allows: without it, nothing is done)
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None and not dist.is_initialized():  # the default group destroyed, or never made
+        release(group=None)
 
 
 @pytest.fixture(scope="session")
