@@ -44,7 +44,7 @@ real-proxy: $(STAMP)
 	$(BIN)/odpo run configs/smollm2.yaml
 
 # Two pytest workers (pytest-xdist), each test file whole on one of them: one test waits on a timeout or a
-# single-threaded step while the other computes (docs/benchmarks.md: 12:12-12:36 against
+# single-threaded step while the other computes (docs/benchmarks.md: 11:34-12:36 against
 # 16:57 in one process on a 2-core Zen 5 EPYC).
 # `make test TEST_WORKERS=0` runs the suite in one process.
 TEST_WORKERS ?= 2
