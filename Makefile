@@ -45,12 +45,13 @@ real-proxy: $(STAMP)
 
 # Two pytest workers (pytest-xdist), each test file whole on one of them: one test waits on a timeout or a
 # single-threaded step while the other computes (docs/benchmarks.md: 11:34-12:36 against
-# 16:57 in one process on a 2-core Zen 5 EPYC).
+# 16:57 in one process on a 2-core Zen 5 AMD EPYC, AVX-512 + avx512_bf16). pyproject.toml's addopts give the
+# file-by-file hand-out.
 # `make test TEST_WORKERS=0` runs the suite in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -60,8 +60,8 @@ def main() -> None:
     start = time.monotonic()
     last: dict[str, float] = defaultdict(lambda: start)  # each worker's previous result
     tests: list[tuple[str, str, float, float]] = []  # file, test, from, to
-    workers = ["-n", str(args.workers), "--dist", "loadfile", "--no-loadscope-reorder"] if args.workers else []
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", *workers, *args.pytest_args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-n", str(args.workers), *args.pytest_args],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         sys.stdout.write(line)

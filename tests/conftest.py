@@ -55,13 +55,15 @@ def slow_files_first(items: list) -> None:
 
     `make test` hands whole files to two workers (pytest-xdist's loadfile, in this order): a long file started
     last would run alone at the end while the other core idles; unit-test files fill the end instead."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
     slow: dict[str, int] = {}
     first: dict[str, int] = {}
     for i, item in enumerate(items):
-        path = item.nodeid.split("::")[0]
-        first.setdefault(path, i)
-        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: (-slow[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
+        first.setdefault(file_of(item), i)
+        slow[file_of(item)] = slow.get(file_of(item), 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[file_of(item)], first[file_of(item)]))
 
 
 @pytest.fixture(autouse=True, scope="module")
