@@ -1,6 +1,7 @@
 # The two commands: `make run` (tiny CPU job) and `make test` (whole suite). Both create .venv if missing.
 # `make real`: the real-model job, SmolLM2-135M-Instruct (from a PyPI wheel) taught a task it can learn, its
-# irregular plurals (examples/plurals; 4.6 minutes on a 2-core AVX-512 bf16 CPU, figures: docs/results.md). The paper's proxy path
+# irregular plurals (examples/plurals; about 2 minutes on a 2-core Zen 5 EPYC with AVX-512 + avx512_bf16, 4 on a Zen 4;
+# figures: docs/results.md). The paper's proxy path
 # on the same model: `make real-proxy` (configs/smollm2.yaml).
 PYTHON ?= python3
 VENV := .venv

@@ -1,7 +1,7 @@
 """Colocated pools against pools on cores of their own: the same run both ways, alternated, in this tree.
 
-Each run is a fresh `odpo run` process (its own Ray cluster). The separate way is the config as it is; the
-colocated way adds `ray.colocate=[POOLS]`: the listed pools' actors share one bundle that reserves the sum of
+Each run is a fresh `odpo run` process (its own Ray cluster). The separate way sets `ray.colocate=[]` (make real's
+task colocates by default); the colocated way sets `ray.colocate=[POOLS]`: the listed pools' actors share one bundle that reserves the sum of
 their CPUs, and each computes on all of those cores in its turn. For each seed the two ways run one after the
 other, which first alternating from seed to seed. Printed: per run and round the round's wall time, each pool's busy seconds and the held-out gold; then
 per way the medians and the colocated/separate ratios; then the held-out gold change of the two ways, paired
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="42", help="run.seed of each pair of runs, comma-separated")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
-    ways = {"separate": [], "colocated": [f"ray.colocate=[{args.pools}]"]}
+    ways = {"separate": ["ray.colocate=[]"], "colocated": [f"ray.colocate=[{args.pools}]"]}
     print(machine())
     results: dict[str, list[tuple[float, list[dict]]]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory(prefix="odpo-colocate-") as out:
@@ -71,7 +71,7 @@ def main() -> None:
                     figures = "  ".join(f"{k} {row.get(v, float('nan')):7.2f}" for k, v in FIGURES.items())
                     gold = row.get("eval/gold_mean", float("nan"))
                     print(f"  round {row['round']}: {figures}  gold {gold:.3f}")
-    print(f"\nmedians over {len(seeds)} run(s) per way ({', '.join(ways['colocated']) or '-'} against the config as is)")
+    print(f"\nmedians over {len(seeds)} run(s) per way ({', '.join(ways['colocated']) or '-'} against ray.colocate=[])")
     print(f"{'figure':<28}{'separate':>10}{'colocated':>11}{'ratio':>8}")
     rounds = min(len(rows) for runs in results.values() for _, rows in runs)
     lines = [("command wall s", lambda runs: [w for w, _ in runs])]

@@ -506,12 +506,15 @@ def test_colocation_config_is_validated(monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config("configs/tiny.yaml", ["ray.colocate=[generator,learner]"])
     assert cfg.ray.colocate == ["generator", "learner"]
+    # make real's task colocates by default; an empty list gives each pool cores of its own
+    assert load_config("examples/plurals/task.yaml", []).ray.colocate == ["generator", "learner"]
+    assert load_config("examples/plurals/task.yaml", ["ray.colocate=[]"]).ray.colocate == []
     for overrides, key, message in (
             (["ray.colocate=[generator,trainer]"], "ray.colocate", "unknown pool"),
             (["ray.colocate=[learner]"], "ray.colocate", "at least two"),
             (["ray.colocate=[learner,learner]"], "ray.colocate", "listed twice"),
             (["ray.colocate=[generator,learner]", "generator.num_actors=2"], "ray.colocate",
-             "same size .generator: 2, learner: 1."),
+             r"same size .generator: 2, learner: 1., or leave ray.colocate empty .`ray.colocate=\[\]`."),
             (["ray.colocate=[generator,learner]", "learner.gpus_per_rank=1"], "learner.gpus_per_rank", "CPUs only"),
             (["ray.colocate=[scorer,learner]", "scorer.node_labels={odpo-role: rollout}"], "ray.colocate",
              "same node_labels")):
