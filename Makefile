@@ -45,7 +45,7 @@ real-proxy: $(STAMP)
 	$(BIN)/odpo run configs/smollm2.yaml
 
 # Two pytest workers (pytest-xdist), each test file whole on one of them: one test waits on a timeout or a
-# single-threaded step while the other computes (docs/benchmarks.md: 11:34-12:36 against
+# single-threaded step while the other computes (docs/benchmarks.md: 11:32-12:40 against
 # 16:57 in one process on a 2-core Zen 5 AMD EPYC, AVX-512 + avx512_bf16). pyproject.toml's addopts give the
 # file-by-file hand-out.
 # `make test TEST_WORKERS=0` runs the suite in one process.

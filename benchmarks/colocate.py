@@ -2,9 +2,9 @@
 
 Each run is a fresh `odpo run` process (its own Ray cluster). The separate way sets `ray.colocate=[]` (make
 real's task colocates by default); the colocated way sets `ray.colocate=[POOLS]`: the listed pools' actors share
-one bundle that reserves the sum of their CPUs, and each computes on all of those cores in its turn. For each seed the two ways run one after the
-other, which first alternating from seed to seed. Printed: per run and round the round's wall time, each pool's busy seconds and the held-out gold; then
-per way the medians and the colocated/separate ratios; then the held-out gold change of the two ways, paired
+one bundle that reserves the sum of their CPUs, and each computes on all of those cores in its turn. For each
+seed the two ways run one after the other, which first alternating from seed to seed. Printed: per run and round
+the round's wall time, each pool's busy seconds and the held-out gold; then per way the medians and the colocated/separate ratios; then the held-out gold change of the two ways, paired
 by seed (mean and 95% t interval over the seeds).
 
     .venv/bin/python benchmarks/colocate.py examples/plurals/task.yaml --seeds 43,44,45   # make real's job

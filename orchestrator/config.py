@@ -654,6 +654,10 @@ def pool_cpus(section: RolloutPoolConfig | LearnerConfig) -> float:
     return section.cpus_per_rank if isinstance(section, LearnerConfig) else section.cpus_per_actor
 
 
+APART = "leave ray.colocate empty (`ray.colocate=[]`): each pool on cores of its own"
+"""The way back from colocation that its errors name."""
+
+
 def check_colocation(cfg: OdpoConfig) -> None:
     """Colocated pools pair their actors one to one on shared bundles: same sizes, the same nodes, CPUs only."""
     pools = colocated_sections(cfg)
@@ -662,13 +666,12 @@ def check_colocation(cfg: OdpoConfig) -> None:
     sizes = {name: pool_size(section) for name, section in pools.items()}
     _require(len(set(sizes.values())) == 1, "ray.colocate",
              "colocated pools pair their actors one to one: give them the same size ("
-             + ", ".join(f"{name}: {n}" for name, n in sizes.items()) + "), or leave ray.colocate empty "
-             "(`ray.colocate=[]`) to size each pool on cores of its own")
+             + ", ".join(f"{name}: {n}" for name, n in sizes.items()) + f"), or {APART}")
     for name, section in pools.items():
         per = "rank" if name == "learner" else "actor"
         _require(getattr(section, f"gpus_per_{per}") == 0, f"{name}.gpus_per_{per}",
                  "colocated pools run on CPUs only: on GPUs, taking turns needs vLLM's sleep mode between turns, "
-                 "which odpo does not drive yet (leave ray.colocate empty: `ray.colocate=[]`)")
+                 f"which odpo does not drive yet ({APART})")
     labels = {name: dict(section.node_labels) for name, section in pools.items()}
     _require(len({tuple(sorted(v.items())) for v in labels.values()}) == 1, "ray.colocate",
              f"colocated pools share nodes: give them the same node_labels (now {labels})")

@@ -514,8 +514,9 @@ def test_colocation_config_is_validated(monkeypatch):
             (["ray.colocate=[learner]"], "ray.colocate", "at least two"),
             (["ray.colocate=[learner,learner]"], "ray.colocate", "listed twice"),
             (["ray.colocate=[generator,learner]", "generator.num_actors=2"], "ray.colocate",
-             r"same size .generator: 2, learner: 1., or leave ray.colocate empty .`ray.colocate=\[\]`."),
-            (["ray.colocate=[generator,learner]", "learner.gpus_per_rank=1"], "learner.gpus_per_rank", "CPUs only"),
+             r"same size .generator: 2, learner: 1., or leave ray.colocate empty .`ray.colocate=\[\]`.: each pool"),
+            (["ray.colocate=[generator,learner]", "learner.gpus_per_rank=1"], "learner.gpus_per_rank",
+             r"CPUs only.*`ray.colocate=\[\]`"),
             (["ray.colocate=[scorer,learner]", "scorer.node_labels={odpo-role: rollout}"], "ray.colocate",
              "same node_labels")):
         with pytest.raises(ConfigError, match=message) as e:
